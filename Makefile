@@ -1,0 +1,30 @@
+# The two commands the README promises: `make demo` and `make test`. Both build .venv first if needed.
+PY ?= python3.11
+VENV := .venv
+BIN := $(VENV)/bin
+PIP_CONSTRAINT := constraints.txt
+
+.PHONY: setup demo test lint clean
+
+$(BIN)/sharp: pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch==2.13.0 is pinned in constraints.txt: it is the CPU wheel; unpinned, pip pulls a CUDA build.
+	$(BIN)/pip install -q -c $(PIP_CONSTRAINT) -e ".[dev]"
+	touch $(BIN)/sharp
+
+setup: $(BIN)/sharp
+
+demo: setup
+	$(BIN)/sharp assets fetch
+	$(BIN)/sharp compress smollm2-135m --strategy next:6-29 --recovery lora:32 --data alpaca-demo \
+		--budget demo --out runs/demo --overwrite
+
+test: setup
+	$(BIN)/python -m pytest -x -q -m "not gpu"
+
+lint: setup
+	$(BIN)/ruff check src tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs

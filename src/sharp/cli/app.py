@@ -1,0 +1,54 @@
+"""The typer application, its error handling and shared console."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+from rich.console import Console
+
+from sharp.errors import SharpError
+
+app = typer.Typer(
+    name="sharp",
+    help="SHARP: share adjacent decoder layers of a pretrained LLM, with recovery parameters.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str) -> typer.Exit:
+    """Print a one-line user error and return the exit to raise (code 2)."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(code=2)
+
+
+def main() -> None:
+    """Console-script entry point: user errors become one line and exit code 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        app(standalone_mode=False)
+    except SharpError as e:
+        raise SystemExit(fail(str(e)).exit_code) from None
+    except typer.Exit as e:
+        raise SystemExit(e.exit_code) from None
+    except typer.Abort:
+        err_console.print("aborted")
+        raise SystemExit(130) from None
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        raise SystemExit(130) from None
+    except Exception as e:  # click usage errors and friends
+        import click
+
+        if isinstance(e, click.exceptions.UsageError):
+            msg = e.format_message().replace("\n", " ")
+            raise SystemExit(fail(msg).exit_code) from None
+        if isinstance(e, click.exceptions.ClickException):
+            raise SystemExit(fail(e.format_message()).exit_code) from None
+        raise
+    sys.exit(0)

@@ -1,0 +1,74 @@
+"""`SharpConfig`: everything needed to rebuild a shared model from its base architecture.
+
+Saved as `sharp_config.json` (sorted keys, versioned). Unknown keys are an error so a newer checkpoint is
+never half-understood.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields
+
+from sharp.errors import SharpError
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class BaseIdentity:
+    """Which base model the recovery parameters belong to."""
+
+    model_type: str
+    source: str = ""  # what the user passed (path, alias or hub id)
+    config_sha256: str = ""  # hash of the base config (canonical JSON)
+    weights_sha256: str = ""  # hash of the base weights (sorted names, raw bytes)
+
+
+@dataclass
+class SharpConfig:
+    """The sharing map, recovery spec and base identity of a SHARP model."""
+
+    sharing: dict[int, int]  # target layer -> reference layer
+    recovery: str = "none"  # spec text, e.g. "lora:32"
+    modules: str = "mlp"
+    strategy: str = ""  # the strategy text that produced `sharing`
+    base: BaseIdentity = field(default_factory=lambda: BaseIdentity(model_type=""))
+    format_version: int = FORMAT_VERSION
+    sharp_version: str = ""
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["sharing"] = {str(t): r for t, r in sorted(self.sharing.items())}
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SharpConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SharpError(f"sharp_config.json has unknown keys {unknown}; is it from a newer sharp-llm?")
+        if d.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
+            raise SharpError(
+                f"sharp_config.json has format {d['format_version']}, this sharp-llm reads up to "
+                f"{FORMAT_VERSION}; upgrade sharp-llm"
+            )
+        d = dict(d)
+        try:
+            d["sharing"] = {int(t): int(r) for t, r in d["sharing"].items()}
+            d["base"] = BaseIdentity(**d.get("base", {"model_type": ""}))
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise SharpError(f"sharp_config.json is malformed ({e}); re-create the checkpoint") from None
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> SharpConfig:
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise SharpError(f"sharp_config.json is not valid JSON ({e.msg} at line {e.lineno})") from None
+        if not isinstance(d, dict):
+            raise SharpError("sharp_config.json must hold a JSON object")
+        return cls.from_dict(d)
