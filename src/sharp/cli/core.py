@@ -1,0 +1,122 @@
+"""`sharp info`, `sharp share`, `sharp merge`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from sharp.cli.app import app, console, err_console
+
+
+def _validate_share(model: str, strategy: str, recovery: str, modules: str) -> None:
+    """Everything `share` needs checked, on an empty (meta) model: no weights are read."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sharp.arch import get_adapter, num_layers
+    from sharp.io.models import load_config
+    from sharp.sharing.recovery import parse_recovery
+    from sharp.sharing.shared import apply_sharing
+    from sharp.sharing.strategy import parse_strategy
+
+    strat, rec = parse_strategy(strategy), parse_recovery(recovery)
+    config = load_config(model)
+    get_adapter(config)
+    sharing = strat.resolve(num_layers(config))
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    apply_sharing(skeleton, sharing, rec, modules)
+
+
+def print_info(info: dict, title: str) -> None:
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("architecture", info["architecture"])
+    table.add_row("layers", str(info["layers"]))
+    table.add_row("dtype", info["dtype"])
+    table.add_row("parameters (original)", f"{info['params_original']:,}")
+    table.add_row("MLP parameters (original)", f"{info['mlp_params_original']:,}")
+    table.add_row("parameters removed", f"{info['params_removed']:,}")
+    table.add_row("recovery parameters", f"{info['params_recovery']:,}")
+    table.add_row("parameters stored", f"{info['params_stored']:,}")
+    table.add_row("MLP reduction", f"{info['mlp_reduction']:.1%}")
+    if info["sharing"]:
+        pairs = ", ".join(f"{t}←{r}" for t, r in info["sharing"].items())
+        table.add_row("shared MLPs", f"{info['shared_mlps']} of {info['layers']}")
+        table.add_row("strategy / recovery / modules", f"{info['strategy']} / {info['recovery']} / {info['modules']}")
+        table.add_row("sharing (target←reference)", pairs)
+    if info["bytes_on_disk"] is not None:
+        table.add_row("bytes on disk", f"{info['bytes_on_disk']:,} ({info['bytes_on_disk'] / 2**20:.1f} MiB)")
+    console.print(table)
+
+
+@app.command()
+def info(
+    model: str = typer.Argument(..., help="Model folder, sharp checkpoint, .gguf file, alias or hub id."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Architecture, layers, total / MLP / stored parameters, sharing map and bytes on disk."""
+    from sharp.inspect import describe
+    from sharp.io.models import load_model, resolve_model_path
+
+    path = resolve_model_path(model)
+    loaded, _ = load_model(model)
+    facts = describe(loaded, path if Path(path).exists() else None)
+    if as_json:
+        typer.echo(json.dumps(facts, indent=2))
+    else:
+        print_info(facts, title=model)
+
+
+@app.command()
+def share(
+    model: str = typer.Argument(..., help="Model folder, .gguf file, alias (smollm2-135m) or hub id."),
+    strategy: str = typer.Option(..., "--strategy", "-s", help="next:A-B, group:K:A-B or map:T=R,..."),
+    recovery: str = typer.Option("lora:32", "--recovery", "-r", help="none, lora:R, scale or lora+scale:R"),
+    modules: str = typer.Option("mlp", "--modules", help="mlp (default), attn or all"),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+) -> None:
+    """Build and save an untrained SHARP model (recovery initialized to Direct Sharing)."""
+    import sharp
+    from sharp.inspect import describe
+    from sharp.io.atomic import check_output_dir
+
+    check_output_dir(out, overwrite)
+    _validate_share(model, strategy, recovery, modules)
+    with err_console.status(f"loading {model}"):
+        loaded, tokenizer = sharp.load_model(model)
+    sharp.share(loaded, strategy, recovery, modules, source=model)
+    with err_console.status(f"saving {out}"):
+        sharp.save(loaded, out, tokenizer=tokenizer, overwrite=overwrite)
+    print_info(describe(loaded, out), title=str(out))
+
+
+@app.command()
+def merge(
+    checkpoint: Path = typer.Argument(..., help="A sharp checkpoint folder."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output: a plain Hugging Face model folder."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+) -> None:
+    """Materialize every target weight and write a plain HF folder that vanilla transformers loads."""
+    from sharp.io.atomic import atomic_dir, check_output_dir
+    from sharp.io.checkpoint import is_sharp_checkpoint
+    from sharp.io.models import load_model
+    from sharp.sharing.shared import merge_sharing
+
+    check_output_dir(out, overwrite)
+    if not is_sharp_checkpoint(checkpoint):
+        from sharp.errors import SharpError
+
+        raise SharpError(f"'{checkpoint}' is not a sharp checkpoint (no sharp_config.json)")
+    model, tokenizer = load_model(str(checkpoint))
+    merge_sharing(model)
+    del model.sharp_config
+    with atomic_dir(out, overwrite) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    console.print(f"merged model written to [bold]{out}[/]")

@@ -1,0 +1,92 @@
+"""Turn what the user typed (folder, .gguf file, sharp checkpoint, alias, hub id) into a model + tokenizer.
+
+`load_config` answers "what architecture, how many layers" without loading weights, so commands can
+validate their arguments in the first second.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sharp.errors import SharpError
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_path(spec: str) -> str:
+    """A local path or hub id for `spec`; aliases (e.g. `smollm2-135m`) resolve to the asset cache."""
+    from sharp.io import assets
+
+    alias = assets.resolve_model_alias(spec)
+    if alias is not None:
+        return str(alias)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise SharpError(f"model folder '{spec}' has no config.json; point at a Hugging Face model folder")
+        if path.is_file() and path.suffix != ".gguf":
+            raise SharpError(f"model file '{spec}' is not a .gguf file; pass a model folder or a .gguf file")
+        return str(path)
+    if _HUB_ID.match(spec) and not spec.startswith((".", "/", "~")):
+        return spec  # a hub id: transformers downloads it (needs internet)
+    raise SharpError(
+        f"model '{spec}' not found: pass a model folder, a .gguf file, a hub id (org/name) or an alias "
+        f"({', '.join(sorted(assets.MODEL_ALIASES))})"
+    )
+
+
+def load_config(spec: str):
+    """The model's transformers config (no weights), for early validation."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(spec)
+    try:
+        if path.endswith(".gguf"):
+            p = Path(path)
+            return AutoConfig.from_pretrained(p.parent, gguf_file=p.name)
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        raise SharpError(f"cannot read the config of model '{spec}': {_first_line(e)}") from None
+
+
+def load_model(spec: str, dtype: torch.dtype | str | None = "auto") -> tuple[nn.Module, object]:
+    """(model, tokenizer) for any supported spec; sharp checkpoints load with their sharing."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from sharp.io.checkpoint import is_sharp_checkpoint, load
+
+    path = resolve_model_path(spec)
+    kwargs = {}
+    if path.endswith(".gguf"):
+        p = Path(path)
+        path, kwargs = str(p.parent), {"gguf_file": p.name}
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        if is_sharp_checkpoint(path):
+            model = load(path, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+    except SharpError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise SharpError(f"cannot load model '{spec}': {_first_line(e)}") from None
+    model.eval()
+    model.sharp_source = spec
+    return model, tokenizer
+
+
+def folder_bytes(path: str | os.PathLike) -> int:
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
