@@ -158,7 +158,9 @@ class LoRAScaleRecovery(ScaleRecovery):
 
     def __init__(self, in_features: int, out_features: int, rank: int) -> None:
         super().__init__(in_features, out_features, rank)
-        self.lora = LoRARecovery(in_features, out_features, rank)
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features))
+        self.lora_B = nn.Parameter(torch.empty(out_features, rank))
+        self.reset_parameters()
 
     @staticmethod
     def count(in_features: int, out_features: int, rank: int) -> int:
@@ -168,13 +170,14 @@ class LoRAScaleRecovery(ScaleRecovery):
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
-        self.lora.reset_parameters()
+        if hasattr(self, "lora_A"):
+            LoRARecovery.reset_parameters(self)
 
     def forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        return super().forward(x, base) + self.lora.delta(x)
+        return super().forward(x, base) + LoRARecovery.delta(self, x)
 
     def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        return self.lora.merged_weight(super().merged_weight(weight))
+        return LoRARecovery.merged_weight(self, super().merged_weight(weight))
 
 
 RECOVERIES: dict[str, type[Recovery]] = {

@@ -52,11 +52,7 @@ class Strategy:
             for first in range(self.start, self.end + 1, self.group):
                 for target in range(first + 1, min(first + self.group, self.end + 1)):
                     mapping[target] = first
-            if not mapping:
-                raise SharpError(
-                    f"strategy '{self.text}' selects no target layer; widen the range (it needs at least "
-                    f"{self.group} layers)"
-                )
+            assert mapping, "a range of two or more layers always yields a target"
         for target, ref in mapping.items():
             for layer in (target, ref):
                 if layer >= num_layers:
