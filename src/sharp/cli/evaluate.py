@@ -1,0 +1,121 @@
+"""`sharp eval`: perplexity tasks and zero-shot benchmarks (lm-eval) of one model."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from sharp.cli.app import app, console
+from sharp.errors import SharpError
+
+
+def _check_json_out(path: Path) -> None:
+    if path.is_dir():
+        raise SharpError(f"--json '{path}' is a folder; give a file name")
+    probe = path.absolute().parent
+    while not probe.exists():
+        probe = probe.parent
+    if not os.access(probe, os.W_OK):
+        raise SharpError(f"cannot write --json '{path}'; choose a place you can write to")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Write atomically: a killed run leaves the old file or none, never half a file."""
+    path.absolute().parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.absolute().parent)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+    os.replace(tmp, path)
+
+
+def _fmt(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
+
+
+def _print_tables(model: str, tasks: dict, downstream: dict) -> None:
+    if tasks:
+        table = Table(title=f"perplexity of {model}")
+        table.add_column("task", overflow="fold")
+        table.add_column("ppl", justify="right")
+        table.add_column("tokens scored", justify="right")
+        for name, r in tasks.items():
+            table.add_row(name, f"{r['ppl']:.3f}", f"{r['tokens']:,}")
+        console.print(table)
+    if downstream:
+        table = Table(title=f"zero-shot accuracy of {model}")
+        table.add_column("task", overflow="fold")
+        table.add_column("acc", justify="right")
+        table.add_column("acc_norm", justify="right")
+        for name, r in downstream.items():
+            table.add_row(name, _fmt(r.get("acc")), _fmt(r.get("acc_norm")))
+        console.print(table)
+
+
+@app.command("eval")
+def evaluate(
+    model: str = typer.Argument(..., help="Model folder, sharp checkpoint, .gguf file, alias or hub id."),
+    tasks: str = typer.Option(None, "--tasks", help="Perplexity tasks: ppl:FORMAT=PATH_OR_ALIAS[,...]; "
+                              "FORMAT is alpaca, dolly, dialogsum, openorca, arxiv-math or text; "
+                              "a slice such as PATH[-100:] selects records."),
+    lm_eval: str = typer.Option(None, "--lm-eval", help="Zero-shot benchmarks, e.g. arc_easy,piqa,boolq."),
+    data_dir: Path = typer.Option(None, "--data-dir", help="Folder with the benchmark files (--lm-eval)."),
+    json_out: Path = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+    max_len: int = typer.Option(512, "--max-len", help="Tokens per example / per text window."),
+    stride: int = typer.Option(None, "--stride", help="Tokens between text window starts (default --max-len)."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Examples or windows per forward pass."),
+    limit: int = typer.Option(None, "--limit", help="First N examples / windows / benchmark docs per task."),
+    template: str = typer.Option("plain", "--template", help="plain (### Instruction/### Response) or chat."),
+    eval_fraction: float = typer.Option(None, "--eval-fraction", help="Score only the held-out part of "
+                                        "instruction data, split as training splits it."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the held-out split (with --eval-fraction)."),
+) -> None:
+    """Perplexity (response-only for instruction data, sliding windows for text) and zero-shot accuracy."""
+    from sharp.data import TEMPLATES, split_examples
+    from sharp.evaluation.perplexity import evaluate_tasks, parse_tasks, text_windows
+
+    # Everything the user typed is checked before the (slow) model load.
+    if not tasks and not lm_eval:
+        raise SharpError("nothing to evaluate; give --tasks ppl:FORMAT=PATH,... and/or --lm-eval TASK,...")
+    if template not in TEMPLATES:
+        raise SharpError(f"unknown --template '{template}'; choose one of {', '.join(TEMPLATES)}")
+    for flag, value in (("--batch-size", batch_size), ("--limit", limit)):
+        if value is not None and value < 1:
+            raise SharpError(f"{flag} must be at least 1, got {value}")
+    text_windows(max_len, max_len, stride)  # validates --max-len and --stride
+    if eval_fraction is not None:
+        split_examples([0, 1], eval_fraction, seed)  # validates the fraction's range
+    ppl_tasks = parse_tasks(tasks) if tasks else []
+    bench = [t.strip() for t in lm_eval.split(",") if t.strip()] if lm_eval else []
+    if lm_eval:
+        if data_dir is None:
+            raise SharpError("--lm-eval needs --data-dir DIR, the folder holding the benchmark files")
+        from sharp.evaluation.downstream import check_downstream
+
+        check_downstream(bench, data_dir)
+    if json_out is not None:
+        _check_json_out(json_out)
+
+    from sharp.io.models import load_model, resolve_model_path
+
+    resolve_model_path(model)
+    loaded, tokenizer = load_model(model)
+    results = evaluate_tasks(loaded, tokenizer, ppl_tasks, max_len=max_len, stride=stride, batch_size=batch_size,
+                             limit=limit, template=template, eval_fraction=eval_fraction, seed=seed,
+                             progress=True)
+    downstream = {}
+    if bench:
+        from sharp.evaluation.downstream import run_downstream
+
+        downstream = run_downstream(loaded, tokenizer, bench, data_dir, limit=limit, batch_size=batch_size)
+    _print_tables(model, results, downstream)
+    if json_out is not None:
+        settings = {"max_len": max_len, "stride": stride or max_len, "batch_size": batch_size, "limit": limit,
+                    "template": template, "eval_fraction": eval_fraction, "seed": seed}
+        _write_json(json_out, {"model": model, "tasks": results, "downstream": downstream, "settings": settings})
+        console.print(f"wrote {json_out}")

@@ -1,0 +1,28 @@
+"""Training and evaluation data: specs, the paper's instruction formats, templates, plain-text streams."""
+
+from sharp.data.instruct import (
+    IGNORE,
+    TEMPLATES,
+    collate_examples,
+    render,
+    split_examples,
+    tokenize_examples,
+)
+from sharp.data.spec import FORMATS, INSTRUCTION_FORMATS, DataSpec, Format, load_records, parse_data_spec
+from sharp.data.text import text_token_stream
+
+__all__ = [
+    "FORMATS",
+    "IGNORE",
+    "INSTRUCTION_FORMATS",
+    "TEMPLATES",
+    "DataSpec",
+    "Format",
+    "collate_examples",
+    "load_records",
+    "parse_data_spec",
+    "render",
+    "split_examples",
+    "text_token_stream",
+    "tokenize_examples",
+]
