@@ -8,4 +8,3 @@ from sharp.cli.app import app, main  # noqa: F401
 # Importing the command modules registers their verbs on `app`.
 from sharp.cli import core  # noqa: F401, E402  isort: skip
 from sharp.cli import evaluate  # noqa: F401, E402  isort: skip
-from sharp.cli import assets  # noqa: F401, E402  isort: skip
