@@ -120,3 +120,33 @@ def merge(
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     console.print(f"merged model written to [bold]{out}[/]")
+
+
+@app.command()
+def verify(
+    checkpoint: Path = typer.Argument(..., help="A sharp checkpoint folder."),
+    load: bool = typer.Option(True, "--load/--no-load", help="Also load it and check every tensor key."),
+) -> None:
+    """Check a checkpoint against its manifest (sha256 and size of every file); exit 1 if anything is off."""
+    from sharp.io.checkpoint import is_sharp_checkpoint, verify_manifest
+    from sharp.sharing.config import SharpConfig
+
+    if not is_sharp_checkpoint(checkpoint):
+        from sharp.errors import SharpError
+
+        raise SharpError(f"'{checkpoint}' is not a sharp checkpoint (no sharp_config.json)")
+    problems = verify_manifest(checkpoint)
+    if not problems:
+        try:
+            SharpConfig.from_json((checkpoint / "sharp_config.json").read_text())
+            if load:
+                import sharp
+
+                sharp.load(checkpoint, verify=False)
+        except Exception as e:  # noqa: BLE001 - any failure to load is a verification failure
+            problems.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    if problems:
+        for p in problems:
+            err_console.print(f"[bold red]FAIL[/] {checkpoint}: {p}", highlight=False)
+        raise typer.Exit(code=1)
+    console.print(f"[bold green]OK[/] {checkpoint}: every file matches its manifest" + (" and loads" if load else ""))
