@@ -13,6 +13,7 @@ into a temporary folder and hands that folder alone to `lm_eval.tasks.TaskManage
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from collections.abc import Iterator
@@ -120,6 +121,33 @@ def _offline() -> Iterator[None]:
                 os.environ[k] = v
 
 
+class _DropBenignNotices(logging.Filter):
+    """Hide lm-eval warnings that are expected here and would only confuse a user."""
+
+    _PREFIXES = (
+        "`pretrained` model kwarg is not of type `str`",  # passing the model in memory is the point
+        "Passed an already-initialized model",
+    )
+    _FRAGMENTS = ("Custom kwargs can be passed to `--metadata`",)  # our custom_dataset loaders need none
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not (msg.startswith(self._PREFIXES) or any(f in msg for f in self._FRAGMENTS))
+
+
+@contextlib.contextmanager
+def _quiet_lm_eval() -> Iterator[None]:
+    loggers = [logging.getLogger(n) for n in ("lm_eval.api.task", "lm_eval.models.huggingface")]
+    notice_filter = _DropBenignNotices()
+    for lg in loggers:
+        lg.addFilter(notice_filter)
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.removeFilter(notice_filter)
+
+
 def _mean(values: list[float | None]) -> float | None:
     present = [v for v in values if v is not None]
     return sum(present) / len(present) if present else None
@@ -148,7 +176,7 @@ def run_downstream(
     from lm_eval.tasks import TaskManager
 
     tasks = list(dict.fromkeys(tasks))  # keep order, drop repeats
-    with _offline(), tempfile.TemporaryDirectory(prefix="sharp-lm-eval-") as tmp:
+    with _offline(), _quiet_lm_eval(), tempfile.TemporaryDirectory(prefix="sharp-lm-eval-") as tmp:
         write_task_configs(tasks, Path(data_dir), Path(tmp))
         manager = TaskManager(include_path=tmp, include_defaults=False)
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
