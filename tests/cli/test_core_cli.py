@@ -76,7 +76,8 @@ def test_existing_output_is_not_overwritten_without_flag(stories_path, tmp_path,
 
 def test_verify_accepts_intact_and_rejects_damaged_checkpoints(stories_path, tmp_path, capsys):
     out = tmp_path / "s"
-    assert run_cli(["share", stories_path, "--strategy", "next:1-4", "--recovery", "scale", "--out", out], capsys)[0] == 0
+    args = ["share", stories_path, "--strategy", "next:1-4", "--recovery", "scale", "--out", out]
+    assert run_cli(args, capsys)[0] == 0
     code, stdout, _ = run_cli(["verify", out], capsys)
     assert code == 0 and "OK" in stdout
     f = out / "model.safetensors"

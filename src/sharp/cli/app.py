@@ -31,7 +31,7 @@ def main() -> None:
     """Console-script entry point: user errors become one line and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # returns the exit code of a typer.Exit in this mode
     except SharpError as e:
         raise SystemExit(fail(str(e)).exit_code) from None
     except typer.Exit as e:
@@ -51,4 +51,4 @@ def main() -> None:
         if isinstance(e, click.exceptions.ClickException):
             raise SystemExit(fail(e.format_message()).exit_code) from None
         raise
-    sys.exit(0)
+    sys.exit(code if isinstance(code, int) else 0)

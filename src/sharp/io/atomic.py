@@ -39,8 +39,12 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.absolute().parent))
     try:
         yield tmp
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other folder
         for f in tmp.rglob("*"):  # make the data durable before the rename publishes it
             if f.is_file():
+                os.chmod(f, 0o666 & ~umask)
                 with open(f, "rb+") as fh:
                     os.fsync(fh.fileno())
         if out.exists():
