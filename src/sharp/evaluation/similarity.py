@@ -222,3 +222,104 @@ def replacement_costs(
         rows.append({"target": t, "reference": t - 1, "ppl": ppl, "increase": ppl / base - 1,
                      "delta_nll": math.log(ppl / base)})
     return {"base": base, "layers": rows}
+
+
+def _track(items: list, description: str, show: bool) -> Iterable:
+    if not show:
+        return items
+    from rich.console import Console
+    from rich.progress import track
+
+    return track(items, description=description, console=Console(stderr=True), transient=True)
+
+
+def analysis_examples(tokenizer, data: str, max_len: int = 512, needed_tokens: int = 0, needed_examples: int = 0,
+                      template: str = "plain") -> tuple[list[dict], str]:
+    """Tokenized {input_ids, labels} examples of a data spec, enough for both measurements, and the spec text.
+
+    Instruction data: response-only labels (`sharp.data.tokenize_examples`), records tokenized in chunks until
+    `needed_tokens` tokens and `needed_examples` examples are there. Text: non-overlapping `max_len` windows
+    of the token stream, each scoring every token but its first (as `sharp eval` does).
+    """
+    from sharp.data import IGNORE, load_records, parse_data_spec, text_token_stream, tokenize_examples
+    from sharp.evaluation.perplexity import text_windows
+
+    spec = parse_data_spec(data)
+    examples: list[dict] = []
+    if spec.format == "text":
+        ids = text_token_stream(spec, tokenizer).tolist()
+        for begin, end, first in text_windows(len(ids), max_len):
+            window = ids[begin:end]
+            examples.append({"input_ids": window, "labels": [IGNORE] * (first - begin) + window[first - begin:]})
+            if sum(len(e["input_ids"]) for e in examples) >= needed_tokens and len(examples) >= needed_examples:
+                break
+        return examples, spec.text
+    records = load_records(spec)
+    tokens, chunk = 0, 32
+    for start in range(0, len(records), chunk):
+        new = tokenize_examples(records[start:start + chunk], spec.format, tokenizer, template, max_len)
+        examples += new
+        tokens += sum(len(e["input_ids"]) for e in new)
+        if tokens >= needed_tokens and len(examples) >= needed_examples:
+            break
+    return examples, spec.text
+
+
+def similarity_batches(examples: list[dict], max_tokens: int, batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Padded batches of the first examples holding `max_tokens` tokens (the last one cut to fit)."""
+    from sharp.data import collate_examples
+
+    chosen, total = [], 0
+    for e in examples:
+        if total >= max_tokens:
+            break
+        ids = e["input_ids"][: max_tokens - total]
+        chosen.append({"input_ids": ids, "labels": ids})
+        total += len(ids)
+    return [collate_examples(chosen[i:i + batch_size]) for i in range(0, len(chosen), batch_size)]
+
+
+def analyze_model(
+    model: nn.Module,
+    tokenizer,
+    data: str,
+    max_tokens: int = 16384,
+    ppl_examples: int = 30,
+    max_len: int = 512,
+    batch_size: int = 4,
+    skip_first: int = 1,
+    template: str = "plain",
+    progress: bool = False,
+) -> dict:
+    """Everything `sharp analyze` measures, as JSON-ready data (see the module doc).
+
+    The similarity statistics use the first `max_tokens` tokens of `data`; single-layer replacement scores
+    the first `ppl_examples` examples (0 skips it: it costs one perplexity run per layer).
+    """
+    from sharp.errors import SharpError
+    from sharp.evaluation.perplexity import response_perplexity
+
+    for flag, value, least in (("--max-tokens", max_tokens, 1), ("--ppl-examples", ppl_examples, 0),
+                               ("--batch-size", batch_size, 1), ("--max-len", max_len, 2)):
+        if value < least:
+            raise SharpError(f"{flag} must be at least {least}, got {value}")
+    examples, data_text = analysis_examples(tokenizer, data, max_len, max_tokens, ppl_examples, template)
+    batches = similarity_batches(examples, max_tokens, batch_size)
+    result = {
+        "model": getattr(model, "sharp_source", None),
+        "data": data_text,
+        "settings": {"max_tokens": max_tokens, "ppl_examples": ppl_examples, "max_len": max_len,
+                     "batch_size": batch_size, "skip_first": skip_first, "template": template},
+    }
+    result.update(layer_similarity(model, _track(batches, "layer similarity", progress), skip_first))
+    if ppl_examples:
+        scored = examples[:ppl_examples]
+        n = len(get_adapter(model).layers(model))
+        result["replacement"] = replacement_costs(
+            model,
+            lambda m: response_perplexity(m, scored, batch_size)["ppl"],
+            progress=lambda targets: _track(list(targets), f"replacing 1 of {n} MLPs", progress),
+        )
+        result["replacement"]["examples"] = len(scored)
+        result["replacement"]["tokens"] = sum(sum(x != -100 for x in e["labels"][1:]) for e in scored)
+    return result

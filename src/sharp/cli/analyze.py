@@ -1,0 +1,102 @@
+"""`sharp analyze` (layer similarity, strategy suggestion) and `sharp report` (side-by-side run tables)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from sharp.cli.app import app, console, err_console
+from sharp.errors import SharpError
+
+
+@app.command()
+def analyze(
+    model: str = typer.Argument(..., help="Model folder, sharp checkpoint, .gguf file, alias or hub id."),
+    data: str = typer.Option(..., "--data", help="FORMAT:PATH_OR_HUB_ID or alias (alpaca-demo); text:PATH for "
+                             "plain text; a slice such as [-100:] selects records."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
+    max_tokens: int = typer.Option(16384, "--max-tokens", help="Tokens for the similarity statistics."),
+    ppl_examples: int = typer.Option(30, "--ppl-examples", help="Examples (or text windows) scored for each "
+                                     "single-layer replacement; 0 skips that measurement (one perplexity run "
+                                     "per layer)."),
+    budget: str = typer.Option(None, "--budget", help="Also suggest a strategy removing this share of the MLP "
+                               "parameters, e.g. 40%."),
+    max_len: int = typer.Option(512, "--max-len", help="Tokens per example / text window."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Sequences per forward pass."),
+    template: str = typer.Option("plain", "--template", help="plain (### Instruction/### Response) or chat."),
+    include_first_token: bool = typer.Option(False, "--include-first-token", help="Count position 0 in the "
+                                             "statistics (left out by default: attention sinks dominate it)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+) -> None:
+    """How alike adjacent layers are (MLP outputs, residual stream) and what sharing each single layer costs."""
+    from sharp.arch import get_adapter, num_layers
+    from sharp.data import TEMPLATES, parse_data_spec
+    from sharp.evaluation.report import write_analysis
+    from sharp.evaluation.similarity import analyze_model
+    from sharp.evaluation.suggest import cost_table, parse_budget, suggest_strategy
+    from sharp.io.atomic import atomic_dir, check_output_dir
+    from sharp.io.models import load_config, load_model
+
+    # Everything the user typed is checked before the (slow) model load.
+    check_output_dir(out, overwrite)
+    fraction = parse_budget(budget) if budget is not None else None
+    if template not in TEMPLATES:
+        raise SharpError(f"unknown --template '{template}'; choose one of {', '.join(TEMPLATES)}")
+    for flag, value, least in (("--max-tokens", max_tokens, 1), ("--ppl-examples", ppl_examples, 0),
+                               ("--batch-size", batch_size, 1), ("--max-len", max_len, 2)):
+        if value < least:
+            raise SharpError(f"{flag} must be at least {least}, got {value}")
+    parse_data_spec(data)
+    config = load_config(model)
+    get_adapter(config)
+    if num_layers(config) < 2:
+        raise SharpError(f"model '{model}' has a single decoder layer; there is no adjacent pair to analyze")
+
+    with err_console.status(f"loading {model}"):
+        loaded, tokenizer = load_model(model, dtype="float32")
+    analysis = analyze_model(loaded, tokenizer, data, max_tokens=max_tokens, ppl_examples=ppl_examples,
+                             max_len=max_len, batch_size=batch_size, skip_first=0 if include_first_token else 1,
+                             template=template, progress=True)
+    analysis["model"] = model
+    if fraction is not None:
+        costs, source = cost_table(analysis)
+        analysis["suggestion"] = suggest_strategy(costs, analysis["layers"], fraction, source).to_dict()
+    with atomic_dir(out, overwrite) as tmp:
+        write_analysis(analysis, tmp)
+    _print_summary(analysis, out)
+
+
+def _print_summary(analysis: dict, out: Path) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"adjacent layers of {analysis['model']} ({analysis['tokens']:,} tokens)")
+    for name in ("layer t", "rel. L2 MLP t-1 vs t", "cosine", "residual cos", "ppl t←t-1"):
+        table.add_column(name, justify="right")
+    pairs = {p["target"]: p for p in analysis["pairs"]}
+    repl = {r["target"]: r for r in (analysis.get("replacement") or {}).get("layers", [])}
+    for r in analysis["residual"]:
+        t = r["layer"]
+        p, q = pairs.get(t), repl.get(t)
+        table.add_row(str(t), f"{p['rel_l2']:.3f}" if p else "–", f"{p['cosine']:.3f}" if p else "–",
+                      f"{r['cosine']:.3f}", f"{q['ppl']:.2f} ({q['increase']:+.0%})" if q else "–")
+    console.print(table)
+    if rep := analysis.get("replacement"):
+        console.print(f"original perplexity: {rep['base']:.3f} ({rep['examples']} examples)")
+    if sug := analysis.get("suggestion"):
+        console.print(f"suggested strategy for {sug['budget']:.0%}: [bold]{sug['strategy']}[/]", highlight=False)
+        for reason in sug["reasons"]:
+            console.print(f"  - {reason}", highlight=False)
+    console.print(f"wrote {out}/analysis.md, analysis.json and plots")
+
+
+@app.command()
+def report(
+    runs: list[Path] = typer.Argument(..., help="Run folders (summary.json, eval JSONs) or eval JSON files."),
+    out: Path = typer.Option(..., "--out", "-o", help="Markdown file; plots are written next to it."),
+) -> None:
+    """Side-by-side tables and plots of several runs' perplexities, zero-shot accuracies and settings."""
+    from sharp.evaluation.report import write_report
+
+    collected = write_report(runs, out)
+    console.print(f"wrote {out} ({len(collected)} runs)")
