@@ -1,0 +1,226 @@
+"""Recipes: whole pipelines users call as one function (`compress`), and the small pieces they share.
+
+`CompressConfig` holds every setting of `sharp compress` and checks them all (`validate`) before any weight
+is read; `StageMeter` times each stage and measures its peak resident memory; `prepare_work_dir` keeps the
+work folder of a run only while its settings stay the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import resource
+import shutil
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sharp.errors import SharpError
+
+STAGES = ("slw", "sft")
+
+
+@dataclass
+class CompressConfig:
+    """Settings of `sharp compress` (the CLI flags, one to one)."""
+
+    model: str
+    strategy: str
+    recovery: str
+    data: str
+    out: str
+    eval_data: str | None = None  # held-out data; default: --eval-fraction of --data
+    stages: str = "slw,sft"  # "slw,sft", "slw", "sft" or "none" (Direct Sharing)
+    slw_fraction: float = 0.1  # fraction of the training examples whose activations SLW captures
+    slw_workers: int = 1
+    slw_steps: int = 300  # per target layer (early stopping may end sooner)
+    sft_steps: int = 200  # optimizer steps; 0 = `epochs` instead
+    epochs: float = 1.0
+    lr: float = 2e-4
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_len: int = 512
+    eval_fraction: float = 0.1
+    seed: int = 0
+    template: str = "plain"
+    train: str = "recovery"  # "recovery" or "full-lora"
+    full_lora_rank: int = 8
+    eval_steps: int = 50
+    save_steps: int = 50
+    overwrite: bool = False
+
+    @property
+    def stage_list(self) -> list[str]:
+        return [] if self.stages.strip() == "none" else [s.strip() for s in self.stages.split(",")]
+
+    @property
+    def work_dir(self) -> Path:
+        out = Path(self.out).absolute()
+        return out.parent / f"{out.name}.work"
+
+    def sft_config(self, progress: bool = True):
+        from sharp.recovery.sft import SFTConfig
+
+        return SFTConfig(steps=self.sft_steps, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                         grad_accum=self.grad_accum, eval_steps=self.eval_steps, save_steps=self.save_steps,
+                         seed=self.seed, progress=progress)
+
+    def validate(self) -> None:
+        """Every check that needs no weights: one `SharpError` line on the first problem."""
+        from sharp.data import TEMPLATES, parse_data_spec
+        from sharp.io.atomic import check_output_dir
+        from sharp.io.checkpoint import is_sharp_checkpoint
+        from sharp.io.models import resolve_model_path
+        from sharp.recovery.slw import SLWConfig
+        from sharp.recovery.trainable import TRAIN_CHOICES
+
+        stages = self.stage_list
+        if not stages and self.stages.strip() != "none" or any(s not in STAGES for s in stages) \
+                or len(set(stages)) != len(stages):
+            raise SharpError(f"--stages '{self.stages}' is not valid; use slw,sft, slw, sft or none")
+        if stages and self.recovery.strip() == "none":
+            raise SharpError("--recovery none has nothing to train; pick e.g. lora:32 or use --stages none")
+        if self.train not in TRAIN_CHOICES[:2]:
+            raise SharpError(f"unknown --train '{self.train}'; choose recovery or full-lora")
+        if self.template not in TEMPLATES:
+            raise SharpError(f"unknown --template '{self.template}'; choose one of: {', '.join(TEMPLATES)}")
+        if not 0 < self.slw_fraction <= 1:
+            raise SharpError(f"--slw-fraction must be in (0, 1], got {self.slw_fraction}")
+        low = 0.0 if self.eval_data else 1e-9
+        if not low <= self.eval_fraction < 1:
+            raise SharpError(f"--eval-fraction must be in (0, 1) (or 0 with --eval-data), got {self.eval_fraction}")
+        if self.full_lora_rank < 1:
+            raise SharpError(f"--full-lora-rank must be at least 1, got {self.full_lora_rank}")
+        SLWConfig(steps=self.slw_steps, workers=self.slw_workers, seed=self.seed)
+        self.sft_config()
+        parse_data_spec(self.data)
+        if self.eval_data:
+            parse_data_spec(self.eval_data)
+        check_output_dir(self.out, self.overwrite)
+        if is_sharp_checkpoint(resolve_model_path(self.model)):
+            raise SharpError(f"'{self.model}' is already a sharp checkpoint; compress its base model instead")
+        _validate_model(self.model, self.strategy, self.recovery, self.max_len)
+
+
+def _validate_model(model: str, strategy: str, recovery: str, max_len: int) -> None:
+    """Strategy, recovery ranks and --max-len against the model's config, on an empty (meta) model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sharp.arch import get_adapter, num_layers
+    from sharp.io.models import load_config
+    from sharp.sharing.recovery import parse_recovery
+    from sharp.sharing.shared import apply_sharing
+    from sharp.sharing.strategy import parse_strategy
+
+    strat, rec = parse_strategy(strategy), parse_recovery(recovery)
+    config = load_config(model)
+    get_adapter(config)
+    sharing = strat.resolve(num_layers(config))
+    limit = getattr(config, "max_position_embeddings", None)
+    if max_len < 2 or (limit and max_len > limit):
+        raise SharpError(f"--max-len {max_len} must be between 2 and the model's limit ({limit})")
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    apply_sharing(skeleton, sharing, rec)
+
+
+def prepare_work_dir(cfg: CompressConfig) -> Path:
+    """`OUT.work/`, kept from an earlier run with the same settings (to resume), else started afresh."""
+    work = cfg.work_dir
+    settings = {k: v for k, v in asdict(cfg).items() if k != "overwrite"}
+    run_file = work / "run.json"
+    if work.exists():
+        try:
+            same = json.loads(run_file.read_text()) == settings
+        except (OSError, json.JSONDecodeError):
+            same = False
+        if same:
+            return work
+        warnings.warn(f"'{work}' holds a run with other settings; starting over", stacklevel=2)
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    run_file.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    return work
+
+
+def text_examples(records: list[dict], tokenizer, max_len: int) -> list[dict]:
+    """Plain-text records → consecutive `max_len`-token chunks scored on every token (a language-model loss)."""
+    if not records:
+        return []
+    text = "\n\n".join(r["text"] for r in records)
+    ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
+    return [{"input_ids": ids[i : i + max_len], "labels": ids[i : i + max_len]}
+            for i in range(0, len(ids) - 1, max_len) if len(ids[i : i + max_len]) > 1]
+
+
+def log_event(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row, sort_keys=True, default=str) + "\n")
+
+
+class StageMeter:
+    """Wall time and peak RSS of each stage, persisted so a resumed run reports the finished stages' numbers."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.stages: dict[str, dict] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def done(self, name: str) -> bool:
+        return name in self.stages
+
+    def logged(self, name: str) -> bool:
+        return self.stages.get(name, {}).get("logged", False)
+
+    def mark_logged(self, name: str) -> None:
+        self.stages[name]["logged"] = True
+        self._write()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, accumulate: bool = False) -> Iterator[None]:
+        finished = name in self.stages and not accumulate
+        _reset_peak_rss()
+        children = _children_peak_mib()
+        start = time.perf_counter()
+        yield
+        if finished:
+            return  # a resumed run redid (or skipped) this stage: keep the original measurement
+        entry = self.stages.setdefault(name, {"seconds": 0.0, "peak_rss_mib": 0.0})
+        entry["seconds"] += time.perf_counter() - start
+        workers = _children_peak_mib()  # worker processes (SLW) finished during this stage count too
+        peak = max(_peak_rss_mib(), workers if workers > children else 0.0)
+        entry["peak_rss_mib"] = round(max(entry["peak_rss_mib"], peak), 1)
+        self._write()
+
+    def _write(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.stages, indent=2, sort_keys=True))
+        os.replace(tmp, self.path)
+
+
+def _reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM), so each stage gets its own."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak RSS since the last reset (or since it started, where the reset is unsupported)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _children_peak_mib() -> float:
+    """The largest peak RSS of any finished child process so far."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+
+
+from sharp.recipes.compress import compress  # noqa: E402  (compress.py imports the names above)
+
+__all__ = ["STAGES", "CompressConfig", "StageMeter", "compress", "prepare_work_dir"]

@@ -1,0 +1,130 @@
+"""`compress()`: pretrained model → recovered SHARP checkpoint. load → share → SLW → SFT → eval → save.
+
+Work files (captured activations, SLW layer states, Trainer checkpoints, cached perplexities, the log) live in
+`OUT.work/`; the output folder appears, atomically, only when everything is done, and the work folder is then
+removed. Rerunning the same call after a crash resumes from the stage it was in.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from sharp.recipes import CompressConfig, StageMeter, log_event, prepare_work_dir, text_examples
+
+
+def compress(cfg: CompressConfig, progress: bool = True) -> dict:
+    """Run the stages of `cfg` and write the checkpoint to `cfg.out`. Returns the summary (also saved)."""
+    from sharp.io.lock import output_lock
+
+    cfg.validate()
+    with output_lock(cfg.work_dir):
+        return _compress(cfg, prepare_work_dir(cfg), progress)
+
+
+def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
+    import torch
+    from transformers import set_seed
+
+    import sharp
+    from sharp.data import collate_examples, load_records, parse_data_spec, split_examples, tokenize_examples
+    from sharp.evaluation.perplexity import response_perplexity
+    from sharp.io.atomic import atomic_dir
+    from sharp.io.checkpoint import write_manifest
+    from sharp.recovery.sft import run_sft
+    from sharp.recovery.slw import SLWConfig, run_slw
+    from sharp.recovery.trainable import add_full_lora, mark_trainable, merge_full_lora
+
+    log_path = work / "train_log.jsonl"
+    meter = StageMeter(work / "stages.json")
+    evals_path = work / "evals.json"
+    evals: dict = json.loads(evals_path.read_text()) if evals_path.is_file() else {}
+
+    # 1. load the model and the data
+    with meter("load"):
+        model, tokenizer = sharp.load_model(cfg.model, dtype=torch.float32)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        spec = parse_data_spec(cfg.data)
+        records = load_records(spec)
+        train_recs, eval_recs = split_examples(records, cfg.eval_fraction, cfg.seed)
+        if cfg.eval_data:
+            eval_recs = load_records(cfg.eval_data)
+        if spec.format == "text":
+            train, held = (text_examples(r, tokenizer, cfg.max_len) for r in (train_recs, eval_recs))
+        else:
+            eval_fmt = parse_data_spec(cfg.eval_data).format if cfg.eval_data else spec.format
+            train = tokenize_examples(train_recs, spec.format, tokenizer, cfg.template, cfg.max_len)
+            held = tokenize_examples(eval_recs, eval_fmt, tokenizer, cfg.template, cfg.max_len) if eval_recs else []
+        if not held:
+            raise sharp.SharpError("no held-out examples to measure perplexity; raise --eval-fraction or "
+                                   "pass --eval-data")
+
+    def collate(batch: list[dict]) -> dict:
+        return collate_examples(batch, pad_id)
+
+    def perplexity(name: str) -> None:
+        if name not in evals:
+            with meter("eval", accumulate=True):
+                evals[name] = response_perplexity(model, held, cfg.batch_size, progress=progress)["ppl"]
+            evals_path.write_text(json.dumps(evals, indent=2))
+            log_event(log_path, {"stage": "eval", "model": name, "ppl": evals[name]})
+
+    perplexity("original")
+
+    # 2. share: targets drop their MLP weights and reuse their reference's, plus untrained recovery
+    stages = cfg.stage_list
+    original = copy.deepcopy(model) if "slw" in stages and not meter.done("slw") else None
+    set_seed(cfg.seed)
+    sharp.share(model, cfg.strategy, cfg.recovery, source=cfg.model)
+    counts = sharp.count_parameters(model)
+    perplexity("direct")
+
+    # 3. SLW: fit each target's recovery to its original MLP on captured activations
+    if "slw" in stages:
+        n = max(1, round(len(train) * cfg.slw_fraction))
+        batches = [collate(train[i : i + cfg.batch_size]) for i in range(0, n, cfg.batch_size)]
+        slw_cfg = SLWConfig(steps=cfg.slw_steps, workers=cfg.slw_workers, seed=cfg.seed)
+        with meter("slw"):
+            layers = run_slw(original, model, batches, slw_cfg, work / "slw", progress=progress)
+        del original
+        if not meter.logged("slw"):
+            for layer, res in layers.items():
+                log_event(log_path, {"stage": "slw", "layer": layer, **{k: v for k, v in res.items() if k != "curve"}})
+            meter.mark_logged("slw")
+        perplexity("slw")
+
+    # 4. SFT: end-to-end next-token loss on the responses, only the recovery (or + LoRA everywhere) trainable
+    if "sft" in stages:
+        if cfg.train == "full-lora":
+            set_seed(cfg.seed)
+            add_full_lora(model, rank=cfg.full_lora_rank)
+        mark_trainable(model, cfg.train)
+        with meter("sft"):
+            run_sft(model, train, held, cfg.sft_config(progress), work / "sft", collate, log_file=log_path)
+        if cfg.train == "full-lora":
+            merge_full_lora(model)
+        model.requires_grad_(False)
+        perplexity("sft")
+
+    # 5. summary and save (atomic: the folder appears complete or not at all)
+    summary = {
+        "model": cfg.model, "strategy": cfg.strategy, "recovery": cfg.recovery, "data": cfg.data,
+        "stages": stages, "train": cfg.train, "params": counts,
+        "mlp_reduction": 1 - counts["mlp_stored"] / counts["mlp_original"],
+        "perplexity": evals, "eval_examples": len(held), "train_examples": len(train),
+        "timing": meter.stages, "config": asdict(cfg),
+    }
+    start = time.perf_counter()
+    with atomic_dir(cfg.out, cfg.overwrite) as tmp:
+        sharp.save(model, tmp, tokenizer=tokenizer, overwrite=True)
+        summary["timing"]["save"] = {"seconds": time.perf_counter() - start, "peak_rss_mib": None}
+        log_path.touch()
+        shutil.copy(log_path, tmp / "train_log.jsonl")
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+        write_manifest(tmp)
+    shutil.rmtree(work, ignore_errors=True)
+    return summary

@@ -1,0 +1,254 @@
+"""Stage 2, supervised fine-tuning: end-to-end next-token loss on the response tokens, transformers `Trainer`.
+
+Only what `mark_trainable` unfroze is trained (the recovery parameters by default), with AdamW, linear warmup then
+cosine decay, gradient accumulation, bf16 autocast on a GPU that supports it, an eval loss every `eval_steps` and a
+checkpoint every `save_steps`.
+
+Checkpoints hold the *trainable* tensors only (`trainable.safetensors`) plus the Trainer's optimizer, scheduler,
+RNG and state files. Saving the whole model the Hugging Face way would fail or duplicate data: a shared model
+reaches each reference weight under two names. Rerunning `run_sft` with the same `work_dir` resumes from the
+newest complete checkpoint and, with the same seed, ends where an uninterrupted run ends (the Trainer restores
+the data order, the optimizer and the RNG). A non-finite training loss stops the run before the optimizer step,
+so the newest checkpoint on disk stays the last good one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from sharp.errors import SharpError
+
+log = logging.getLogger(__name__)
+
+TRAINABLE = "trainable.safetensors"
+STATE = "trainer_state.json"
+
+
+class NonFiniteLossError(SharpError):
+    """Training produced a NaN/inf loss; the newest checkpoint is the last good one."""
+
+
+@dataclass
+class SFTConfig:
+    """Budget and optimizer settings of the SFT stage."""
+
+    steps: int = 200  # optimizer steps; 0 = train for `epochs` instead
+    epochs: float = 1.0  # used only when steps == 0
+    lr: float = 2e-4  # peak learning rate (AdamW)
+    batch_size: int = 4  # examples per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    warmup: float = 0.05  # fraction of the steps spent warming up linearly
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_steps: int = 50  # eval loss every N steps (0 = only at the end)
+    save_steps: int = 50  # checkpoint every N steps
+    logging_steps: int = 10
+    save_total_limit: int = 2
+    seed: int = 0
+    progress: bool = True  # show the Trainer's progress bar
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "eval_steps"):
+            if getattr(self, name) < 0:
+                raise SharpError(f"SFT {name} must be >= 0, got {getattr(self, name)}")
+        for name in ("batch_size", "grad_accum", "save_steps", "logging_steps", "save_total_limit"):
+            if getattr(self, name) < 1:
+                raise SharpError(f"SFT {name} must be >= 1, got {getattr(self, name)}")
+        if self.steps == 0 and not self.epochs > 0:
+            raise SharpError(f"SFT needs steps > 0 or epochs > 0 (got steps=0, epochs={self.epochs})")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise SharpError(f"--lr must be a positive number, got {self.lr}")
+        if not 0 <= self.warmup < 1:
+            raise SharpError(f"SFT warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+
+
+def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors being trained, by (deduplicated) parameter name."""
+    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def last_checkpoint(work_dir: str | Path) -> Path | None:
+    """The newest *complete* Trainer checkpoint (its state file, written last, parses)."""
+    complete = []
+    for d in Path(work_dir).glob("checkpoint-*"):
+        try:
+            step = int(d.name.rpartition("-")[2])
+            json.loads((d / STATE).read_text())
+        except (ValueError, OSError):
+            continue
+        if (d / TRAINABLE).is_file():
+            complete.append((step, d))
+    return max(complete)[1] if complete else None
+
+
+def run_sft(
+    model: nn.Module,
+    train: Sequence[dict],
+    eval_examples: Sequence[dict],
+    config: SFTConfig,
+    work_dir: str | Path,
+    collate: Callable[[list[dict]], dict[str, torch.Tensor]],
+    log_file: str | Path | None = None,
+    callbacks: Sequence = (),
+) -> dict:
+    """Train `model`'s trainable parameters in place; resume from `work_dir` if it holds a checkpoint.
+
+    `train`/`eval_examples` are tokenized examples ({"input_ids", "labels"}, labels -100 off the response);
+    `collate` pads a list of them into a batch. Returns {"steps", "train_loss", "eval_loss", "resumed_from"}.
+    """
+    if not any(p.requires_grad for p in model.parameters()):
+        raise RuntimeError("run_sft: nothing is trainable; call mark_trainable(model, 'recovery') first")
+    if not train:
+        raise SharpError("SFT has no training examples; use more data or a smaller --eval-fraction")
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    resume = last_checkpoint(work_dir)
+    _drop_incomplete(work_dir, resume)
+    if log_file is not None:
+        _truncate_log(Path(log_file), _step_of(resume))
+    if resume is not None:
+        log.info("SFT resumes from %s", resume)
+
+    cuda = torch.cuda.is_available()
+    args = TrainingArguments(
+        output_dir=str(work_dir),
+        max_steps=config.steps or -1,
+        num_train_epochs=config.epochs,
+        per_device_train_batch_size=config.batch_size,
+        per_device_eval_batch_size=config.batch_size,
+        gradient_accumulation_steps=config.grad_accum,
+        learning_rate=config.lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=config.warmup,
+        weight_decay=config.weight_decay,
+        max_grad_norm=config.max_grad_norm,
+        optim="adamw_torch",
+        eval_strategy="steps" if eval_examples and config.eval_steps else "no",
+        eval_steps=config.eval_steps or None,
+        save_strategy="steps",
+        save_steps=config.save_steps,
+        save_total_limit=config.save_total_limit,
+        logging_steps=config.logging_steps,
+        logging_first_step=True,
+        seed=config.seed,
+        data_seed=config.seed,
+        bf16=cuda and torch.cuda.is_bf16_supported(),
+        use_cpu=not cuda,
+        report_to="none",
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        remove_unused_columns=False,
+        disable_tqdm=not config.progress,
+    )
+    cbs = [JsonlLogCallback(log_file)] if log_file is not None else []
+    trainer = SharpTrainer(
+        model=model,
+        args=args,
+        train_dataset=list(train),
+        eval_dataset=list(eval_examples) or None,
+        data_collator=collate,
+        callbacks=[*cbs, *callbacks],
+    )
+    out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    eval_loss = trainer.evaluate()["eval_loss"] if eval_examples else None
+    model.eval()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return {
+        "steps": trainer.state.global_step,
+        "train_loss": losses[-1] if losses else out.training_loss,
+        "eval_loss": eval_loss,
+        "resumed_from": str(resume) if resume else None,
+        "config": asdict(config),
+    }
+
+
+class SharpTrainer(Trainer):
+    """`Trainer` that checkpoints only trainable tensors and stops on a non-finite loss."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            good = last_checkpoint(self.args.output_dir)
+            where = f"the last good checkpoint is {good}" if good else "no checkpoint was written yet"
+            raise NonFiniteLossError(
+                f"SFT loss became {loss.item()} at step {self.state.global_step + 1}; training stopped and "
+                f"{where}; lower --lr or check the data"
+            )
+        return loss
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        out = Path(output_dir or self.args.output_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(trainable_state(self.model), out / TRAINABLE, metadata={"format": "pt"})
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        model = model or self.model
+        saved = load_file(Path(resume_from_checkpoint) / TRAINABLE)
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        if set(saved) != set(params):
+            raise SharpError(
+                f"checkpoint {resume_from_checkpoint} was made with other trainable parameters; rerun with the "
+                "same flags or delete the work folder to start over"
+            )
+        with torch.no_grad():
+            for name, p in params.items():
+                p.copy_(saved[name])
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Append every Trainer log (loss, lr, grad norm, eval loss) as one JSON line tagged `stage: sft`."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        if not logs:
+            return
+        row = {"stage": "sft", "step": state.global_step, **{k: _plain(v) for k, v in logs.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def _plain(v):
+    return v.item() if isinstance(v, torch.Tensor) else v
+
+
+def _step_of(checkpoint: Path | None) -> int:
+    return int(checkpoint.name.rpartition("-")[2]) if checkpoint else 0
+
+
+def _drop_incomplete(work_dir: Path, keep: Path | None) -> None:
+    """Remove checkpoint folders newer than `keep` (a run killed while writing them)."""
+    for d in work_dir.glob("checkpoint-*"):
+        try:
+            newer = int(d.name.rpartition("-")[2]) > _step_of(keep)
+        except ValueError:
+            continue
+        if newer:
+            shutil.rmtree(d, ignore_errors=True)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Forget SFT log lines past `step`: the resumed run logs those steps again."""
+    if not path.is_file():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by the crash
+        if row.get("stage") != "sft" or row.get("step", 0) <= step:
+            kept.append(line)
+    path.write_text("".join(k + "\n" for k in kept))

@@ -1,0 +1,155 @@
+"""SFT stage: what is trainable, that training helps, exact resumption after a crash, the NaN guard, full-lora."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+
+import sharp
+from sharp.io.checkpoint import split_state_dict
+from sharp.recovery.sft import TRAINABLE, NonFiniteLossError, SFTConfig, last_checkpoint, run_sft
+from sharp.recovery.trainable import add_full_lora, mark_trainable, merge_full_lora
+from sharp.sharing.shared import recoveries, shared_linears
+
+ASSETS = Path(__file__).resolve().parents[2].parent / "shared" / "assets"
+MODEL = ASSETS / "models" / "stories260K"
+C4 = ASSETS / "text" / "c4_demo.jsonl"
+
+pytestmark = pytest.mark.skipif(not MODEL.is_dir(), reason="offline assets not present")
+
+
+def _examples(tokenizer, n: int, length: int = 48) -> list[dict]:
+    ids: list[int] = []
+    for line in C4.read_text().splitlines()[:40]:
+        ids += tokenizer(json.loads(line)["text"])["input_ids"]
+    chunks = [ids[i : i + length] for i in range(0, len(ids) - length, length)][:n]
+    return [{"input_ids": c, "labels": list(c)} for c in chunks]
+
+
+def _collate(batch: list[dict]) -> dict[str, torch.Tensor]:
+    return {k: torch.tensor([b[k] for b in batch]) for k in ("input_ids", "labels")}
+
+
+@pytest.fixture(scope="module")
+def data():
+    tok = AutoTokenizer.from_pretrained(MODEL)
+    ex = _examples(tok, 40)
+    return ex[:32], ex[32:]
+
+
+def _shared_model():
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
+    sharp.share(model, "next:1-4", "lora:8")
+    return model
+
+
+def _cfg(**kw) -> SFTConfig:
+    base = dict(steps=8, lr=5e-3, batch_size=4, save_steps=3, eval_steps=4, logging_steps=1, progress=False)
+    return SFTConfig(**{**base, **kw})
+
+
+def test_mark_trainable_recovery_only():
+    model = _shared_model()
+    counts = mark_trainable(model, "recovery")
+    rec = {id(p) for _, r in recoveries(model) for p in r.parameters()}
+    assert rec and all(p.requires_grad == (id(p) in rec) for p in model.parameters())
+    assert counts["trainable"] == sum(p.numel() for _, r in recoveries(model) for p in r.parameters())
+    shared = sum(p.numel() for p in {id(s.base_layer): s.base_layer for _, s in shared_linears(model)}.values()
+                 for p in p.parameters())
+    assert counts["shared"] == shared > 0
+    assert mark_trainable(model, "none")["trainable"] == 0
+
+
+def test_sft_lowers_eval_loss_and_checkpoints_only_trainable(data, tmp_path):
+    train, held = data
+    model = _shared_model()
+    mark_trainable(model, "recovery")
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    before = run_sft(model, train, held, _cfg(steps=0, epochs=1e-9, eval_steps=0), tmp_path / "noop", _collate)
+    result = run_sft(model, train, held, _cfg(steps=12), tmp_path / "w", _collate, log_file=tmp_path / "log.jsonl")
+    assert result["steps"] == 12 and result["eval_loss"] < before["eval_loss"] - 0.05
+    assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    ckpt = last_checkpoint(tmp_path / "w")
+    assert ckpt.name == "checkpoint-12"
+    saved = load_file(ckpt / TRAINABLE)
+    assert set(saved) == {n for n, p in model.named_parameters() if p.requires_grad}
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in r for r in rows) and all(r["stage"] == "sft" for r in rows)
+
+
+class _Crash(TrainerCallback):
+    def __init__(self, at: int) -> None:
+        self.at = at
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.at:
+            raise KeyboardInterrupt("simulated crash")
+
+
+def test_killed_run_resumes_to_the_same_result(data, tmp_path):
+    train, held = data
+    ref = _shared_model()
+    mark_trainable(ref, "recovery")
+    full = run_sft(ref, train, held, _cfg(), tmp_path / "a", _collate)
+
+    model = _shared_model()
+    mark_trainable(model, "recovery")
+    with pytest.raises(KeyboardInterrupt):
+        run_sft(model, train, held, _cfg(), tmp_path / "b", _collate, log_file=tmp_path / "b.jsonl",
+                callbacks=[_Crash(5)])
+    assert last_checkpoint(tmp_path / "b").name == "checkpoint-3"
+    model = _shared_model()  # a fresh process: the model starts again from its initial state
+    mark_trainable(model, "recovery")
+    resumed = run_sft(model, train, held, _cfg(), tmp_path / "b", _collate, log_file=tmp_path / "b.jsonl")
+    assert resumed["resumed_from"].endswith("checkpoint-3")
+    assert resumed["eval_loss"] == pytest.approx(full["eval_loss"], rel=1e-4)
+    assert resumed["train_loss"] == pytest.approx(full["train_loss"], rel=1e-4)
+    for (n, p), (_, q) in zip(ref.named_parameters(), model.named_parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    losses = [s for s in steps if s <= 8]
+    assert sorted(set(losses)) == sorted(set(steps)) and steps.count(5) <= 2
+
+
+class _Poison(TrainerCallback):
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 4:
+            with torch.no_grad():
+                recoveries(model)[0][1].lora_B.fill_(float("nan"))
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data, tmp_path):
+    train, held = data
+    model = _shared_model()
+    mark_trainable(model, "recovery")
+    with pytest.raises(NonFiniteLossError, match="checkpoint-3"):
+        run_sft(model, train, held, _cfg(), tmp_path / "w", _collate, callbacks=[_Poison()])
+    good = last_checkpoint(tmp_path / "w")
+    assert good.name == "checkpoint-3"
+    assert all(torch.isfinite(t).all() for t in load_file(good / TRAINABLE).values())
+
+
+def test_full_lora_trains_reference_and_target_alike_and_merges(data, tmp_path):
+    train, held = data
+    model = _shared_model()
+    add_full_lora(model, rank=4)
+    counts = mark_trainable(model, "full-lora")
+    assert counts["trainable"] > sum(p.numel() for _, r in recoveries(model) for p in r.parameters())
+    for _, s in shared_linears(model):  # the target reuses the reference's (LoRA-wrapped) module
+        ref_layer = model.model.layers[s.reference].mlp
+        assert any(s.base_layer is m for m in ref_layer.children())
+    run_sft(model, train, held, _cfg(steps=3, eval_steps=0), tmp_path / "w", _collate)
+    batch = _collate(held[:2])
+    with torch.no_grad():
+        before = model(input_ids=batch["input_ids"]).logits
+        merge_full_lora(model)
+        after = model(input_ids=batch["input_ids"]).logits
+    torch.testing.assert_close(before, after, rtol=1e-4, atol=1e-4)
+    base, _ = split_state_dict(model)
+    assert not any("lora" in k for k in base)
