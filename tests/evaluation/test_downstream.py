@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bz2
-import logging
+import copy
 import os
 import socket
 from pathlib import Path
@@ -143,7 +143,33 @@ def test_prompts_match_lm_eval_renderings(loaded: dict) -> None:
     assert wg.doc_to_target(doc) == "always got the easier cases."
     cs = loaded["commonsense_qa"]
     assert cs.doc_to_text(cs.eval_docs[0]).endswith("D. mall\nE. new york\nAnswer:")
-    assert cs.doc_to_target(cs.eval_docs[0]) == "A"
+    assert cs.doc_to_target(cs.eval_docs[0]) == "A"  # bank
+
+
+def _gold_choice(task, doc) -> str:
+    target = task.doc_to_target(doc)
+    return target if isinstance(target, str) else task.doc_to_choice(doc)[target]
+
+
+@needs_assets
+def test_gold_answers_are_the_right_ones(loaded: dict) -> None:
+    """Labels survive the format conversions: facts about the data that the loaders do not see."""
+    first_gold = {  # first item of each split, answers checked by reading them
+        "arc_easy": "Sunlight is the source of energy for nearly all ecosystems.",
+        "arc_challenge": "Planetary days will become shorter.",
+        "piqa": "Provide the guinea pig with a cage full of a few inches of bedding made of ripped paper strips, "
+        "you will also need to supply it with a water bottle and a food dish.",
+        "boolq": "no",  # "does ethanol take more energy make that produces": false
+        "openbookqa": "quit eating lunch out",
+        "hellaswag": "starts pulling up roofing on a roof.",
+    }
+    for name, gold in first_gold.items():
+        assert _gold_choice(loaded[name], loaded[name].eval_docs[0]) == gold, name
+    boolq = loaded["boolq"]
+    assert sum(boolq.doc_to_target(d) for d in boolq.eval_docs) == 2033  # SOURCES.md: 2033 true / 1237 false
+    wg = loaded["winogrande"]  # the side file dev-labels.lst (1/2) must agree with the jsonl's answers
+    side = (DATA_DIR / "winogrande" / "dev-labels.lst").read_text().split()
+    assert [wg.doc_to_text(d) for d in wg.eval_docs] == [int(y) - 1 for y in side]
 
 
 def test_hellaswag_bz2_records_are_parsed(tmp_path: Path) -> None:
@@ -263,10 +289,20 @@ def _loglikelihood(model, tok, context: str, continuation: str) -> float:
 
 
 @needs_assets
-@pytest.mark.parametrize("task", ["arc_easy", "piqa"])
-def test_scores_match_a_hand_computation(stories, loaded: dict, task: str) -> None:
-    """acc / acc_norm recomputed from raw model log-probs agree with what run_downstream reports."""
+@pytest.mark.parametrize(("task", "shared"), [("arc_easy", False), ("piqa", False), ("piqa", True)])
+def test_scores_match_a_hand_computation(stories, loaded: dict, task: str, shared: bool) -> None:
+    """acc / acc_norm recomputed from raw model log-probs agree with what run_downstream reports.
+
+    `shared`: a SHARP model (custom modules in place of MLP weights) is scored as is, not merged.
+    """
     model, tok = stories
+    if shared:
+        import sharp
+        from sharp.sharing.shared import shared_linears
+
+        model = sharp.share(copy.deepcopy(model), "next:1-4", "lora:2")
+        n_shared = len(shared_linears(model))
+        assert n_shared > 0
     limit = 40
     t = loaded[task]
     hits = hits_norm = 0
@@ -277,11 +313,15 @@ def test_scores_match_a_hand_computation(stories, loaded: dict, task: str) -> No
         hits += max(range(len(lls)), key=lls.__getitem__) == gold
         hits_norm += max(range(len(norm)), key=norm.__getitem__) == gold
 
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    model.train()
     result = run_downstream(model, tok, [task], DATA_DIR, limit=limit, batch_size=4)
+    assert model.training  # handed back in the mode we gave it
+    model.eval()
     assert result[task]["n"] == limit
     assert result[task]["acc"] == pytest.approx(hits / limit)
     assert result[task]["acc_norm"] == pytest.approx(hits_norm / limit)
+    if shared:
+        assert len(shared_linears(model)) == n_shared  # still shared after the run
 
 
 def test_run_checks_arguments_before_loading_anything(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ into a temporary folder and hands that folder alone to `lm_eval.tasks.TaskManage
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import os
 import tempfile
@@ -99,14 +100,13 @@ def _offline() -> Iterator[None]:
     saved_env = {k: os.environ.get(k) for k in keys}
     os.environ.update({k: "1" for k in keys})
     flags: list[tuple[Any, str, Any]] = []
-    with contextlib.suppress(ImportError):
-        import huggingface_hub.constants as hub_constants
-
-        flags.append((hub_constants, "HF_HUB_OFFLINE", hub_constants.HF_HUB_OFFLINE))
-    with contextlib.suppress(ImportError):
-        import datasets.config as ds_config
-
-        flags.append((ds_config, "HF_HUB_OFFLINE", ds_config.HF_HUB_OFFLINE))
+    for module_name, names in (
+        ("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
+        ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")),
+    ):
+        with contextlib.suppress(ImportError):
+            module = importlib.import_module(module_name)
+            flags += [(module, n, getattr(module, n)) for n in names if hasattr(module, n)]
     for module, name, _ in flags:
         setattr(module, name, True)
     try:
@@ -176,6 +176,7 @@ def run_downstream(
     from lm_eval.tasks import TaskManager
 
     tasks = list(dict.fromkeys(tasks))  # keep order, drop repeats
+    was_training = getattr(model, "training", False)
     with _offline(), _quiet_lm_eval(), tempfile.TemporaryDirectory(prefix="sharp-lm-eval-") as tmp:
         write_task_configs(tasks, Path(data_dir), Path(tmp))
         manager = TaskManager(include_path=tmp, include_defaults=False)
@@ -192,6 +193,8 @@ def run_downstream(
             torch_random_seed=seed,
             fewshot_random_seed=seed,
         )
+    if was_training:  # HFLM switched the model to eval mode; give it back as we got it
+        model.train()
     assert out is not None  # only None on non-zero ranks of a distributed run
     result: dict[str, Any] = {}
     for task in tasks:
