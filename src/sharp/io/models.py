@@ -69,6 +69,10 @@ def load_model(spec: str, dtype: torch.dtype | str | None = "auto") -> tuple[nn.
         tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         if is_sharp_checkpoint(path):
             model = load(path, dtype=dtype)
+        elif (Path(path) / "sharp_prune.json").is_file():  # a pruned baseline (`sharp prune`)
+            from sharp.baselines.io import load_pruned
+
+            model = load_pruned(path, dtype=dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except SharpError:

@@ -1,0 +1,24 @@
+"""Pruning baselines at matched stored-parameter budgets (`sharp prune`) and the SHARP comparison (`sharp compare`).
+
+    report = prune(model, "layer-drop", "40%", examples)     # in place; see methods.py for the four methods
+    save_pruned(model, "out/", report, tokenizer)            # a (plain, when possible) smaller HF folder
+"""
+
+from sharp.baselines.budget import Budget, parse_budget, spread, stored_parameters, target_stored
+from sharp.baselines.io import is_pruned, load_pruned, save_pruned
+from sharp.baselines.methods import ALLOCATIONS, METHODS, PruneReport, prune
+
+__all__ = [
+    "ALLOCATIONS",
+    "METHODS",
+    "Budget",
+    "PruneReport",
+    "is_pruned",
+    "load_pruned",
+    "parse_budget",
+    "prune",
+    "save_pruned",
+    "spread",
+    "stored_parameters",
+    "target_stored",
+]

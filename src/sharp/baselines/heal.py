@@ -1,0 +1,81 @@
+"""`--heal`: fine-tune a pruned baseline with the same SFT as `sharp compress --train full-lora`.
+
+A pruned model has no recovery parameters, so what SHARP trains as recovery + LoRA, a baseline trains as LoRA
+alone: a PEFT LoRA of the same rank on every remaining linear layer (empty, removed MLPs excepted), the same
+`run_sft` (AdamW, warmup + cosine, same steps, batch, learning rate and data), then merged back into the weights.
+The healed model stores exactly as many parameters as the unhealed one.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+from torch import nn
+
+from sharp.errors import SharpError
+
+
+def _lora_targets(model: nn.Module) -> list[str]:
+    lm_head = model.get_output_embeddings()
+    return sorted(n for n, m in model.named_modules()
+                  if isinstance(m, nn.Linear) and m is not lm_head and m.weight.numel() > 0)
+
+
+def add_lora(model: nn.Module, rank: int, alpha: int | None = None) -> list[nn.Parameter]:
+    """Inject LoRA (rank, alpha = 2 * rank as `add_full_lora`) into every non-empty linear; freeze the rest."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from peft.tuners.lora import LoraLayer
+
+    targets = _lora_targets(model)
+    if not targets:
+        raise SharpError("found no linear layer to heal with LoRA")
+    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0,
+                                       target_modules=targets), model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    params = [p for m in model.modules() if isinstance(m, LoraLayer)
+              for attr in m.adapter_layer_names for p in getattr(m, attr).parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA into its base weight and put the plain nn.Linear back."""
+    from peft.tuners.lora import LoraLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoraLayer):
+            module.merge()
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, module.get_base_layer())
+    return model
+
+
+def heal(
+    model: nn.Module,
+    train: Sequence[dict],
+    eval_examples: Sequence[dict],
+    sft_config=None,
+    lora_rank: int = 8,
+    pad_id: int = 0,
+    work_dir: str | Path | None = None,
+    log_file: str | Path | None = None,
+) -> dict:
+    """SFT a pruned model in place (LoRA on every remaining linear, merged at the end); returns run_sft's summary."""
+    from sharp.data import collate_examples
+    from sharp.recovery.sft import SFTConfig, run_sft
+
+    sft_config = sft_config or SFTConfig()
+    add_lora(model, lora_rank)
+    with tempfile.TemporaryDirectory(prefix="sharp-heal-") as tmp:
+        summary = run_sft(model, train, eval_examples, sft_config, work_dir or tmp,
+                          partial(collate_examples, pad_id=pad_id), log_file=log_file)
+    merge_lora(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.eval()
+    return dict(summary, lora_rank=lora_rank)

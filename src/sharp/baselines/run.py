@@ -1,0 +1,119 @@
+"""`prune_model`: what `sharp prune` does, as one call: load → calibrate → prune → (heal) → save.
+
+The data for healing is split and tokenized exactly as `sharp compress` does it (same held-out split, template
+and `--max-len`), so a healed baseline and a SHARP model see the same training examples.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch import nn
+
+from sharp.baselines.budget import Budget, parse_budget
+from sharp.baselines.methods import METHODS, PruneReport, prune
+from sharp.errors import SharpError
+
+
+@dataclass
+class PruneOptions:
+    """Everything `sharp prune` takes besides the model and the output folder."""
+
+    method: str
+    budget: str | None = None
+    strategy: str | None = None
+    allocation: str = "even"
+    data: str | None = None  # calibration (and healing) data spec
+    calib_samples: int = 32
+    max_len: int = 256
+    template: str = "plain"
+    heal: bool = False
+    lora_rank: int = 8  # rank of the healing LoRA (as compress's --train full-lora)
+    eval_fraction: float = 0.1
+    seed: int = 0
+    sft: dict = field(default_factory=dict)  # SFTConfig fields
+
+    def validate(self) -> Budget | None:
+        """Check every option before a model is loaded; returns the parsed budget."""
+        from sharp.data import parse_data_spec
+        from sharp.sharing.strategy import parse_strategy
+
+        if self.method not in METHODS:
+            raise SharpError(f"unknown --method '{self.method}'; choose one of: {', '.join(METHODS)}")
+        budget = parse_budget(self.budget) if self.budget else None
+        if self.strategy:
+            parse_strategy(self.strategy)
+        if self.method in ("layer-drop-adapted", "mlp-drop") and not self.strategy:
+            raise SharpError(f"--method {self.method} needs --strategy (the SHARP targets, e.g. next:6-29)")
+        if self.method in ("layer-drop", "width") and budget is None:
+            raise SharpError(f"--method {self.method} needs --budget (40%, 107.5M or match:DIR)")
+        if (budget is not None or self.heal) and not self.data:
+            raise SharpError("pass --data: pruning to a budget ranks layers/channels on it, and --heal trains on it")
+        if self.data:
+            parse_data_spec(self.data)
+        if self.calib_samples < 1 or self.max_len < 2:
+            raise SharpError("--calib-samples must be >= 1 and --max-len >= 2")
+        if self.heal:
+            from sharp.recovery.sft import SFTConfig
+
+            SFTConfig(**self.sft)
+        return budget
+
+
+def training_examples(data: str, tokenizer, max_len: int, template: str, eval_fraction: float,
+                      seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) tokenized examples: records split first, then tokenized (as `sharp compress`)."""
+    from sharp.data import load_records, parse_data_spec, split_examples, tokenize_examples
+
+    spec = parse_data_spec(data)
+    if spec.format == "text":
+        from sharp.baselines.calibration import calibration_examples
+
+        windows = calibration_examples(data, tokenizer, n_samples=10**9, max_len=max_len)
+        return split_examples(windows, eval_fraction, seed)
+    train, held = split_examples(load_records(spec), eval_fraction, seed)
+    tok = [tokenize_examples(part, spec.format, tokenizer, template, max_len) if part else [] for part in (train, held)]
+    return tok[0], tok[1]
+
+
+def prune_loaded(model: nn.Module, tokenizer, options: PruneOptions, log_file: str | Path | None = None
+                 ) -> PruneReport:
+    """Prune (and heal) an already loaded model in place."""
+    from sharp.baselines.calibration import calibration_examples
+
+    budget = options.validate()
+    examples = None
+    if budget is not None:
+        examples = calibration_examples(options.data, tokenizer, options.calib_samples, options.max_len,
+                                        options.template)
+    report = prune(model, options.method, budget, examples, options.strategy, options.allocation)
+    if options.heal:
+        from sharp.baselines.heal import heal
+        from sharp.recovery.sft import SFTConfig
+
+        train, held = training_examples(options.data, tokenizer, options.max_len, options.template,
+                                        options.eval_fraction, options.seed)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        report.heal = heal(model, train, held, SFTConfig(**options.sft), options.lora_rank, pad_id=pad,
+                           log_file=log_file)
+        report.healed = True
+    return report
+
+
+def prune_model(model_spec: str, out: str | os.PathLike, options: PruneOptions, overwrite: bool = False
+                ) -> PruneReport:
+    """Load `model_spec`, prune it per `options`, save a pruned model folder to `out`."""
+    from sharp.baselines.io import save_pruned
+    from sharp.io.atomic import check_output_dir
+    from sharp.io.models import load_model
+
+    check_output_dir(out, overwrite)
+    options.validate()
+    model, tokenizer = load_model(model_spec)
+    if getattr(model, "sharp_config", None) is not None:
+        raise SharpError(f"'{model_spec}' is a sharp checkpoint; prune the original model instead")
+    report = prune_loaded(model, tokenizer, options)
+    save_pruned(model, out, report, tokenizer, overwrite=overwrite)
+    return report

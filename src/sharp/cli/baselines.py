@@ -1,0 +1,72 @@
+"""`sharp prune` (baselines at a stored-parameter budget) and `sharp compare` (every row of the comparison)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from sharp.cli.app import app, console, err_console
+
+_SFT_HELP = "SFT settings for --heal (the same as sharp compress)."
+
+
+def _sft(steps: int, lr: float, batch_size: int, grad_accum: int) -> dict:
+    return {"steps": steps, "lr": lr, "batch_size": batch_size, "grad_accum": grad_accum}
+
+
+@app.command()
+def prune(
+    model: str = typer.Argument(..., help="Model folder, .gguf file, alias (smollm2-135m) or hub id."),
+    method: str = typer.Option(..., "--method", "-m", help="layer-drop, layer-drop-adapted, mlp-drop or width."),
+    budget: str = typer.Option(None, "--budget", "-b", help="Stored-parameter budget: 40% (of MLP weights), "
+                               "an absolute count (107.5M) or match:DIR (a sharp checkpoint's size)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
+    strategy: str = typer.Option(None, "--strategy", "-s", help="SHARP targets for layer-drop-adapted / mlp-drop."),
+    allocation: str = typer.Option("even", "--allocation", help="width: even (same channels per layer) or global."),
+    data: str = typer.Option(None, "--data", help="Calibration (and --heal training) data, FORMAT:PATH or alias."),
+    calib_samples: int = typer.Option(32, "--calib-samples", help="Calibration examples / text windows."),
+    max_len: int = typer.Option(256, "--max-len", help="Tokens per example / text window."),
+    template: str = typer.Option("plain", "--template", help="plain or chat (instruction data)."),
+    heal: bool = typer.Option(False, "--heal", help="Fine-tune with LoRA on the remaining layers, then merge."),
+    lora_rank: int = typer.Option(8, "--lora-rank", help="Rank of the healing LoRA (compress's --train full-lora)."),
+    steps: int = typer.Option(200, "--steps", help=_SFT_HELP),
+    lr: float = typer.Option(2e-4, "--lr", help=_SFT_HELP),
+    batch_size: int = typer.Option(4, "--batch-size", help=_SFT_HELP),
+    grad_accum: int = typer.Option(1, "--grad-accum", help=_SFT_HELP),
+    eval_fraction: float = typer.Option(0.1, "--eval-fraction", help="Held-out fraction of --data (healing)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the held-out split and of training."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+) -> None:
+    """Prune a model to a stored-parameter budget with a baseline method; save a smaller HF model folder."""
+    from sharp.baselines.run import PruneOptions, prune_model
+    from sharp.io.atomic import check_output_dir
+
+    check_output_dir(out, overwrite)
+    options = PruneOptions(method=method, budget=budget, strategy=strategy, allocation=allocation, data=data,
+                           calib_samples=calib_samples, max_len=max_len, template=template, heal=heal,
+                           lora_rank=lora_rank, eval_fraction=eval_fraction, seed=seed,
+                           sft=dict(_sft(steps, lr, batch_size, grad_accum), seed=seed))
+    options.validate()
+    with err_console.status(f"pruning {model} ({method})"):
+        report = prune_model(model, out, options, overwrite=overwrite)
+    table = Table(title=str(out), show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("method", method + (f" ({allocation})" if method == "width" else ""))
+    table.add_row("budget", report.budget or f"all targets of {strategy}")
+    table.add_row("parameters (original)", f"{report.params_original:,}")
+    if report.params_target:
+        table.add_row("parameters (target)", f"{report.params_target:,}")
+    table.add_row("parameters stored", f"{report.params_stored:,}")
+    if report.dropped_layers:
+        table.add_row("layers dropped", ", ".join(map(str, report.dropped_layers)))
+    if report.dropped_mlps:
+        table.add_row("MLPs dropped", ", ".join(map(str, report.dropped_mlps)))
+    if report.fill_channels:
+        table.add_row("fill: channels removed per MLP", str(report.fill_channels))
+    table.add_row("MLP widths", ", ".join(map(str, report.intermediate_sizes)))
+    if report.healed:
+        table.add_row("healed", f"{report.heal['steps']} steps, eval loss {report.heal['eval_loss']}")
+    console.print(table)

@@ -1,0 +1,51 @@
+"""`sharp prune` end to end on stories260K, and its one-line errors (nothing written)."""
+
+import json
+
+import pytest
+
+from sharp.baselines.io import PRUNE_CONFIG
+from tests.conftest import ASSETS, run_cli
+
+C4 = f"text:{ASSETS / 'text' / 'c4_demo.jsonl'}"
+
+
+def test_prune_layer_drop_then_info(stories_path, tmp_path, capsys):
+    out = tmp_path / "ld"
+    code, _, err = run_cli(["prune", stories_path, "--method", "layer-drop", "--budget", "40%", "--data", C4,
+                            "--calib-samples", "4", "--max-len", "64", "--out", out], capsys)
+    assert code == 0, err
+    report = json.loads((out / PRUNE_CONFIG).read_text())
+    code, stdout, err = run_cli(["info", out, "--json"], capsys)
+    assert code == 0, err
+    info = json.loads(stdout)
+    assert info["params_stored"] == report["params_stored"] <= report["params_target"]
+    assert report["params_target"] - report["params_stored"] < 0.01 * report["params_target"]
+    assert info["layers"] == 5 - len(report["dropped_layers"])
+
+
+def test_prune_heal_keeps_the_size(stories_path, tmp_path, capsys):
+    out = tmp_path / "md"
+    code, _, err = run_cli(["prune", stories_path, "--method", "mlp-drop", "--strategy", "next:1-4", "--heal",
+                            "--data", C4 + "[:20]", "--max-len", "64", "--steps", "3", "--lora-rank", "2",
+                            "--out", out], capsys)
+    assert code == 0, err
+    report = json.loads((out / PRUNE_CONFIG).read_text())
+    assert report["healed"] and report["heal"]["steps"] == 3
+    assert report["dropped_mlps"] == [2, 4] and report["params_stored"] == report["params_original"] - 2 * 3 * 64 * 172
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--method", "drop-everything", "--budget", "40%"], "unknown --method"),
+    (["--method", "width", "--budget", "forty", "--data", C4], "malformed budget"),
+    (["--method", "width", "--budget", "40%"], "pass --data"),
+    (["--method", "layer-drop", "--data", C4], "needs --budget"),
+    (["--method", "mlp-drop", "--budget", "40%", "--data", C4], "needs --strategy"),
+    (["--method", "mlp-drop", "--strategy", "next:9-3"], "after its end"),
+    (["--method", "width", "--budget", "40%", "--data", "alpaca:/no/such.json"], "does not exist"),
+])
+def test_bad_arguments_fail_before_work(stories_path, tmp_path, capsys, args, fragment):
+    out = tmp_path / "never"
+    code, _, err = run_cli(["prune", stories_path, *args, "--out", out], capsys)
+    assert code == 2 and fragment in err and "Traceback" not in err
+    assert not out.exists()
