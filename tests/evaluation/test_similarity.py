@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 
 import pytest
@@ -12,8 +13,15 @@ import sharp
 from sharp.arch import get_adapter
 from sharp.data import collate_examples
 from sharp.evaluation.perplexity import response_perplexity
-from sharp.evaluation.similarity import layer_similarity, replaced_mlp, replacement_costs
-from tests.conftest import tiny_model
+from sharp.evaluation.similarity import (
+    analysis_examples,
+    analyze_model,
+    layer_similarity,
+    replaced_mlp,
+    replacement_costs,
+)
+from sharp.sharing.strategy import parse_strategy
+from tests.conftest import ASSETS, run_cli, tiny_model
 
 
 def _sequences(lengths, vocab=128, seed=0):
@@ -139,3 +147,59 @@ def test_replacement_costs_use_the_given_score():
     assert row["delta_nll"] == pytest.approx(math.log(row["ppl"] / result["base"]))
     with replaced_mlp(model, 3, 2):
         assert response_perplexity(model, examples, 2)["ppl"] == pytest.approx(row["ppl"])
+
+
+C4 = f"text:{ASSETS / 'text' / 'c4_demo.jsonl'}"
+ALPACA = ASSETS / "instruct" / "alpaca_en_demo.json"
+
+
+def test_analyze_cli_on_stories260k(stories_path, tmp_path, capsys):
+    out = tmp_path / "an"
+    code, stdout, err = run_cli(["analyze", stories_path, "--data", C4, "--out", out, "--max-tokens", 600,
+                                 "--ppl-examples", 2, "--max-len", 64, "--budget", "40%"], capsys)
+    assert code == 0, err
+    analysis = json.loads((out / "analysis.json").read_text())
+    assert analysis["layers"] == 5 and 590 <= analysis["tokens"] <= 600  # position 0 of each window left out
+    assert [r["target"] for r in analysis["replacement"]["layers"]] == [1, 2, 3, 4]
+    suggestion = analysis["suggestion"]
+    mapping = parse_strategy(suggestion["strategy"]).resolve(5)
+    assert len(mapping) == 2 and suggestion["strategy"] in stdout
+    for name in ("analysis.md", "mlp_similarity.png", "residual_cosine.png", "replacement.png"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_analyze_instruction_data_scores_responses_only(stories_path, tmp_path):
+    model, tok = sharp.load_model(str(stories_path))
+    data = f"alpaca:{ALPACA}[:3]"
+    analysis = analyze_model(model, tok, data, max_tokens=300, ppl_examples=3, max_len=256)
+    examples, _ = analysis_examples(tok, data, max_len=256, needed_examples=3)
+    assert len(examples) == 3
+    assert analysis["replacement"]["base"] == pytest.approx(response_perplexity(model, examples, 4)["ppl"])
+    assert analysis["replacement"]["tokens"] < sum(len(e["input_ids"]) for e in examples)  # prompts not scored
+    lengths, used = [len(e["input_ids"]) for e in examples], 0
+    while sum(lengths[:used]) < 300:
+        used += 1
+    assert analysis["tokens"] == min(300, sum(lengths)) - used  # position 0 of each sequence left out
+
+
+@pytest.mark.parametrize(("extra", "fragment"), [
+    (["--data", "nope:x.json"], "unknown data format"),
+    (["--data", "alpaca:/no/such.json"], "does not exist"),
+    (["--data", C4, "--budget", "abc"], "malformed --budget"),
+    (["--data", C4, "--budget", "90%"], "at most 2"),
+    (["--data", C4, "--max-tokens", "0"], "--max-tokens"),
+])
+def test_analyze_cli_bad_input_exits_2_with_one_line(stories_path, tmp_path, capsys, extra, fragment):
+    args = ["analyze", stories_path, "--out", tmp_path / "o", "--max-tokens", 64, "--ppl-examples", 1,
+            "--max-len", 32, *extra]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2, err
+    assert fragment in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "o").exists()
+
+
+def test_analyze_cli_refuses_a_non_empty_out_before_loading(tmp_path, capsys):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "f").write_text("x")
+    code, _, err = run_cli(["analyze", "/no/model", "--data", C4, "--out", tmp_path / "o"], capsys)
+    assert code == 2 and "not empty" in err

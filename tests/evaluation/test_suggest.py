@@ -10,7 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sharp.errors import SharpError
-from sharp.evaluation.suggest import cost_table, max_targets, parse_budget, strategy_text, suggest_strategy
+from sharp.evaluation.suggest import (
+    check_budget,
+    cost_table,
+    max_targets,
+    parse_budget,
+    strategy_text,
+    suggest_strategy,
+)
 from sharp.sharing.strategy import parse_strategy
 
 costs_st = st.floats(min_value=-1.0, max_value=1e3, allow_nan=False)
@@ -115,3 +122,9 @@ def test_cost_table_prefers_replacement_then_rel_l2():
     assert cost_table({"pairs": pairs, "replacement": replacement}) == ({1: 0.18}, "delta_nll")
     with pytest.raises(SharpError):
         cost_table({})
+
+
+def test_check_budget_matches_the_suggestion_limit():
+    check_budget(0.5, 30)
+    with pytest.raises(SharpError, match="at most 15"):
+        check_budget(0.51, 30)

@@ -34,7 +34,7 @@ def analyze(
     from sharp.data import TEMPLATES, parse_data_spec
     from sharp.evaluation.report import write_analysis
     from sharp.evaluation.similarity import analyze_model
-    from sharp.evaluation.suggest import cost_table, parse_budget, suggest_strategy
+    from sharp.evaluation.suggest import check_budget, cost_table, parse_budget, suggest_strategy
     from sharp.io.atomic import atomic_dir, check_output_dir
     from sharp.io.models import load_config, load_model
 
@@ -52,6 +52,8 @@ def analyze(
     get_adapter(config)
     if num_layers(config) < 2:
         raise SharpError(f"model '{model}' has a single decoder layer; there is no adjacent pair to analyze")
+    if fraction is not None:
+        check_budget(fraction, num_layers(config))
 
     with err_console.status(f"loading {model}"):
         loaded, tokenizer = load_model(model, dtype="float32")

@@ -242,6 +242,7 @@ def analysis_examples(tokenizer, data: str, max_len: int = 512, needed_tokens: i
     of the token stream, each scoring every token but its first (as `sharp eval` does).
     """
     from sharp.data import IGNORE, load_records, parse_data_spec, text_token_stream, tokenize_examples
+    from sharp.errors import SharpError
     from sharp.evaluation.perplexity import text_windows
 
     spec = parse_data_spec(data)
@@ -255,13 +256,18 @@ def analysis_examples(tokenizer, data: str, max_len: int = 512, needed_tokens: i
                 break
         return examples, spec.text
     records = load_records(spec)
-    tokens, chunk = 0, 32
+    tokens, chunk, error = 0, 32, None
     for start in range(0, len(records), chunk):
-        new = tokenize_examples(records[start:start + chunk], spec.format, tokenizer, template, max_len)
+        try:
+            new = tokenize_examples(records[start:start + chunk], spec.format, tokenizer, template, max_len)
+        except SharpError as e:  # e.g. every prompt of this chunk fills max_len; later ones may not
+            new, error = [], e
         examples += new
         tokens += sum(len(e["input_ids"]) for e in new)
         if tokens >= needed_tokens and len(examples) >= needed_examples:
             break
+    if not examples:
+        raise error or SharpError(f"data '{spec.text}' gave no examples")
     return examples, spec.text
 
 

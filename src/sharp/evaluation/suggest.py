@@ -109,6 +109,11 @@ def _choose(costs: dict[int, float], num_layers: int, k: int) -> list[int]:
     return sorted(chosen)
 
 
+def check_budget(budget: float, num_layers: int) -> None:
+    """Fail before any measurement when no strategy of adjacent pairs can meet `budget` on this model."""
+    suggest_strategy(dict.fromkeys(range(1, num_layers), 0.0), num_layers, budget)
+
+
 def strategy_text(targets: list[int]) -> str:
     """`next:A-B` when the targets are exactly A+1, A+3, ..., B; else `map:t=t-1,...`."""
     mapping = {t: t - 1 for t in targets}
