@@ -99,8 +99,11 @@ def _first_token_section(analysis: dict) -> list[str]:
     return lines
 
 
-def analysis_plots(analysis: dict, out: Path) -> list[str]:
-    """mlp_similarity.png, residual_cosine.png and (if measured) replacement.png in `out`; their names."""
+def analysis_plots(analysis: dict, out: Path, prefix: str = "") -> list[str]:
+    """mlp_similarity.png, residual_cosine.png and (if measured) replacement.png in `out` (names prefixed by
+    `prefix`); their names."""
+    from matplotlib.ticker import MaxNLocator
+
     plt = _pyplot()
     names = []
     targets = [p["target"] for p in analysis["pairs"]]
@@ -114,8 +117,9 @@ def analysis_plots(analysis: dict, out: Path) -> list[str]:
     ax2.set_ylabel("cosine")
     ax2.set_xlabel("layer t")
     ax2.legend()
-    _save(fig, out / "mlp_similarity.png")
-    names.append("mlp_similarity.png")
+    ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _save(fig, out / f"{prefix}mlp_similarity.png")
+    names.append(f"{prefix}mlp_similarity.png")
 
     fig, ax = plt.subplots(figsize=(6, 5))
     im = ax.imshow(analysis["residual_matrix"], cmap="viridis", vmin=-1 if _has_negative(analysis) else 0, vmax=1)
@@ -123,8 +127,8 @@ def analysis_plots(analysis: dict, out: Path) -> list[str]:
     ax.set_xlabel("h_j")
     ax.set_ylabel("h_i")
     fig.colorbar(im, ax=ax)
-    _save(fig, out / "residual_cosine.png")
-    names.append("residual_cosine.png")
+    _save(fig, out / f"{prefix}residual_cosine.png")
+    names.append(f"{prefix}residual_cosine.png")
 
     rep = analysis.get("replacement")
     if rep and rep.get("layers"):
@@ -136,8 +140,9 @@ def analysis_plots(analysis: dict, out: Path) -> list[str]:
         ax.set_xlabel("layer t (its MLP replaced by layer t-1's)")
         ax.set_ylabel("perplexity")
         ax.legend()
-        _save(fig, out / "replacement.png")
-        names.append("replacement.png")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        _save(fig, out / f"{prefix}replacement.png")
+        names.append(f"{prefix}replacement.png")
     return names
 
 
