@@ -76,6 +76,10 @@ def save(model: nn.Module, out: str | os.PathLike, tokenizer=None, overwrite: bo
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / SHARP_CONFIG).write_text(config.to_json())
+        if getattr(model, "sharp_quantization", None) is not None:
+            from sharp.io.quantize import write_quant_config
+
+            write_quant_config(model, tmp)
         write_manifest(tmp)
     return Path(out)
 
@@ -118,8 +122,14 @@ def verify_manifest(folder: str | os.PathLike, hashes: bool = True) -> list[str]
     return problems
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype | str | None = "auto", verify: bool = True) -> nn.Module:
-    """Load a sharp checkpoint with real sharing (one tensor object per unique weight)."""
+def load(
+    path: str | os.PathLike, dtype: torch.dtype | str | None = "auto", verify: bool = True, mode: str = "shared"
+) -> nn.Module:
+    """Load a sharp checkpoint with real sharing (one tensor object per unique weight).
+
+    `mode="shared"` keeps one copy of each unique weight and applies recovery on the fly; `mode="merged"`
+    materializes every target weight at load (a plain model: no RAM saving, no recovery matmuls).
+    A checkpoint written by `sharp quantize` loads quantized (see `sharp.io.quantize`)."""
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
@@ -130,7 +140,18 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = "auto", veri
         problems = verify_manifest(path)
         if problems:
             raise SharpError(f"checkpoint '{path}' is damaged: {problems[0]}; re-create or re-download it")
+    if mode not in ("shared", "merged"):
+        raise SharpError(f"unknown runtime mode '{mode}'; choose shared or merged")
     config = SharpConfig.from_json((path / SHARP_CONFIG).read_text())
+    if (path / "quantization.json").is_file():
+        from sharp.io.quantize import QUANT_CONFIG, QuantConfig, load_quantized, merge_quantized
+
+        qconfig = QuantConfig.from_json((path / QUANT_CONFIG).read_text())
+        model = load_quantized(
+            path, qconfig, lambda m: apply_sharing(m, config.sharing, parse_recovery(config.recovery), config.modules)
+        )
+        model.sharp_config = config
+        return merge_quantized(model) if mode == "merged" else model
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the targets' absent weights are expected; we check keys ourselves
     try:
@@ -152,6 +173,10 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = "auto", veri
     model.load_state_dict(recovery, strict=False)
     model.sharp_config = config
     model.eval()
+    if mode == "merged":
+        from sharp.sharing.shared import merge_sharing
+
+        merge_sharing(model)
     return model
 
 

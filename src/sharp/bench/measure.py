@@ -1,0 +1,253 @@
+"""One model's numbers, measured in the current process. `sharp.bench.runner` runs this in a fresh subprocess
+per model, so peak RSS belongs to that model only.
+
+Order of events: import libraries and the model class (untimed) -> baseline RSS -> evict the model's files from
+the page cache (`posix_fadvise(POSIX_FADV_DONTNEED)`, checked with `mincore`) -> cold load #1 -> one warm-up
+decode -> R timed decodes (prefill + first token = TTFT, then N single-token greedy steps, batch 1) -> peak RSS
+(load + decode of this model) -> R-1 more cold loads and R warm loads. Times are medians.
+
+    python -m sharp.bench.measure SPEC [--mode shared|merged] [--tokens 64] [--repeats 5]   # prints JSON
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import gc
+import json
+import mmap
+import os
+import resource
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt")
+
+
+def weight_files(path: str | os.PathLike) -> list[Path]:
+    """The files a load reads in bulk (weights); configs and tokenizers are a few KiB."""
+    p = Path(path)
+    if p.is_file():
+        return [p]
+    return sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
+
+
+def evict(files: list[Path]) -> float:
+    """Drop `files` from the page cache; returns the fraction of their pages still resident afterwards."""
+    resident = total = 0
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # dirty pages cannot be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            r, t = _resident_pages(fd, f.stat().st_size)
+        finally:
+            os.close(fd)
+        resident, total = resident + r, total + t
+    return resident / total if total else 0.0
+
+
+def _resident_pages(fd: int, size: int) -> tuple[int, int]:
+    """(resident, total) pages of an open file in the page cache, via mmap + mincore(2); (0, 0) off Linux."""
+    if size == 0 or not sys.platform.startswith("linux"):
+        return 0, 0
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        return 0, 0
+    try:
+        n = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vec = (ctypes.c_ubyte * n)()
+        if libc.mincore(addr, size, vec) != 0:
+            return 0, 0
+        return sum(v & 1 for v in vec), n
+    finally:
+        libc.munmap(addr, size)
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def tensor_bytes(t: torch.Tensor) -> int:
+    """Bytes a tensor really holds; quantized tensor subclasses are summed over their inner tensors."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def unique_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes held by unique weights, bytes read per decoded token). A token reads every unique weight once,
+    except an untied input embedding, of which it reads one row."""
+    seen: set[int] = set()
+    total = 0
+    for module in model.modules():  # each module once, however many names it has
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+            if id(t) not in seen:
+                seen.add(id(t))
+                total += tensor_bytes(t)
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    per_token = total
+    if head is None or head.weight is not emb:
+        per_token -= tensor_bytes(emb) - tensor_bytes(emb[0])
+    return total, per_token
+
+
+def load_for_bench(spec: str, mode: str = "shared") -> nn.Module:
+    """Load the model as a user would (sharp checkpoint with sharing, or a plain HF folder / .gguf file). The
+    manifest's sha256 check is skipped (it would read every byte once more); its sizes are still checked."""
+    from transformers import AutoModelForCausalLM
+
+    from sharp.errors import SharpError
+    from sharp.io.checkpoint import is_sharp_checkpoint, load, verify_manifest
+    from sharp.io.models import resolve_model_path
+
+    path = resolve_model_path(spec)
+    if is_sharp_checkpoint(path):
+        problems = verify_manifest(path, hashes=False)
+        if problems:
+            raise SharpError(f"checkpoint '{path}' is damaged: {problems[0]}")
+        return load(path, verify=False, mode=mode)
+    if mode != "shared":
+        raise SharpError(f"'{spec}' is a plain model: the @{mode} runtime mode only applies to sharp checkpoints")
+    p = Path(path)
+    if p.suffix == ".gguf":
+        return AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype="auto").eval()
+    return AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
+
+
+def _import_model_class(spec: str) -> None:
+    """Import the architecture's modeling code now, so the first timed load doesn't pay for it."""
+    from transformers import AutoModelForCausalLM
+
+    from sharp.io.models import load_config
+
+    config = load_config(spec)
+    AutoModelForCausalLM._model_mapping[type(config)]  # noqa: B018  (the lookup imports the module)
+
+
+def prompt_ids(vocab_size: int, length: int) -> torch.Tensor:
+    """A fixed, tokenizer-free prompt (decode speed does not depend on the text)."""
+    return (torch.arange(1, length + 1) * 7919 % (vocab_size - 3) + 3)[None, :]
+
+
+@torch.no_grad()  # not inference_mode: quanto's tensors reject it
+def decode(model: nn.Module, prompt: torch.Tensor, tokens: int) -> tuple[float, float]:
+    """(time to first token in s, decode tokens/s): greedy, batch 1, KV cache, no `generate()` overhead."""
+    t0 = time.perf_counter()
+    out = model(input_ids=prompt, use_cache=True)
+    nxt = out.logits[:, -1:].argmax(-1)
+    ttft = time.perf_counter() - t0
+    cache = out.cache
+    t1 = time.perf_counter()
+    for _ in range(tokens):
+        out = model(input_ids=nxt, cache=cache, use_cache=True)
+        cache = out.cache
+        nxt = out.logits[:, -1:].argmax(-1)
+    return ttft, tokens / (time.perf_counter() - t1)
+
+
+def measure(spec: str, mode: str = "shared", tokens: int = 64, repeats: int = 5, prompt_tokens: int = 32,
+            compile: bool = False) -> dict:
+    """Every per-model field of `sharp bench` (see `sharp.bench.runner.FIELDS`)."""
+    from sharp.io.models import folder_bytes, resolve_model_path
+
+    path = resolve_model_path(spec)
+    files = weight_files(path)
+    _import_model_class(spec)
+    gc.collect()
+    baseline = rss_bytes()
+
+    resident = [evict(files)]
+    t0 = time.perf_counter()
+    model = load_for_bench(spec, mode)
+    cold = [time.perf_counter() - t0]
+    if compile:
+        model.forward = torch.compile(model.forward, dynamic=True)
+    stored, per_token = unique_bytes(model)
+    prompt = prompt_ids(model.config.vocab_size, prompt_tokens)
+    decode(model, prompt, min(tokens, 8))  # warm-up
+    runs = [decode(model, prompt, tokens) for _ in range(repeats)]
+    peak = peak_rss_bytes()
+    del model
+    gc.collect()
+
+    for _ in range(repeats - 1):
+        resident.append(evict(files))
+        t0 = time.perf_counter()
+        model = load_for_bench(spec, mode)
+        cold.append(time.perf_counter() - t0)
+        del model
+        gc.collect()
+    warm = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model = load_for_bench(spec, mode)
+        warm.append(time.perf_counter() - t0)
+        del model
+        gc.collect()
+    return {
+        "model": spec,
+        "mode": mode,
+        "path": str(path),
+        "bytes_on_disk": sum(f.stat().st_size for f in files),
+        "bytes_folder": folder_bytes(path),
+        "bytes_in_memory": stored,
+        "bytes_per_token": per_token,
+        "cold_load_s": statistics.median(cold),
+        "warm_load_s": statistics.median(warm),
+        "ttft_s": statistics.median(r[0] for r in runs),
+        "decode_tok_s": statistics.median(r[1] for r in runs),
+        "peak_rss_mib": peak / 2**20,
+        "model_rss_mib": (peak - baseline) / 2**20,
+        "resident_after_evict": max(resident),
+        "runs": {"cold_load_s": cold, "warm_load_s": warm, "ttft_s": [r[0] for r in runs],
+                 "decode_tok_s": [r[1] for r in runs]},
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("spec")
+    parser.add_argument("--mode", default="shared", choices=["shared", "merged"])
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=0)
+    parser.add_argument("--compile", action="store_true")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    from sharp.errors import SharpError
+
+    try:
+        result = measure(args.spec, args.mode, args.tokens, args.repeats, args.prompt_tokens, args.compile)
+    except SharpError as e:
+        print(json.dumps({"error": str(e)}))
+        raise SystemExit(2) from None
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""`sharp bench`: storage, load and decode numbers for several models side by side, with ratios against the first
+model and the physical floors those ratios should be read against.
+
+Each model is measured in its own fresh subprocess (`python -m sharp.bench.measure`), one after the other, so
+peak RSS is per model and no model warms another's caches. Floors:
+
+    load floor     stored bytes ratio: a cold load must read every stored byte once
+    decode floor   unique bytes read per token ratio: batch-1 decode on a CPU is memory-bound, so a model that
+                   reads fewer weight bytes per token can be at most that much faster (and a shared model reads
+                   its shared weights once per use: in-cache re-reads are the locality bonus)
+
+A model spec is a model folder, sharp checkpoint, .gguf file or alias, optionally suffixed with the runtime mode
+of a sharp checkpoint: `runs/ckpt@merged` (default `@shared`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from sharp.errors import SharpError
+
+MODES = ("shared", "merged")
+# every per-model field `sharp bench --json` emits
+FIELDS = (
+    "model", "mode", "path", "bytes_on_disk", "bytes_folder", "bytes_in_memory", "bytes_per_token",
+    "cold_load_s", "warm_load_s", "ttft_s", "decode_tok_s", "peak_rss_mib", "model_rss_mib",
+    "resident_after_evict", "runs", "ratios", "floors",
+)
+RATIO_FIELDS = {
+    "bytes_on_disk": "bytes_on_disk",
+    "cold_load": "cold_load_s",
+    "warm_load": "warm_load_s",
+    "ttft": "ttft_s",
+    "decode_speed": "decode_tok_s",
+    "peak_rss": "peak_rss_mib",
+    "bytes_per_token": "bytes_per_token",
+}
+EVICTION_NOTE = (
+    "cold load: the model's weight files are dropped from the page cache with "
+    "posix_fadvise(POSIX_FADV_DONTNEED) before each cold load (resident_after_evict says how many pages stayed)"
+)
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """'path@merged' -> ('path', 'merged'); no suffix -> shared."""
+    model, at, mode = spec.rpartition("@")
+    if at and mode in MODES:
+        return model, mode
+    if at and "/" not in mode:
+        raise SharpError(f"unknown runtime mode '@{mode}' in '{spec}'; use @shared or @merged")
+    return spec, "shared"
+
+
+def machine_info(threads: int = 0) -> dict:
+    """What the numbers were measured on."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    l3 = Path("/sys/devices/system/cpu/cpu0/cache/index3/size")
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": threads or torch.get_num_threads(),
+        "l3_cache": l3.read_text().strip() if l3.is_file() else "unknown",
+        "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def measure_in_subprocess(spec: str, mode: str, tokens: int, repeats: int, prompt_tokens: int, threads: int,
+                          compile: bool = False) -> dict:
+    cmd = [sys.executable, "-m", "sharp.bench.measure", spec, "--mode", mode, "--tokens", str(tokens),
+           "--repeats", str(repeats), "--prompt-tokens", str(prompt_tokens), "--threads", str(threads)]
+    if compile:
+        cmd.append("--compile")
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"benchmark of '{spec}' failed (exit {proc.returncode}): {tail}")
+    result = json.loads(lines[-1])
+    if "error" in result:
+        raise SharpError(result["error"])
+    return result
+
+
+def add_ratios(results: list[dict]) -> None:
+    """ratios[k] = value / first model's value, for every field in RATIO_FIELDS (decode_speed: higher = faster)."""
+    first = results[0]
+    for r in results:
+        r["ratios"] = {k: (r[f] / first[f] if first[f] else None) for k, f in RATIO_FIELDS.items()}
+        r["floors"] = {
+            "load_time_ratio": r["ratios"]["bytes_on_disk"],  # cold load can't beat reading fewer bytes
+            "decode_speed_ratio": 1 / r["ratios"]["bytes_per_token"] if r["ratios"]["bytes_per_token"] else None,
+        }
+
+
+def bench(
+    specs: list[str],
+    tokens: int = 64,
+    repeats: int = 5,
+    prompt_tokens: int = 32,
+    threads: int = 0,
+    compile: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Measure every model (in order, each in a fresh subprocess) and return the report `sharp bench --json`
+    writes: machine, settings, and one entry per model with ratios against the first."""
+    if not specs:
+        raise SharpError("give at least one model to benchmark")
+    if repeats < 1 or tokens < 1 or prompt_tokens < 1:
+        raise SharpError("--repeats, --tokens and --prompt-tokens must be at least 1")
+    from sharp.io.models import resolve_model_path
+
+    parsed = [parse_spec(s) for s in specs]
+    for model, _ in parsed:
+        resolve_model_path(model)  # fail on a typo before minutes of measuring
+    results = []
+    for spec, (model, mode) in zip(specs, parsed, strict=True):
+        if progress:
+            progress(spec)
+        r = measure_in_subprocess(model, mode, tokens, repeats, prompt_tokens, threads, compile)
+        r["model"] = spec
+        results.append(r)
+    add_ratios(results)
+    return {
+        "machine": machine_info(threads),
+        "settings": {"tokens": tokens, "repeats": repeats, "prompt_tokens": prompt_tokens, "batch": 1,
+                     "decoding": "greedy, KV cache, single-token steps", "statistic": "median",
+                     "compile": compile, "cold_load": EVICTION_NOTE},
+        "models": results,
+    }

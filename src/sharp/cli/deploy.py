@@ -1,0 +1,67 @@
+"""`sharp quantize`, `sharp bench`, `sharp export`: shipping a SHARP model to a device."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from sharp.cli.app import app, console, err_console
+
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="A sharp checkpoint (or a plain model folder / alias)."),
+    bits: int = typer.Option(4, "--bits", help="Weight bits (4)."),
+    method: str = typer.Option("quanto", "--method", help="quanto (optimum-quanto int4)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder: a quantized sharp checkpoint."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+) -> None:
+    """Quantize each unique weight once (shared weights stay shared); recovery parameters stay 16-bit."""
+    from sharp.io.models import folder_bytes
+    from sharp.io.quantize import quantize_checkpoint, quantized_linears
+
+    with err_console.status(f"quantizing {model}"):
+        q = quantize_checkpoint(model, out, bits=bits, method=method, overwrite=overwrite)
+    console.print(f"{len(quantized_linears(q))} unique linear layers quantized to {bits}-bit ({method}); "
+                  f"{folder_bytes(out) / 2**20:.1f} MiB written to [bold]{out}[/]")
+
+
+@app.command()
+def bench(
+    models: list[str] = typer.Argument(..., help="Models to compare (the first is the reference); "
+                                                 "suffix a sharp checkpoint with @merged for the merged runtime."),
+    json_out: Path | None = typer.Option(None, "--json", help="Write the full report (every field) here."),
+    plot_out: Path | None = typer.Option(None, "--plot", help="Write a PNG of the ratios here."),
+    repeats: int = typer.Option(5, "--repeats", help="Runs per measurement (medians are reported)."),
+    tokens: int = typer.Option(64, "--tokens", help="Decoded tokens per run."),
+    prompt_tokens: int = typer.Option(32, "--prompt-tokens", help="Prompt length for time to first token."),
+    threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)."),
+    compile: bool = typer.Option(False, "--compile", help="Run the models under torch.compile."),
+) -> None:
+    """Bytes on disk, cold/warm load, time to first token, decode tokens/s and peak RSS, side by side."""
+    from rich.progress import Progress
+
+    from sharp.bench.report import plot, rich_table
+    from sharp.bench.runner import bench as run_bench
+
+    with Progress(console=err_console, transient=True) as progress:
+        task = progress.add_task("benchmarking", total=len(models))
+
+        done = [0]
+
+        def step(spec: str) -> None:
+            progress.update(task, completed=done[0], description=f"measuring {spec}")
+            done[0] += 1
+
+        report = run_bench(models, tokens, repeats, prompt_tokens, threads, compile, progress=step)
+    console.print(rich_table(report))
+    if json_out:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=2) + "\n")
+        console.print(f"report written to [bold]{json_out}[/]")
+    if plot_out:
+        plot_out.parent.mkdir(parents=True, exist_ok=True)
+        plot(report, plot_out)
+        console.print(f"plot written to [bold]{plot_out}[/]")

@@ -1,0 +1,219 @@
+"""4-bit weight quantization of (shared) models, stored in sharp checkpoints.
+
+Each *unique* weight is quantized once: a target's `SharedLinear.base_layer` is re-pointed at the reference's
+quantized module (`relink_shared`), so sharing survives quantization in memory and on disk. Recovery parameters
+(LoRA, scales) are not `nn.Linear`s and stay in 16-bit; so do embeddings, norms and the (usually tied) LM head.
+
+Methods:
+    quanto   optimum-quanto qint4, asymmetric, groups of up to 128 along the input; bf16 models whose input
+             size is a multiple of 128 get torch's packed CPU int4 matmul (`_weight_int4pack_mm_for_cpu`),
+             the others dequantize on the fly.
+
+A quantized checkpoint is an ordinary sharp checkpoint plus `quantization.json` (method, bits, dtype and the
+list of quantized modules). `sharp.load` reads it back as a quantized model with the same sharing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from sharp.errors import SharpError
+from sharp.sharing.shared import relink_shared, shared_linears
+
+QUANT_CONFIG = "quantization.json"
+METHODS = ("quanto",)
+BITS = (4,)
+_QTYPES = {("quanto", 4): "qint4"}
+
+
+@dataclass
+class QuantConfig:
+    """How a checkpoint's weights were quantized (`quantization.json`)."""
+
+    method: str = "quanto"
+    bits: int = 4
+    dtype: str = "bfloat16"  # the dtype of everything that is not quantized (and of quantization scales)
+    modules: list[str] = field(default_factory=list)  # quantized modules, under their first (reference) name
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise SharpError(f"unknown quantization method '{self.method}'; choose one of: {', '.join(METHODS)}")
+        if self.bits not in BITS:
+            raise SharpError(f"--bits {self.bits} is not supported; choose one of: {', '.join(map(str, BITS))}")
+
+    @property
+    def qtype(self) -> str:
+        return _QTYPES[(self.method, self.bits)]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> QuantConfig:
+        try:
+            d = json.loads(text)
+            return cls(**d)
+        except (json.JSONDecodeError, TypeError) as e:
+            raise SharpError(f"{QUANT_CONFIG} is malformed ({e}); re-run `sharp quantize`") from None
+
+
+def is_quantized(model: nn.Module) -> bool:
+    return getattr(model, "sharp_quantization", None) is not None
+
+
+def quantizable_modules(model: nn.Module) -> list[str]:
+    """Names of the unique linear layers to quantize: every nn.Linear except the LM head and except the
+    second names of shared ones (a `SharedLinear.base_layer` is the reference's module, reached first)."""
+    shared = tuple(name + "." for name, _ in shared_linears(model))
+    head = model.get_output_embeddings()
+    names = []
+    for name, module in model.named_modules():  # unique modules, each under its first name
+        if isinstance(module, nn.Linear) and module is not head and not (name + ".").startswith(shared):
+            names.append(name)
+    return names
+
+
+@torch.no_grad()
+def quantize_model(model: nn.Module, bits: int = 4, method: str = "quanto") -> nn.Module:
+    """Quantize every unique linear weight of `model` in place; shared weights stay shared."""
+    if is_quantized(model):
+        raise SharpError("this model is already quantized; quantize the 16-bit checkpoint instead")
+    dtype = _float_dtype(model)
+    names = quantizable_modules(model)
+    config = QuantConfig(method=method, bits=bits, dtype=str(dtype).removeprefix("torch."), modules=names)
+    _quantize_modules(model, names, config)
+    _freeze(model)
+    model.sharp_quantization = config
+    return model
+
+
+def _quantize_modules(model: nn.Module, names: list[str], config: QuantConfig) -> None:
+    from optimum.quanto import qtypes
+    from optimum.quanto.nn import quantize_module
+
+    qtype = qtypes[config.qtype]
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(name)
+        qmodule = quantize_module(module, weights=qtype)
+        assert qmodule is not None, name
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, qmodule)
+    relink_shared(model)  # SharedLinear.base_layer -> the reference's new quantized module
+
+
+def _freeze(model: nn.Module) -> None:
+    from optimum.quanto import freeze
+
+    freeze(model)
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if p.dtype.is_floating_point:
+            return p.dtype
+    return torch.float32
+
+
+def quantized_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from optimum.quanto.nn import QModuleMixin
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QModuleMixin)]
+
+
+def load_quantized(path: Path, config: QuantConfig, build) -> nn.Module:
+    """Rebuild a quantized shared model from a checkpoint folder without allocating the 16-bit weights.
+
+    `build(model)` applies the checkpoint's sharing to an empty model (meta parameters, real buffers).
+    """
+    from accelerate import init_empty_weights
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from sharp.io.checkpoint import RECOVERY, WEIGHTS
+
+    dtype = getattr(torch, config.dtype)
+    hf_config = AutoConfig.from_pretrained(path)
+    with init_empty_weights(include_buffers=False):  # rotary tables etc. are real, weights are meta
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    build(model)
+    _quantize_modules(model, config.modules, config)
+    try:
+        state = load_file(path / WEIGHTS)
+        state.update(load_file(path / RECOVERY))
+    except (OSError, SafetensorError) as e:
+        raise SharpError(f"cannot read the weights of '{path}': {e}") from None
+    result = model.load_state_dict(state, strict=False, assign=True)
+    model.tie_weights()
+    relink_shared(model)
+    shared = tuple(name + "." for name, _ in shared_linears(model))
+    missing = [k for k in result.missing_keys if not k.startswith(shared) and not _is_tied(model, k)]
+    on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if missing or result.unexpected_keys or on_meta:
+        what = (missing or result.unexpected_keys or on_meta)[0]
+        raise SharpError(f"quantized checkpoint '{path}' does not match its config ({what}); re-create it")
+    model.sharp_quantization = config
+    return model.eval()
+
+
+def _is_tied(model: nn.Module, key: str) -> bool:
+    head = model.get_output_embeddings()
+    return (
+        head is not None
+        and key.endswith("weight")
+        and model.get_submodule(key.rpartition(".")[0]) is head
+        and head.weight is model.get_input_embeddings().weight
+    )
+
+
+@torch.no_grad()
+def merge_quantized(model: nn.Module) -> nn.Module:
+    """`merged` runtime for a quantized model: materialize each target weight (dequantized reference + recovery)
+    and quantize it again, so every layer runs the same int4 kernel and owns its weight."""
+    from sharp.sharing.shared import merge_sharing
+
+    config: QuantConfig = model.sharp_quantization
+    targets = [name for name, _ in shared_linears(model)]
+    merge_sharing(model)
+    _quantize_modules(model, targets, config)
+    _freeze(model)
+    return model
+
+
+def write_quant_config(model: nn.Module, folder: str | os.PathLike) -> None:
+    """Called by `sharp.io.checkpoint.save` for quantized models."""
+    (Path(folder) / QUANT_CONFIG).write_text(model.sharp_quantization.to_json())
+
+
+def quantize_checkpoint(
+    source: str, out: str | os.PathLike, bits: int = 4, method: str = "quanto", overwrite: bool = False
+) -> nn.Module:
+    """`sharp quantize`: load a sharp checkpoint (or a plain model, saved as a sharp checkpoint without sharing),
+    quantize each unique weight once and save. Returns the quantized model."""
+    from sharp.io.atomic import check_output_dir
+    from sharp.io.checkpoint import save
+    from sharp.io.models import load_model
+
+    QuantConfig(method=method, bits=bits)  # validate before loading anything
+    check_output_dir(out, overwrite)
+    model, tokenizer = load_model(source)
+    if getattr(model, "sharp_config", None) is None:
+        model.sharp_config = unshared_config(model, source)
+    quantize_model(model, bits=bits, method=method)
+    save(model, out, tokenizer=tokenizer, overwrite=overwrite)
+    return model
+
+
+def unshared_config(model: nn.Module, source: str):
+    """A `SharpConfig` with an empty sharing map: lets a plain model travel in the sharp format."""
+    from sharp import __version__
+    from sharp.sharing.build import base_identity
+    from sharp.sharing.config import SharpConfig
+
+    return SharpConfig(sharing={}, strategy="", base=base_identity(model, source), sharp_version=__version__)
