@@ -30,6 +30,9 @@ def fail(message: str) -> typer.Exit:
 def main() -> None:
     """Console-script entry point: user errors become one line and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own rich status lines say what is loading
     try:
         code = app(standalone_mode=False)  # returns the exit code of a typer.Exit in this mode
     except SharpError as e:
