@@ -132,7 +132,7 @@ def test_missing_field_names_record_and_field(tmp_path):
         ('{"a": 1}', ".json", "JSON list of records"),
         ("[1, 2]", ".json", "record 0 is a int"),
         ('{"text": "a"}\n{bad\n', ".jsonl", "line 2 is not valid JSON"),
-        ('[{"text": 5}]', ".json", "field 'text' is a int"),
+        ('[{"text": [5]}]', ".json", "field 'text' is a list"),
         ("[]", ".json", "holds no records"),
     ],
 )
@@ -151,3 +151,11 @@ def test_empty_slice_and_txt_rules(tmp_path):
         load_records(f"text:{f}[5:]")
     with pytest.raises(SharpError, match="load it as text:"):
         load_records(f"alpaca:{f}")
+
+
+def test_csv_through_datasets_with_numbers_as_text(tmp_path):
+    f = tmp_path / "math.csv"
+    f.write_text("question,answer\n1+1?,2\n2+2?,4\n")
+    records = load_records(f"arxiv-math:{f}[1:]")
+    assert len(records) == 1
+    assert FORMATS["arxiv-math"].parts(records[0], 1) == ("", "2+2?", "", "4")

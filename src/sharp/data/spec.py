@@ -43,14 +43,14 @@ class Format:
                                  f"{', '.join(self.required)} (pick another format or fix the data)")
         for field in self.required + self.optional:
             value = record.get(field)
-            if value is not None and not isinstance(value, str):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, str | int | float)):
                 raise SharpError(f"record {index}: field '{field}' is a {type(value).__name__}, not text")
         return record
 
     def parts(self, record: dict, index: int) -> tuple[str, str, str, str]:
         """(system, instruction, input, output) of one record."""
         self.check(record, index)
-        out = [(record.get(f) or "") if f else "" for f in self.mapping]
+        out = [str(record.get(f) if record.get(f) is not None else "") if f else "" for f in self.mapping]
         if self.instruction is not None:
             out[1] = self.instruction
         return out[0], out[1], out[2], out[3]
@@ -135,6 +135,8 @@ def parse_data_spec(text: str) -> DataSpec:
     fmt = _format(fmt_name, text)
     if not source:
         raise SharpError(f"data spec '{text}' names no source; write {fmt}:PATH_OR_HUB_ID")
+    if source.startswith("~"):
+        source = os.path.expanduser(source)
     if os.path.exists(source):
         kind = "dir" if os.path.isdir(source) else "file"
         if kind == "file" and not source.lower().endswith(_LOCAL_EXTS):
@@ -160,7 +162,7 @@ def _from_alias(name: str, hit: tuple[str, Path], fmt: str, start, stop) -> Data
     return DataSpec(alias_fmt, str(path), "file", start=start, stop=stop)
 
 
-def _read_local(path: Path, fmt: str) -> list:
+def _read_local(path: Path, fmt: str):
     ext = path.suffix.lower()
     if ext == ".txt":
         if fmt != "text":
@@ -186,7 +188,7 @@ def _read_local(path: Path, fmt: str) -> list:
         return data
     import datasets  # .csv / .parquet
 
-    return list(datasets.load_dataset(ext[1:], data_files=str(path), split="train"))
+    return datasets.load_dataset(ext[1:], data_files=str(path), split="train")
 
 
 def load_records(spec: DataSpec | str) -> list[dict]:
@@ -200,7 +202,7 @@ def load_records(spec: DataSpec | str) -> list[dict]:
         import datasets
 
         try:
-            records = list(datasets.load_dataset(spec.source, split=spec.split))
+            records = datasets.load_dataset(spec.source, split=spec.split)  # rows read on demand below
         except Exception as e:  # network, unknown id, unknown split: all user-facing here
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise SharpError(f"cannot load dataset '{spec.source}' (split {spec.split}): "

@@ -19,7 +19,7 @@ def text_token_stream(spec: DataSpec | str, tokenizer) -> torch.Tensor:
         spec = parse_data_spec(spec)
     if spec.format != "text":
         raise SharpError(f"'{spec.text}' is {spec.format} data, not plain text; write text:PATH")
-    text = "\n\n".join(r["text"] for r in load_records(spec))
+    text = "\n\n".join(str(r["text"]) for r in load_records(spec))
     ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
     if len(ids) < 2:
         raise SharpError(f"'{spec.text}' holds fewer than 2 tokens; nothing to score")
