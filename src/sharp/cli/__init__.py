@@ -11,3 +11,4 @@ from sharp.cli import evaluate  # noqa: F401, E402  isort: skip
 from sharp.cli import analyze  # noqa: F401, E402  isort: skip
 from sharp.cli import baselines  # noqa: F401, E402  isort: skip
 from sharp.cli import assets  # noqa: F401, E402  isort: skip
+from sharp.cli import compress  # noqa: F401, E402  isort: skip
