@@ -1,0 +1,488 @@
+"""Single-layer warmup (SLW): fit each target's recovery to its original MLP, one layer at a time.
+
+For a target layer t with captured inputs x (post-norm hidden states) and original outputs y (see
+`activations.py`), SLW trains only the recovery parameters of t's MLP (the reference weights stay frozen) to
+minimize the relative squared error
+
+    loss = sum_i ||mlp_t(x_i) - y_i||^2 / sum_i ||y_i||^2          (loss="relative", per batch)
+    loss = mean_i ||mlp_t(x_i) - y_i||^2 / ||y_i||^2                (loss="token")
+
+Relative, so one learning rate fits every layer whatever its output scale (SmolLM2's last layer writes
+outputs ~5x larger than its neighbours). Progress is reported as rel-err = sqrt(relative squared error) on
+held-out tokens (the last `eval_tokens` captured rows of the layer, i.e. whole later sequences); rel-err 1.0
+is as bad as outputting zeros.
+
+Before gradient descent, `init="lstsq"` sets the LoRA of the MLP's output projection (down_proj) to the
+best rank-r correction in closed form: with h the intermediate activation the shared gate/up compute, it
+solves min ||(W_ref + dW) h - y||^2 over rank-r dW (ridge + reduced-rank regression). This is the exact L2
+optimum for the output projection given the reference gate/up, fitted on real activations (not on the
+weights, which RESEARCH.md found useless), and is a much better start than zero.
+
+Targets are independent: with `workers > 1` each layer trains in its own spawned process with
+cores/workers torch threads. Every layer keeps its state in `work_dir/layer_NNN/`: `state.pt` every
+`checkpoint_every` steps (recovery + optimizer + early-stopping state; batches are a pure function of
+(seed, layer, step)), then `recovery.safetensors` + `result.json` when done. A rerun skips finished layers
+and resumes unfinished ones from their last state, ending where an uninterrupted run ends.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from sharp.arch import get_adapter
+from sharp.errors import SharpError
+from sharp.recovery.activations import DTYPES, ActivationStore, capture_activations
+from sharp.sharing.recovery import LoRARecovery, Recovery
+from sharp.sharing.shared import SharedLinear
+
+LOG = "slw_log.jsonl"
+ACTIVATIONS = "activations"
+LOSSES = ("relative", "token")
+INITS = ("lstsq", "zero")
+
+
+@dataclass
+class SLWConfig:
+    """Budget and optimizer of single-layer warmup (all per target layer unless said otherwise)."""
+
+    steps: int = 300  # optimizer steps per layer (upper bound: early stopping may end sooner)
+    lr: float = 2e-3  # peak AdamW learning rate
+    batch_tokens: int = 1024  # captured tokens per step (sampled with replacement)
+    warmup_steps: int = 10  # linear warmup, then cosine decay to lr * min_lr_ratio at `steps`
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    loss: str = "relative"  # see module docstring
+    init: str = "lstsq"  # "lstsq": closed-form rank-r fit of down_proj's LoRA first; "zero": start at identity
+    init_ridge: float = 1e-2  # ridge of the lstsq init, relative to the mean activation energy
+    eval_every: int = 25  # steps between held-out evaluations (early stopping looks at these)
+    patience: int = 4  # evaluations without a relative improvement > min_delta before stopping
+    min_delta: float = 1e-3
+    eval_tokens: int = 2048  # captured tokens held out per layer (at most a fifth of the capture)
+    checkpoint_every: int = 50  # steps between saved states (resumption granularity)
+    seed: int = 0
+    workers: int = 1  # parallel layer trainers (processes); 1 trains in this process
+    threads: int | None = None  # total torch threads across workers (default: the CPUs we may use)
+    max_tokens: int | None = 32768  # cap on captured tokens per layer
+    skip_positions: int = 1  # drop the first positions of each sequence (massive activations at position 0)
+    dtype: str = "float16"  # stored activations (float16/bfloat16 halve the disk of float32)
+    keep_activations: bool = False  # keep the captured shards once every layer is trained
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_tokens", "eval_every", "eval_tokens", "checkpoint_every", "workers", "patience")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise SharpError(f"SLW {name} must be at least 1 (got {getattr(self, name)})")
+        if not self.lr > 0:
+            raise SharpError(f"SLW learning rate must be positive (got {self.lr})")
+        if self.loss not in LOSSES:
+            raise SharpError(f"unknown SLW loss '{self.loss}'; choose one of: {', '.join(LOSSES)}")
+        if self.init not in INITS:
+            raise SharpError(f"unknown SLW init '{self.init}'; choose one of: {', '.join(INITS)}")
+        if self.dtype not in DTYPES:
+            raise SharpError(f"unknown SLW activation dtype '{self.dtype}'; choose one of: {', '.join(DTYPES)}")
+        if self.max_tokens is not None and self.max_tokens < 2:
+            raise SharpError(f"SLW max_tokens must be at least 2 (got {self.max_tokens})")
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> SLWConfig:
+        unknown = set(d) - {f.name for f in fields(cls)}
+        if unknown:
+            raise SharpError(f"unknown SLW setting(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+def target_mlps(model: nn.Module) -> dict[int, nn.Module]:
+    """{layer index: MLP module} of every layer whose MLP holds a `SharedLinear` (found structurally)."""
+    adapter = get_adapter(model)
+    out = {}
+    for i, layer in enumerate(adapter.layers(model)):
+        mlp = getattr(layer, adapter.mlp_attr)
+        if any(isinstance(m, SharedLinear) for m in mlp.modules()):
+            out[i] = mlp
+    return out
+
+
+def run_slw(
+    original_model: nn.Module,
+    shared_model: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    config: SLWConfig,
+    work_dir: str | Path,
+    targets: list[int] | None = None,
+    progress: bool = True,
+) -> dict[int, dict]:
+    """Capture the original model's target MLPs on `batches`, then train every target (resumable).
+
+    `targets` defaults to every layer of `shared_model` that shares its MLP. Returns `train_slw`'s results;
+    `shared_model`'s recovery parameters are trained in place.
+    """
+    work_dir = Path(work_dir)
+    targets = sorted(target_mlps(shared_model)) if targets is None else sorted(targets)
+    if not targets:
+        raise SharpError("the model shares no MLP, so SLW has nothing to train; pick a --strategy with targets")
+    pending = [t for t in targets if not _done(_layer_dir(work_dir, t))]
+    store = None
+    if pending:
+        store = capture_activations(original_model, batches, targets, work_dir / ACTIVATIONS, config.max_tokens,
+                                    config.skip_positions, config.dtype, progress=progress)
+    results = train_slw(shared_model, store, config, work_dir, targets=targets, progress=progress)
+    if not config.keep_activations and (work_dir / ACTIVATIONS).exists():
+        import shutil
+
+        shutil.rmtree(work_dir / ACTIVATIONS)
+    return results
+
+
+def train_slw(
+    shared_model: nn.Module,
+    store: ActivationStore | None,
+    config: SLWConfig,
+    work_dir: str | Path,
+    targets: list[int] | None = None,
+    progress: bool = True,
+    _stop_after: int | None = None,
+) -> dict[int, dict]:
+    """Train each target's recovery on its captured (x, y); load the results into `shared_model`.
+
+    Returns {layer: result} with rel_err_before / rel_err_init / rel_err_after (held-out), steps, stopped_early,
+    seconds and the eval curve. `_stop_after` ends each layer after that many steps in this call, leaving its
+    state saved as a crash would (tests use it to simulate an interruption).
+    """
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    mlps = target_mlps(shared_model)
+    targets = sorted(mlps) if targets is None else sorted(targets)
+    for t in targets:
+        if t not in mlps:
+            raise SharpError(f"layer {t} does not share its MLP, so SLW cannot train it; targets: {sorted(mlps)}")
+    adapter = get_adapter(shared_model)
+    results: dict[int, dict] = {}
+    jobs = []
+    for t in targets:
+        layer_dir = _layer_dir(work_dir, t)
+        if _done(layer_dir):
+            results[t] = json.loads((layer_dir / "result.json").read_text())
+            continue
+        if store is None or t not in store.layers:
+            raise SharpError(f"no captured activations for layer {t}; run SLW with data (capture first)")
+        jobs.append(_Job(t, copy.deepcopy(mlps[t]).float(), store.root, store.shards(t), adapter.mlp_projs[-1],
+                         asdict(config), str(layer_dir), str(work_dir / LOG), _stop_after))
+    if jobs:
+        cpus = config.threads or len(os.sched_getaffinity(0))
+        workers = min(config.workers, len(jobs))
+        threads = max(1, cpus // workers)
+        with _Progress(progress, jobs, config.steps) as bar:
+            if workers == 1:
+                previous = torch.get_num_threads()
+                try:
+                    for job in jobs:
+                        results[job.layer] = _train_layer(job, threads, bar.report)
+                finally:
+                    torch.set_num_threads(previous)
+            else:
+                results.update(_train_parallel(jobs, workers, threads, bar))
+    for t in targets:
+        layer_dir = _layer_dir(work_dir, t)
+        if _done(layer_dir):
+            _load_recovery(mlps[t], layer_dir)
+    return {t: results[t] for t in targets if t in results and _done(_layer_dir(work_dir, t))}
+
+
+# --- one layer -------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Job:
+    layer: int
+    mlp: nn.Module  # a copy of the target MLP (reference weights + recovery), float32
+    store_root: Path
+    shards: list[Path]
+    out_proj: str  # attribute of the MLP's output projection (down_proj)
+    config: dict
+    layer_dir: str
+    log_path: str
+    stop_after: int | None
+
+
+def _train_layer(job: _Job, threads: int, report: Callable[..., None] | None = None) -> dict:
+    """Train one target's recovery; everything it needs is in `job` (so it runs in any process)."""
+    torch.set_num_threads(threads)
+    cfg = SLWConfig.from_dict(job.config)
+    layer_dir = Path(job.layer_dir)
+    layer_dir.mkdir(parents=True, exist_ok=True)
+    mlp = job.mlp.train()
+    for p in mlp.parameters():
+        p.requires_grad_(False)
+    rec_modules = [m for m in mlp.modules() if isinstance(m, Recovery)]
+    params = [p for m in rec_modules for p in m.parameters()]
+    for p in params:
+        p.requires_grad_(True)
+    store = ActivationStore(job.store_root)
+    device = next(mlp.parameters()).device
+    x, y = (t.to(device) for t in store.load(job.layer))  # (N, hidden) each, stored dtype
+    n_eval = max(1, min(cfg.eval_tokens, x.shape[0] // 5))
+    x_tr, y_tr, x_ev, y_ev = x[:-n_eval], y[:-n_eval], x[-n_eval:], y[-n_eval:]
+    start = time.perf_counter()
+
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if params else None
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg)) if optimizer else None
+    state_path = layer_dir / "state.pt"
+    if state_path.is_file():  # resume
+        st = torch.load(state_path, weights_only=False)
+        mlp.load_state_dict(st["mlp"], strict=False)
+        optimizer.load_state_dict(st["optimizer"])
+        scheduler.load_state_dict(st["scheduler"])
+        info, best_state = st["info"], st["best_state"]
+        _log(job.log_path, {"event": "resume", "layer": job.layer, "step": info["step"]})
+    else:
+        before = _rel_err(mlp, x_ev, y_ev)
+        if cfg.init == "lstsq":
+            _lstsq_init(mlp, getattr(mlp, job.out_proj), x_tr, y_tr, cfg.init_ridge)
+        init = _rel_err(mlp, x_ev, y_ev)
+        info = {"layer": job.layer, "rel_err_before": before, "rel_err_init": init, "step": 0, "best": init,
+                "best_step": 0, "bad_evals": 0, "stopped_early": False, "curve": [], "seconds": 0.0,
+                "train_tokens": int(x_tr.shape[0]), "eval_tokens": int(n_eval),
+                "params": sum(p.numel() for p in params)}
+        best_state = _recovery_state(mlp)
+        _log(job.log_path, {"event": "start", "layer": job.layer, "rel_err_before": before, "rel_err_init": init})
+    steps_this_call = 0
+    running = None
+    while optimizer is not None and info["step"] < cfg.steps and not info["stopped_early"]:
+        if job.stop_after is not None and steps_this_call >= job.stop_after:
+            return info  # simulated crash: only the last periodic state survives
+        step = info["step"]
+        idx = torch.randint(x_tr.shape[0], (cfg.batch_tokens,), generator=_generator(cfg.seed, job.layer, step))
+        idx = idx.to(device)
+        loss = _loss(mlp(x_tr[idx].float()), y_tr[idx].float(), cfg.loss)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        running = loss.item() if running is None else 0.9 * running + 0.1 * loss.item()
+        info["step"] = step = step + 1
+        steps_this_call += 1
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            err = _rel_err(mlp, x_ev, y_ev)
+            point = {"step": step, "train_loss": running, "rel_err": err, "lr": scheduler.get_last_lr()[0]}
+            info["curve"].append(point)
+            _log(job.log_path, {"event": "eval", "layer": job.layer, **point})
+            if err < info["best"] * (1 - cfg.min_delta):
+                info.update(best=err, best_step=step, bad_evals=0)
+                best_state = _recovery_state(mlp)
+            else:
+                info["bad_evals"] += 1
+                info["stopped_early"] = info["bad_evals"] >= cfg.patience
+        if step % cfg.checkpoint_every == 0 and step < cfg.steps and not info["stopped_early"]:
+            _save_state(state_path, mlp, optimizer, scheduler, info, best_state)
+        if report is not None:
+            report(job.layer, step, info["best"])
+    mlp.load_state_dict(best_state, strict=False)  # the best held-out state, not the last
+    info["rel_err_after"] = info["best"]
+    info["seconds"] += time.perf_counter() - start
+    save_file({k: v.contiguous() for k, v in best_state.items()}, layer_dir / "recovery.safetensors.tmp")
+    os.replace(layer_dir / "recovery.safetensors.tmp", layer_dir / "recovery.safetensors")
+    _write_json(layer_dir / "result.json", info)  # written last: marks the layer done
+    state_path.unlink(missing_ok=True)
+    _log(job.log_path, {"event": "done", "layer": job.layer, "rel_err_before": info["rel_err_before"],
+                        "rel_err_after": info["rel_err_after"], "steps": info["step"],
+                        "stopped_early": info["stopped_early"], "seconds": info["seconds"]})
+    if report is not None:
+        report(job.layer, info["step"], info["best"], done=True)
+    return info
+
+
+def _schedule(cfg: SLWConfig) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def _generator(seed: int, layer: int, step: int) -> torch.Generator:
+    """Batches depend on (seed, layer, step) only, so a resumed run draws the same batches."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + layer * 10_007 + step)
+
+
+def _loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    err = (pred - target).pow(2).sum(-1)  # (n,)
+    energy = target.pow(2).sum(-1)
+    if kind == "token":
+        return (err / energy.clamp_min(1e-6)).mean()
+    return err.sum() / energy.sum().clamp_min(1e-12)
+
+
+@torch.no_grad()
+def _rel_err(mlp: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 4096) -> float:
+    """sqrt(sum ||mlp(x) - y||^2 / sum ||y||^2) over all rows, in chunks."""
+    err = energy = 0.0
+    for i in range(0, x.shape[0], chunk):
+        yc = y[i : i + chunk].float()
+        err += (mlp(x[i : i + chunk].float()) - yc).pow(2).sum().item()
+        energy += yc.pow(2).sum().item()
+    return math.sqrt(err / max(energy, 1e-12))
+
+
+@torch.no_grad()
+def _lstsq_init(mlp: nn.Module, out_proj: nn.Module, x: torch.Tensor, y: torch.Tensor, ridge: float,
+                chunk: int = 4096) -> None:
+    """Set the output projection's LoRA (B, A) to the rank-r minimizer of ||(W + BA) h - y||^2 + ridge.
+
+    h is what reaches the output projection (input captured by a hook); r = the LoRA rank. Reduced-rank
+    regression: dW* = R H^T (H H^T + lam I)^-1 with R = y - out(h), then project dW* onto the top-r principal
+    directions of its fitted values dW* H, and split it as B = P sqrt(S), A = sqrt(S) Q^T.
+    """
+    lora = next((m for m in out_proj.modules() if isinstance(m, LoRARecovery)), None)
+    if lora is None:  # no LoRA on the output projection (e.g. recovery "scale"): nothing to solve
+        return
+    captured: list[torch.Tensor] = []
+    handle = out_proj.register_forward_hook(lambda m, args, out: captured.append(args[0]))
+    m_in = lora.in_features
+    hh = torch.zeros(m_in, m_in, dtype=torch.float64)
+    rh = torch.zeros(lora.out_features, m_in, dtype=torch.float64)
+    try:
+        for i in range(0, x.shape[0], chunk):
+            captured.clear()
+            yc = y[i : i + chunk].float()
+            residual = yc - mlp(x[i : i + chunk].float())  # (n, out): what the recovery must add
+            h = captured[0].reshape(-1, m_in)  # (n, in)
+            hh += (h.T @ h).double()
+            rh += (residual.T @ h).double()
+    finally:
+        handle.remove()
+    lam = ridge * hh.diagonal().mean().clamp_min(1e-12)
+    dw = torch.linalg.solve(hh + lam * torch.eye(m_in, dtype=hh.dtype), rh.T).T  # (out, in)
+    fitted_cov = dw @ hh @ dw.T  # (out, out) = (dW H)(dW H)^T
+    _, vecs = torch.linalg.eigh(fitted_cov)
+    top = vecs[:, -lora.rank :]  # (out, r)
+    dw_r = top @ (top.T @ dw)
+    u, s, vh = torch.linalg.svd(dw_r, full_matrices=False)
+    r = lora.rank
+    root = s[:r].sqrt()
+    lora.lora_B.copy_((u[:, :r] * root).to(lora.lora_B.dtype))
+    lora.lora_A.copy_((root[:, None] * vh[:r]).to(lora.lora_A.dtype))
+
+
+def _recovery_state(mlp: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in mlp.state_dict().items() if ".recovery." in f".{k}"}
+
+
+def _save_state(path: Path, mlp, optimizer, scheduler, info: dict, best_state: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"mlp": _recovery_state(mlp), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "info": info, "best_state": best_state}, tmp)
+    os.replace(tmp, path)
+
+
+def _load_recovery(mlp: nn.Module, layer_dir: Path) -> None:
+    state = load_file(layer_dir / "recovery.safetensors")
+    expected = set(_recovery_state(mlp))
+    if set(state) != expected:
+        raise SharpError(f"'{layer_dir}' holds recovery for another configuration; delete the SLW work dir")
+    ref = mlp.state_dict()
+    mlp.load_state_dict({k: v.to(ref[k].dtype) for k, v in state.items()}, strict=False)
+
+
+def _layer_dir(work_dir: Path, layer: int) -> Path:
+    return Path(work_dir) / f"layer_{layer:03d}"
+
+
+def _done(layer_dir: Path) -> bool:
+    return (layer_dir / "result.json").is_file() and (layer_dir / "recovery.safetensors").is_file()
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _log(path: str, record: dict) -> None:
+    """Append one JSON line (small single writes in append mode stay whole across worker processes)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+# --- parallel workers and progress ------------------------------------------------------------------------
+
+_QUEUE = None
+
+
+def _init_worker(queue) -> None:
+    global _QUEUE
+    _QUEUE = queue
+
+
+def _worker_report(layer: int, step: int, best: float, done: bool = False) -> None:
+    _QUEUE.put((layer, step, best, done))
+
+
+def _worker_main(job: _Job, threads: int) -> dict:
+    return _train_layer(job, threads, _worker_report)
+
+
+def _train_parallel(jobs: list[_Job], workers: int, threads: int, bar: _Progress) -> dict[int, dict]:
+    """Each layer in a spawned process (`torch.multiprocessing`, so tensors cross by shared memory)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    import torch.multiprocessing as tmp
+
+    ctx = tmp.get_context("spawn")
+    queue = ctx.Queue()
+    stop = threading.Event()
+
+    def drain() -> None:
+        while not stop.is_set():
+            try:
+                bar.report(*queue.get(timeout=0.2))
+            except Exception:  # queue.Empty, or the queue closing at shutdown
+                continue
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
+            futures = {job.layer: pool.submit(_worker_main, job, threads) for job in jobs}
+            return {layer: f.result() for layer, f in futures.items()}
+    finally:
+        stop.set()
+        reader.join()
+
+
+class _Progress:
+    """One rich progress bar per layer (steps, best held-out rel-err so far)."""
+
+    def __init__(self, enabled: bool, jobs: list[_Job], steps: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("rel-err {task.fields[err]}"), TimeElapsedColumn(),
+                                 disable=not enabled)
+        self.tasks = {j.layer: self.progress.add_task(f"SLW layer {j.layer}", total=steps, err="-") for j in jobs}
+        self.lock = threading.Lock()
+
+    def report(self, layer: int, step: int, best: float, done: bool = False) -> None:
+        with self.lock:
+            total = step if done else None
+            self.progress.update(self.tasks[layer], completed=step, total=total, err=f"{best:.3f}")
+
+    def __enter__(self) -> _Progress:
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.progress.__exit__(*exc)
