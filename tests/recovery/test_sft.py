@@ -21,6 +21,7 @@ MODEL = ASSETS / "models" / "stories260K"
 C4 = ASSETS / "text" / "c4_demo.jsonl"
 
 pytestmark = pytest.mark.skipif(not MODEL.is_dir(), reason="offline assets not present")
+torch.set_num_threads(1)  # tiny model: one thread is faster on a shared 2-core machine
 
 
 def _examples(tokenizer, n: int, length: int = 48) -> list[dict]:
@@ -71,9 +72,10 @@ def test_sft_lowers_eval_loss_and_checkpoints_only_trainable(data, tmp_path):
     model = _shared_model()
     mark_trainable(model, "recovery")
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    before = run_sft(model, train, held, _cfg(steps=0, epochs=1e-9, eval_steps=0), tmp_path / "noop", _collate)
+    with torch.no_grad():
+        before = model(**_collate(held)).loss.item()
     result = run_sft(model, train, held, _cfg(steps=12), tmp_path / "w", _collate, log_file=tmp_path / "log.jsonl")
-    assert result["steps"] == 12 and result["eval_loss"] < before["eval_loss"] - 0.05
+    assert result["steps"] == 12 and result["eval_loss"] < before - 0.05
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
     ckpt = last_checkpoint(tmp_path / "w")
     assert ckpt.name == "checkpoint-12"
@@ -112,9 +114,8 @@ def test_killed_run_resumes_to_the_same_result(data, tmp_path):
     assert resumed["train_loss"] == pytest.approx(full["train_loss"], rel=1e-4)
     for (n, p), (_, q) in zip(ref.named_parameters(), model.named_parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
-    steps = [json.loads(line)["step"] for line in (tmp_path / "b.jsonl").read_text().splitlines()]
-    losses = [s for s in steps if s <= 8]
-    assert sorted(set(losses)) == sorted(set(steps)) and steps.count(5) <= 2
+    rows = [json.loads(line) for line in (tmp_path / "b.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "loss" in r] == list(range(1, 9))  # steps redone after the crash: once
 
 
 class _Poison(TrainerCallback):
