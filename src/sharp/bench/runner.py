@@ -125,11 +125,13 @@ def bench(
         raise SharpError("give at least one model to benchmark")
     if repeats < 1 or tokens < 1 or prompt_tokens < 1:
         raise SharpError("--repeats, --tokens and --prompt-tokens must be at least 1")
+    from sharp.io.checkpoint import is_sharp_checkpoint
     from sharp.io.models import resolve_model_path
 
     parsed = [parse_spec(s) for s in specs]
-    for model, _ in parsed:
-        resolve_model_path(model)  # fail on a typo before minutes of measuring
+    for model, mode in parsed:  # fail on a typo before minutes of measuring
+        if mode != "shared" and not is_sharp_checkpoint(resolve_model_path(model)):
+            raise SharpError(f"'{model}' is a plain model: @{mode} only applies to sharp checkpoints")
     results = []
     for spec, (model, mode) in zip(specs, parsed, strict=True):
         if progress:

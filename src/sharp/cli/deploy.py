@@ -65,3 +65,26 @@ def bench(
         plot_out.parent.mkdir(parents=True, exist_ok=True)
         plot(report, plot_out)
         console.print(f"plot written to [bold]{plot_out}[/]")
+
+
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="A 16-bit sharp checkpoint (or a plain Llama-style model folder)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder for the .gguf files."),
+    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp)."),
+    outtype: str = typer.Option("f16", "--outtype", help="f16 or f32 (quantize further with llama-quantize)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+) -> None:
+    """Write llama.cpp GGUF files: the merged model, plus a Direct-Sharing base and a LoRA adapter for lora:R."""
+    from sharp.errors import SharpError
+    from sharp.io.export import export_gguf
+
+    if fmt != "gguf":
+        raise SharpError(f"unknown --format '{fmt}'; choose gguf")
+    with err_console.status(f"exporting {model}"):
+        files = export_gguf(model, out, outtype=outtype, overwrite=overwrite)
+    for kind, path in files.items():
+        console.print(f"{kind:>7}: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    if "base" in files:
+        console.print("note: base.gguf repeats each shared reference weight in its target layers (GGUF has no "
+                      "tensor aliasing), so it is as large as the merged model; the adapter holds the recovery.")

@@ -1,0 +1,93 @@
+"""`sharp bench`: every field in the JSON report, ratios against the first model, page-cache eviction.
+(Nothing here checks a speed: timings belong in benchmarks/.)"""
+
+import json
+import shutil
+
+import pytest
+import torch
+
+import sharp
+from sharp.bench.measure import evict, measure, unique_bytes, weight_files
+from sharp.bench.runner import FIELDS, RATIO_FIELDS, parse_spec
+from sharp.errors import SharpError
+from tests.conftest import randomize_recovery, run_cli
+
+
+@pytest.fixture
+def models(stories_path, tmp_path):
+    """(a private copy of stories260K, a SHARP checkpoint of it sharing 2<-1 and 4<-3)."""
+    original = tmp_path / "orig"
+    shutil.copytree(stories_path, original)  # a copy nobody else has mapped, so eviction can work
+    model, tok = sharp.load_model(str(original))
+    sharp.share(model, "next:1-4", "lora:4")
+    randomize_recovery(model)
+    sharp.save(model, tmp_path / "shared", tokenizer=tok)
+    return original, tmp_path / "shared"
+
+
+def test_bench_json_has_every_field(models, tmp_path, capsys):
+    original, shared = models
+    out, png = tmp_path / "b.json", tmp_path / "b.png"
+    code, stdout, err = run_cli(["bench", original, shared, "--json", out, "--plot", png, "--repeats", "1",
+                                 "--tokens", "2", "--prompt-tokens", "4", "--threads", "1"], capsys)
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    assert png.stat().st_size > 1000
+    assert {"cpu", "cores", "torch_threads"} <= set(report["machine"]) and report["machine"]["torch_threads"] == 1
+    assert report["settings"]["repeats"] == 1 and "posix_fadvise" in report["settings"]["cold_load"]
+    first, second = report["models"]
+    for r in (first, second):
+        assert set(FIELDS) <= set(r), set(FIELDS) - set(r)
+        assert set(RATIO_FIELDS) <= set(r["ratios"])
+        assert r["decode_tok_s"] > 0 and r["cold_load_s"] > 0 and r["peak_rss_mib"] > r["model_rss_mib"] > 0
+    assert all(v == pytest.approx(1.0) for v in first["ratios"].values())
+    disk = sum(f.stat().st_size for f in weight_files(shared))
+    assert second["bytes_on_disk"] == disk
+    assert second["ratios"]["bytes_on_disk"] == pytest.approx(disk / first["bytes_on_disk"])
+    assert second["floors"]["load_time_ratio"] == second["ratios"]["bytes_on_disk"] < 1
+    # the shared model reads 2 fewer layers' MLP weights per token (fp32: 4 bytes each) plus its LoRA
+    saved = 2 * 3 * 64 * 172 * 4 - 2 * 3 * 4 * (64 + 172) * 4
+    assert first["bytes_per_token"] - second["bytes_per_token"] == saved
+    assert first["resident_after_evict"] == 0.0
+    assert "sharp bench" in stdout and "decode" in stdout
+
+
+def test_measure_merged_mode_in_process(models):
+    _, shared = models
+    r = measure(str(shared), mode="merged", tokens=2, repeats=1, prompt_tokens=4)
+    s = measure(str(shared), mode="shared", tokens=2, repeats=1, prompt_tokens=4)
+    assert r["bytes_on_disk"] == s["bytes_on_disk"]
+    # targets materialized, recovery folded in
+    assert r["bytes_in_memory"] - s["bytes_in_memory"] == 2 * 3 * 64 * 172 * 4 - 2 * 3 * 4 * (64 + 172) * 4
+
+
+def test_unique_bytes_counts_shared_weights_once(models):
+    original, shared = models
+    plain = sharp.load_model(str(original))[0]
+    model = sharp.load(shared, dtype=torch.float32)
+    n_plain, _ = unique_bytes(plain)
+    n_shared, _ = unique_bytes(model)
+    assert n_plain - n_shared == 2 * 3 * 64 * 172 * 4 - 2 * 3 * 4 * (64 + 172) * 4
+
+
+def test_evict_drops_pages(tmp_path):
+    f = tmp_path / "blob.bin"
+    f.write_bytes(b"x" * (1 << 20))
+    f.read_bytes()
+    assert evict([f]) == 0.0
+
+
+def test_parse_spec():
+    assert parse_spec("runs/a@merged") == ("runs/a", "merged")
+    assert parse_spec("runs/a") == ("runs/a", "shared")
+    with pytest.raises(SharpError, match="runtime mode"):
+        parse_spec("runs/a@fast")
+
+
+def test_bench_errors(models, tmp_path, capsys):
+    original, _ = models
+    code, _, err = run_cli(["bench", tmp_path / "nope"], capsys)
+    assert code == 2 and "not found" in err
+    code, _, err = run_cli(["bench", f"{original}@merged", "--repeats", "1", "--tokens", "1"], capsys)
+    assert code == 2 and "plain model" in err

@@ -1,0 +1,123 @@
+"""4-bit quantized sharp checkpoints: round trip, sharing kept, recovery in 16-bit, runtime modes."""
+
+import json
+
+import pytest
+import safetensors
+import torch
+from torch import nn
+
+import sharp
+from sharp.errors import SharpError
+from sharp.io.quantize import QUANT_CONFIG, quantize_checkpoint, quantize_model, quantized_linears
+from sharp.sharing.shared import recoveries, shared_linears
+from tests.conftest import randomize_recovery, run_cli
+
+IDS = torch.tensor([[1, 400, 35, 90, 7, 300, 12, 5, 77, 2]])
+
+
+@pytest.fixture
+def shared_ckpt(stories_path, tmp_path):
+    """A bf16 stories260K sharing layers 2<-1 and 4<-3 with trained-looking LoRA recovery, saved."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(stories_path, dtype=torch.bfloat16).eval()
+    sharp.share(model, "next:1-4", "lora:4")
+    randomize_recovery(model)
+    sharp.save(model, tmp_path / "s16", tokenizer=AutoTokenizer.from_pretrained(stories_path))
+    return tmp_path / "s16"
+
+
+def _reference_module(model: nn.Module, name: str, reference: int) -> nn.Module:
+    parts = name.split(".")
+    parts[2] = str(reference)  # model.layers.<i>.mlp.<proj>
+    return model.get_submodule(".".join(parts))
+
+
+def test_quantized_checkpoint_round_trips_and_keeps_sharing(shared_ckpt, tmp_path):
+    model = sharp.load(shared_ckpt)
+    quantize_model(model)
+    with torch.no_grad():
+        before = model(input_ids=IDS).logits
+    sharp.save(model, tmp_path / "s4")
+    loaded = sharp.load(tmp_path / "s4")
+    with torch.no_grad():
+        after = loaded(input_ids=IDS).logits
+    assert torch.equal(before, after)
+
+    shared = shared_linears(loaded)
+    assert len(shared) == 6  # 2 targets x gate/up/down
+    for name, s in shared:
+        ref = _reference_module(loaded, name, s.reference)
+        assert s.base_layer is ref  # the quantized reference module itself, not a copy
+        assert type(ref).__name__ == "QLinear" and ref.weight.qtype.name == "qint4"
+    # 5 layers x 7 linears, minus the 6 shared projections; the tied LM head stays 16-bit
+    assert len(quantized_linears(loaded)) == 35 - 6
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    for _, rec in recoveries(loaded):
+        for p in rec.parameters():
+            assert type(p.data) is torch.Tensor and p.dtype == torch.bfloat16
+    config = json.loads((tmp_path / "s4" / QUANT_CONFIG).read_text())
+    assert config["method"] == "quanto" and config["bits"] == 4 and len(config["modules"]) == 29
+
+
+def test_quantized_file_stores_each_unique_weight_once(shared_ckpt, tmp_path):
+    model = quantize_model(sharp.load(shared_ckpt))
+    sharp.save(model, tmp_path / "s4")
+    with safetensors.safe_open(tmp_path / "s4" / "model.safetensors", "pt") as f:
+        keys = list(f.keys())
+    assert not any(".base_layer." in k for k in keys)
+    assert not any(k.startswith(("model.layers.2.mlp.", "model.layers.4.mlp.")) for k in keys)
+    assert any(k.startswith("model.layers.1.mlp.gate_proj.weight._data") for k in keys)
+    size16 = (shared_ckpt / "model.safetensors").stat().st_size
+    size4 = (tmp_path / "s4" / "model.safetensors").stat().st_size
+    # linear weights go from 16 to ~4.5 bits; the 16-bit embedding (512x64) bounds the total gain
+    assert size4 < 0.45 * size16, (size4, size16)
+
+
+def test_merged_mode_materializes_targets(shared_ckpt, tmp_path):
+    shared = sharp.load(shared_ckpt, dtype=torch.float32)
+    merged = sharp.load(shared_ckpt, dtype=torch.float32, mode="merged")
+    assert not shared_linears(merged) and len(shared_linears(shared)) == 6
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=IDS).logits, shared(input_ids=IDS).logits, atol=1e-4, rtol=1e-4)
+
+    sharp.save(quantize_model(sharp.load(shared_ckpt)), tmp_path / "s4")
+    q_shared = sharp.load(tmp_path / "s4")
+    q_merged = sharp.load(tmp_path / "s4", mode="merged")
+    assert not shared_linears(q_merged)
+    assert len(quantized_linears(q_merged)) == 35  # targets own their (re-quantized) weights
+    # each target owns quantize(dequantize(W_ref) + B A): one more 4-bit rounding of the exact merged weight
+    name, target = shared_linears(q_shared)[0]
+    exact = target.merged().weight.float()
+    requantized = q_merged.get_submodule(name).weight.dequantize().float()
+    assert ((requantized - exact).norm() / exact.norm()) < 0.15
+    assert not torch.equal(requantized, target.base_layer.weight.dequantize().float())
+
+
+def test_plain_model_quantizes_into_a_sharp_checkpoint(stories_path, tmp_path):
+    quantize_checkpoint(str(stories_path), tmp_path / "q")
+    loaded = sharp.load(tmp_path / "q")
+    assert not shared_linears(loaded) and len(quantized_linears(loaded)) == 35
+    assert loaded.sharp_config.sharing == {}
+
+
+def test_errors(shared_ckpt, tmp_path):
+    with pytest.raises(SharpError, match="method"):
+        quantize_checkpoint(str(shared_ckpt), tmp_path / "x", method="gptq")
+    with pytest.raises(SharpError, match="bits"):
+        quantize_checkpoint(str(shared_ckpt), tmp_path / "x", bits=3)
+    model = quantize_model(sharp.load(shared_ckpt))
+    with pytest.raises(SharpError, match="already quantized"):
+        quantize_model(model)
+    with pytest.raises(SharpError, match="runtime mode"):
+        sharp.load(shared_ckpt, mode="fast")
+
+
+def test_cli_quantize(shared_ckpt, tmp_path, capsys):
+    code, out, err = run_cli(["quantize", shared_ckpt, "--bits", "4", "--method", "quanto", "--out",
+                              tmp_path / "q"], capsys)
+    assert code == 0, err
+    assert "29 unique linear layers" in out.replace("\n", " ")
+    code, _, err = run_cli(["quantize", shared_ckpt, "--method", "awq", "--out", tmp_path / "r"], capsys)
+    assert code == 2 and "unknown quantization method" in err
