@@ -9,6 +9,7 @@ from sharp.data import (
     load_records,
     render,
     split_examples,
+    text_examples,
     text_token_stream,
     tokenize_examples,
 )
@@ -137,3 +138,11 @@ def test_text_stream_has_one_bos_and_joins_documents(tokenizer, tmp_path):
     assert tokenizer.decode(ids, skip_special_tokens=True) == "One day.\n\nThe end."
     with pytest.raises(SharpError, match="not plain text"):
         text_token_stream(f"alpaca:{ALPACA}", tokenizer)
+
+
+def test_text_examples_label_each_new_token_once():
+    ex = text_examples(torch.arange(10), max_len=4, stride=2)
+    assert [e["input_ids"] for e in ex] == [[0, 1, 2, 3], [2, 3, 4, 5], [4, 5, 6, 7], [6, 7, 8, 9]]
+    assert [e["labels"] for e in ex] == [[IGNORE, 1, 2, 3], [IGNORE, IGNORE, 4, 5], [IGNORE, IGNORE, 6, 7],
+                                         [IGNORE, IGNORE, 8, 9]]
+    assert [e["labels"] for e in text_examples(torch.arange(5), max_len=2)] == [[IGNORE, 1], [IGNORE, 3]]

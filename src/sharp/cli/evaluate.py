@@ -76,8 +76,8 @@ def evaluate(
     seed: int = typer.Option(0, "--seed", help="Seed of the held-out split (with --eval-fraction)."),
 ) -> None:
     """Perplexity (response-only for instruction data, sliding windows for text) and zero-shot accuracy."""
-    from sharp.data import TEMPLATES, split_examples
-    from sharp.evaluation.perplexity import evaluate_tasks, parse_tasks, text_windows
+    from sharp.data import TEMPLATES, split_examples, text_windows
+    from sharp.evaluation.perplexity import evaluate_tasks, parse_tasks
 
     # Everything the user typed is checked before the (slow) model load.
     if not tasks and not lm_eval:

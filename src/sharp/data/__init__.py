@@ -9,7 +9,7 @@ from sharp.data.instruct import (
     tokenize_examples,
 )
 from sharp.data.spec import FORMATS, INSTRUCTION_FORMATS, DataSpec, Format, load_records, parse_data_spec
-from sharp.data.text import text_token_stream
+from sharp.data.text import text_examples, text_token_stream, text_windows
 
 __all__ = [
     "FORMATS",
@@ -23,6 +23,8 @@ __all__ = [
     "parse_data_spec",
     "render",
     "split_examples",
+    "text_examples",
     "text_token_stream",
+    "text_windows",
     "tokenize_examples",
 ]

@@ -1,4 +1,9 @@
-"""Plain text as one token stream (for perplexity windows and text-only calibration data).
+"""Plain text as one token stream, cut into windows (for perplexity and for training on plain text).
+
+Windows (`max_len` tokens each, a new window every `stride` tokens) label the tokens no earlier window
+labelled, never a window's own first token (it has no context there). With stride = max_len the windows
+don't overlap and each labels all its tokens but the first; a smaller stride gives every labelled token at
+least max_len - stride tokens of context.
 
 Documents are joined with a blank line and tokenized once with the tokenizer's own
 `add_special_tokens=True` behaviour: a BOS-adding tokenizer puts one BOS at the very start, nothing between
@@ -9,6 +14,7 @@ from __future__ import annotations
 
 import torch
 
+from sharp.data.instruct import IGNORE
 from sharp.data.spec import DataSpec, load_records, parse_data_spec
 from sharp.errors import SharpError
 
@@ -24,3 +30,31 @@ def text_token_stream(spec: DataSpec | str, tokenizer) -> torch.Tensor:
     if len(ids) < 2:
         raise SharpError(f"'{spec.text}' holds fewer than 2 tokens; nothing to score")
     return torch.tensor(ids, dtype=torch.long)
+
+
+def text_windows(n_tokens: int, max_len: int = 512, stride: int | None = None) -> list[tuple[int, int, int]]:
+    """(begin, end, first labelled position) of each window over a stream of `n_tokens` tokens."""
+    stride = max_len if stride is None else stride
+    if max_len < 2:
+        raise SharpError(f"--max-len {max_len} is too small; use at least 2 tokens")
+    if not 1 <= stride <= max_len:
+        raise SharpError(f"--stride {stride} must be between 1 and --max-len ({max_len})")
+    windows, begin, prev_end = [], 0, 0
+    while True:
+        end = min(begin + max_len, n_tokens)
+        first = max(prev_end, begin + 1)
+        if end > first:
+            windows.append((begin, end, first))
+        if end >= n_tokens:
+            return windows
+        prev_end, begin = end, begin + stride
+
+
+def text_examples(token_ids: torch.Tensor, max_len: int = 512, stride: int | None = None) -> list[dict]:
+    """A token stream (N,) as [{input_ids, labels}] windows; labels -100 where a window scores nothing."""
+    ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
+    examples = []
+    for begin, end, first in text_windows(len(ids), max_len, stride):
+        window = ids[begin:end].tolist()
+        examples.append({"input_ids": window, "labels": [IGNORE] * (first - begin) + window[first - begin:]})
+    return examples

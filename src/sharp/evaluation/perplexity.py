@@ -4,10 +4,9 @@ Both reduce to the same sum: the negative log-likelihood of every scored token (
 from the tokens before it), token-weighted: nll = sum / tokens, ppl = exp(nll). Accumulated in float64 over
 batches processed in a fixed order, so a run is deterministic.
 
-Text windows (`max_len` tokens each, a new window every `stride` tokens): a window scores the tokens no
-earlier window scored, never its own first token (it has no context there). With stride = max_len the windows
-don't overlap and each scores all its tokens but the first; a smaller stride gives every scored token at least
-max_len - stride tokens of context.
+Text is cut into windows by `sharp.data.text_examples` (`max_len` tokens each, a new window every `stride`):
+with stride = max_len the windows don't overlap and each scores all its tokens but the first; with a smaller
+stride only the new tokens are scored, each with at least max_len - stride tokens of context.
 
 Tasks (`sharp eval --tasks`): `ppl:FORMAT=SOURCE` with SOURCE a path, an alias or a Hub id as in
 `sharp.data.parse_data_spec` (a slice such as `[-100:]` selects records), or `ppl:ALIAS`.
@@ -32,6 +31,7 @@ from sharp.data import (
     load_records,
     parse_data_spec,
     split_examples,
+    text_examples,
     text_token_stream,
     tokenize_examples,
 )
@@ -103,24 +103,6 @@ def response_perplexity(
     return _result(*_nll_sum(model, examples, batch_size, "responses", progress))
 
 
-def text_windows(n_tokens: int, max_len: int = 512, stride: int | None = None) -> list[tuple[int, int, int]]:
-    """(begin, end, first scored position) of each window over a stream of `n_tokens` tokens."""
-    stride = max_len if stride is None else stride
-    if max_len < 2:
-        raise SharpError(f"--max-len {max_len} is too small; use at least 2 tokens")
-    if not 1 <= stride <= max_len:
-        raise SharpError(f"--stride {stride} must be between 1 and --max-len ({max_len})")
-    windows, begin, prev_end = [], 0, 0
-    while True:
-        end = min(begin + max_len, n_tokens)
-        first = max(prev_end, begin + 1)
-        if end > first:
-            windows.append((begin, end, first))
-        if end >= n_tokens:
-            return windows
-        prev_end, begin = end, begin + stride
-
-
 def text_perplexity(
     model: nn.Module,
     token_ids: torch.Tensor,
@@ -131,12 +113,7 @@ def text_perplexity(
     progress: bool = False,
 ) -> dict[str, float]:
     """Sliding-window perplexity of a token stream (N,); `limit` keeps the first windows only."""
-    ids = torch.as_tensor(token_ids, dtype=torch.long).flatten()
-    examples = []
-    for begin, end, first in text_windows(len(ids), max_len, stride)[:limit]:
-        window = ids[begin:end].tolist()
-        labels = [IGNORE] * (first - begin) + window[first - begin :]
-        examples.append({"input_ids": window, "labels": labels})
+    examples = text_examples(token_ids, max_len, stride)[:limit]
     return _result(*_nll_sum(model, examples, batch_size, "text windows", progress))
 
 
