@@ -388,6 +388,8 @@ def convert_gguf(gguf: Path, out: Path, source: FileAsset | None = None) -> Path
         cfg_path = tmp / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text())
         cfg.update(add_bos_token=False, add_eos_token=False)  # state the convention in the folder itself
+        for key in ("is_local", "local_files_only"):  # how *this* load ran (e.g. HF_HUB_OFFLINE), not the tokenizer
+            cfg.pop(key, None)
         cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         record = {
             "source": {"gguf": gguf.name, "sha256": sha256_file(gguf)},
