@@ -174,12 +174,11 @@ def evaluate_tasks(
     results = {}
     for task in tasks:
         if task.is_text:
-            ids = text_token_stream(task.spec, tokenizer)
-            results[task.name] = text_perplexity(model, ids, max_len, stride, batch_size, limit, progress)
-            continue
-        records = load_records(task.spec)
-        if eval_fraction:
-            records = split_examples(records, eval_fraction, seed)[1]
-        examples = tokenize_examples(records[:limit], task.spec.format, tokenizer, template, max_len)
-        results[task.name] = response_perplexity(model, examples, batch_size, progress)
+            examples = text_examples(text_token_stream(task.spec, tokenizer), max_len, stride)[:limit]
+        else:
+            records = load_records(task.spec)
+            if eval_fraction:
+                records = split_examples(records, eval_fraction, seed)[1]
+            examples = tokenize_examples(records[:limit], task.spec.format, tokenizer, template, max_len)
+        results[task.name] = _result(*_nll_sum(model, examples, batch_size, task.name, progress))
     return results
