@@ -1,0 +1,129 @@
+"""`sharp compress` end to end on stories260K: argument checks, the perplexity ordering, the output folder,
+and a run killed with SIGKILL during SFT that resumes to the same result."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import sharp
+from sharp.errors import SharpError
+from sharp.recipes import CompressConfig
+
+ASSETS = Path(__file__).resolve().parents[2].parent / "shared" / "assets"
+MODEL = ASSETS / "models" / "stories260K"
+C4 = ASSETS / "text" / "c4_demo.jsonl"
+
+pytestmark = pytest.mark.skipif(not MODEL.is_dir(), reason="offline assets not present")
+
+ARGS = [str(MODEL), "--strategy", "next:1-4", "--recovery", "lora:8", "--data", f"text:{C4}[:120]",
+        "--max-len", "128", "--batch-size", "8", "--slw-steps", "40", "--sft-steps", "30", "--lr", "5e-3",
+        "--eval-steps", "15", "--save-steps", "10", "--eval-fraction", "0.15"]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _cli(args: list[str], **kw) -> subprocess.Popen:
+    cmd = [sys.executable, "-c", "from sharp.cli import main; main()", "compress", *args]
+    return subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _run(args: list[str]) -> tuple[int, str]:
+    proc = _cli(args)
+    out, _ = proc.communicate(timeout=600)
+    return proc.returncode, out
+
+
+def _cfg(tmp_path: Path, **kw) -> CompressConfig:
+    base = dict(model=str(MODEL), strategy="next:1-4", recovery="lora:8", data=f"text:{C4}", out=str(tmp_path / "o"))
+    return CompressConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"stages": "sft,sft"}, "--stages"),
+        ({"stages": "warmup"}, "--stages"),
+        ({"recovery": "none"}, "nothing to train"),
+        ({"strategy": "next:1-9"}, "out of range"),
+        ({"recovery": "lora:999"}, "rank"),
+        ({"data": "text:/nonexistent/x.jsonl"}, "does not exist"),
+        ({"max_len": 100_000}, "--max-len"),
+        ({"lr": -1.0}, "--lr"),
+        ({"slw_fraction": 0.0}, "--slw-fraction"),
+        ({"train": "everything"}, "--train"),
+        ({"template": "fancy"}, "--template"),
+        ({"eval_fraction": 0.0}, "--eval-fraction"),
+        ({"model": "/nonexistent/model"}, "not found"),
+    ],
+)
+def test_bad_arguments_fail_before_any_work(tmp_path, change, message):
+    with pytest.raises(SharpError, match=message):
+        _cfg(tmp_path, **change).validate()
+    assert not (tmp_path / "o.work").exists()
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+    (tmp_path / "o").mkdir()
+    (tmp_path / "o" / "file").write_text("x")
+    with pytest.raises(SharpError, match="--overwrite"):
+        _cfg(tmp_path).validate()
+    _cfg(tmp_path, overwrite=True).validate()
+
+
+def test_cli_reports_a_bad_argument_in_one_line(tmp_path):
+    code, out = _run([ARGS[0], "--strategy", "next:3-3", *ARGS[3:], "--out", str(tmp_path / "o")])
+    assert code == 2 and "Traceback" not in out and "next:3-3" in out
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("run") / "out"
+    code, log = _run([*ARGS, "--out", str(out)])
+    assert code == 0, log
+    assert "held-out perplexity" in log and "Direct Sharing" in log
+    return out
+
+
+def test_compress_orders_perplexity_and_writes_a_checkpoint(finished):
+    summary = json.loads((finished / "summary.json").read_text())
+    ppl = summary["perplexity"]
+    assert ppl["sft"] <= ppl["slw"] < ppl["direct"], ppl
+    assert summary["mlp_reduction"] == pytest.approx(0.4)
+    assert not Path(str(finished) + ".work").exists()  # work files go once the checkpoint is complete
+    rows = [json.loads(line) for line in (finished / "train_log.jsonl").read_text().splitlines()]
+    assert {r["stage"] for r in rows} == {"eval", "slw", "sft"}
+    assert {r["layer"] for r in rows if r["stage"] == "slw"} == {2, 4}
+    model = sharp.load(finished)  # a normal sharp checkpoint (manifest verified), recovery trained
+    lora_b = [p for n, p in model.named_parameters() if n.endswith("lora_B")]
+    assert lora_b and all(p.abs().sum() > 0 for p in lora_b)
+
+
+@pytest.mark.slow
+def test_killed_during_sft_resumes_to_the_same_result(finished, tmp_path):
+    out = tmp_path / "out"
+    proc = _cli([*ARGS, "--out", str(out)])
+    sft = tmp_path / "out.work" / "sft"
+    deadline = time.time() + 600
+    while not list(sft.glob("checkpoint-*/trainer_state.json")):
+        assert proc.poll() is None and time.time() < deadline, "the run ended before its first SFT checkpoint"
+        time.sleep(0.2)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate()
+    assert not out.exists()
+    code, log = _run([*ARGS, "--out", str(out)])
+    assert code == 0, log
+    assert "SFT resumes from" in log
+    got, want = (json.loads((d / "summary.json").read_text())["perplexity"] for d in (out, finished))
+    for stage in ("original", "direct", "slw", "sft"):
+        assert got[stage] == pytest.approx(want[stage], rel=1e-4), stage
+    a, b = sharp.load(out), sharp.load(finished)
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
