@@ -104,7 +104,8 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
             add_full_lora(model, rank=cfg.full_lora_rank)
         mark_trainable(model, cfg.train)
         with meter("sft"):
-            run_sft(model, train, held, cfg.sft_config(progress), work / "sft", collate, log_file=log_path)
+            run_sft(model, train, held if cfg.eval_steps else [], cfg.sft_config(progress), work / "sft", collate,
+                    log_file=log_path)
         if cfg.train == "full-lora":
             merge_full_lora(model)
         model.requires_grad_(False)

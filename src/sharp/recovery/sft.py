@@ -161,7 +161,11 @@ def run_sft(
         callbacks=[*cbs, *callbacks],
     )
     out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    eval_loss = trainer.evaluate()["eval_loss"] if eval_examples else None
+    evals = [h for h in trainer.state.log_history if "eval_loss" in h]
+    if evals and evals[-1].get("step") == trainer.state.global_step:
+        eval_loss = evals[-1]["eval_loss"]  # the periodic eval already ran at the last step
+    else:
+        eval_loss = trainer.evaluate()["eval_loss"] if eval_examples else None
     model.eval()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
