@@ -233,6 +233,13 @@ def test_pip_download_command(tmp_path, monkeypatch):
     with pytest.raises(SharpError, match="does not match its pinned sha256"):
         assets._pip_download(pin, tmp_path)
 
+    def offline(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution found for fakedata==1.0\n")
+
+    monkeypatch.setattr(assets.subprocess, "run", offline)
+    with pytest.raises(SharpError, match="No matching distribution found.*PyPI is reachable"):
+        assets._pip_download(pin, tmp_path)
+
 
 def test_cli_fetch_prints_the_cache_table(fake, capsys):
     code, out, err = run_cli(["assets", "fetch"], capsys)
