@@ -202,6 +202,15 @@ def test_aliases_resolve_and_fetch_only_what_they_need(fake, capsys):
     assert len(fake.converts) == 1
 
 
+def test_model_alias_does_not_need_the_gguf_once_converted(fake):
+    assets.fetch_assets()
+    (fake.home / "gguf/tiny.gguf").unlink()  # a user reclaiming 94 MB
+    assert assets.resolve_model_alias("tiny") == fake.home / "models/tiny"
+    assert len(fake.calls) == 2 and len(fake.converts) == 1
+    assets.fetch_assets(only=["tiny"], force=True)  # re-making the folder needs the GGUF again
+    assert fake.calls[-1] == "fakemodel" and len(fake.converts) == 2
+
+
 def test_unknown_asset_name(fake):
     with pytest.raises(SharpError, match="known assets"):
         assets.fetch_assets(only=["nope"])

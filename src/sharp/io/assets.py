@@ -172,7 +172,7 @@ def _err_console() -> Console:
 
 
 def _needed(only: Iterable[str] | None) -> tuple[list[str], list[str]]:
-    """(file asset names, model folders) that `only` (alias or file-asset names; None = all) needs."""
+    """(file asset names, model folders) named by `only` (aliases or file-asset names; None = all)."""
     if only is None:
         return list(FILES), list(MODELS)
     files: list[str] = []
@@ -180,7 +180,6 @@ def _needed(only: Iterable[str] | None) -> tuple[list[str], list[str]]:
     for name in only:
         if name in MODEL_ALIASES:
             models.append(MODEL_ALIASES[name])
-            files.append(MODELS[MODEL_ALIASES[name]])
         elif name in FILES:
             files.append(name)
         else:
@@ -193,7 +192,7 @@ def fetch_assets(console: Console | None = None, force: bool = False,
                  only: Iterable[str] | None = None) -> dict[str, Path]:
     """Download, verify, extract and convert what is missing (all assets, or those named in `only`).
 
-    Idempotent: a second run only re-hashes the cached files (about a second). `force` fetches everything again.
+    Idempotent: a second run only re-hashes the cached files (a second or two). `force` fetches everything again.
     Returns {asset name or alias: path}.
     """
     console = console or _err_console()
@@ -202,7 +201,10 @@ def fetch_assets(console: Console | None = None, force: bool = False,
     home.mkdir(parents=True, exist_ok=True)
     with _lock(home):
         _remove_leftovers(home)
-        todo = [n for n in files if force or not _file_ok(n, console)]
+        convert = [rel for rel in models if force or not _model_ok(home / rel, console, deep=only is None)]
+        # a model alias needs its GGUF only when its folder has to be (re)made
+        wanted = list(dict.fromkeys([*files, *(MODELS[rel] for rel in convert)]))
+        todo = [n for n in wanted if force or not _file_ok(n, console)]
         for pin_name in dict.fromkeys(FILES[n].pin for n in todo):
             # everything this archive holds that is missing, not only what was asked for: no second download
             names = [n for n, f in FILES.items() if f.pin == pin_name and (n in todo or not _file_ok(n, console))]
@@ -212,12 +214,10 @@ def fetch_assets(console: Console | None = None, force: bool = False,
                 _verify_archive(archive, PINS[pin_name])
                 for n in names:
                     _step(console, f"extracting {FILES[n].dest}", _extract, archive, FILES[n], home / FILES[n].dest)
-        for rel in models:
-            out = home / rel
-            if force or not _model_ok(out, console, deep=only is None):
-                gguf = home / FILES[MODELS[rel]].dest
-                _step(console, f"converting {gguf.name} to {rel} (fp32 safetensors, once)",
-                      convert_gguf, gguf, out, FILES[MODELS[rel]], spinner=False)
+        for rel in convert:
+            gguf = home / FILES[MODELS[rel]].dest
+            _step(console, f"converting {gguf.name} to {rel} (fp32 safetensors, once)",
+                  convert_gguf, gguf, home / rel, FILES[MODELS[rel]], spinner=False)
     result = {n: home / FILES[n].dest for n in files}
     result.update({a: home / r for a, r in MODEL_ALIASES.items() if r in models})
     return result
