@@ -121,3 +121,10 @@ def test_cli_quantize(shared_ckpt, tmp_path, capsys):
     assert "29 unique linear layers" in out.replace("\n", " ")
     code, _, err = run_cli(["quantize", shared_ckpt, "--method", "awq", "--out", tmp_path / "r"], capsys)
     assert code == 2 and "unknown quantization method" in err
+
+
+def test_merged_mode_keeps_bf16(shared_ckpt):
+    merged = sharp.load(shared_ckpt, mode="merged")  # bf16 on disk
+    assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        merged(input_ids=IDS)

@@ -57,7 +57,8 @@ class SharedLinear(nn.Module):
 
 def _dense_weight(module: nn.Module) -> torch.Tensor:
     w = module.weight
-    return w.dequantize() if hasattr(w, "dequantize") else w
+    # quantized tensors (optimum-quanto) carry a qtype; a plain tensor's own .dequantize() would cast to fp32
+    return w.dequantize() if hasattr(w, "qtype") or w.is_quantized else w
 
 
 def shared_linears(model: nn.Module) -> list[tuple[str, SharedLinear]]:

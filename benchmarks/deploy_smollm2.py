@@ -1,0 +1,276 @@
+"""Deployment numbers for SmolLM2-135M: original vs SHARP next:6-29 and group:3:3-29, 16-bit and 4-bit, shared
+and merged runtimes; writes docs/results/deploy_smollm2.md (+ .json, .png).
+
+    .venv/bin/python benchmarks/deploy_smollm2.py [--repeats 5] [--tokens 32] [--threads 1]
+    .venv/bin/python benchmarks/deploy_smollm2.py --model /path/to/stories260K --quick   # a 1-minute dry run
+
+The SHARP checkpoints are built here with untrained lora:32 recovery (`sharp share`): their perplexity is Direct
+Sharing's. Pass --trained DIR (a recovered sharp checkpoint with the next:6-29 map) to add a trained one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+WIKI = ROOT.parent / "shared" / "assets" / "text" / "wikitext2_test.txt"
+
+
+def sh(*args: str) -> None:
+    print("$ sharp", " ".join(args), flush=True)
+    subprocess.run([str(ROOT / ".venv" / "bin" / "sharp"), *args], check=True)
+
+
+def prepare(model: str, work: Path, strategies: list[str], trained: str | None) -> dict[str, Path]:
+    """16-bit (bf16) original + SHARP checkpoints and their 4-bit versions; returns {label: folder}."""
+    import sharp
+
+    paths = {"original 16-bit": work / "orig16"}
+    if not paths["original 16-bit"].exists():
+        m, tok = sharp.load_model(model, dtype=torch.bfloat16)
+        m.save_pretrained(paths["original 16-bit"])
+        tok.save_pretrained(paths["original 16-bit"])
+    for strategy in strategies:
+        folder = work / f"{strategy.replace(':', '_')}16"
+        if not folder.exists():
+            sh("share", str(paths["original 16-bit"]), "--strategy", strategy, "--recovery", "lora:32",
+               "--out", str(folder))
+        paths[f"SHARP {strategy} 16-bit"] = folder
+    if trained:
+        paths["SHARP trained 16-bit"] = Path(trained)
+    for label, folder in list(paths.items()):
+        q = work / (folder.name.removesuffix("16") + "4")
+        if not q.exists():
+            sh("quantize", str(folder), "--bits", "4", "--method", "quanto", "--out", str(q))
+        paths[label.replace("16-bit", "4-bit")] = q
+    return paths
+
+
+@torch.no_grad()
+def wikitext_ppl(folder: Path, windows: int, max_len: int) -> dict:
+    """WikiText-2 test perplexity, first `windows` non-overlapping windows (`sharp.evaluation` windows and
+    formula; no_grad instead of its inference_mode because optimum-quanto's tensors reject inference mode)."""
+    import torch.nn.functional as F
+    from transformers import AutoTokenizer
+
+    import sharp
+    from sharp.bench.measure import load_for_bench
+    from sharp.data import text_examples
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    ids = tok(WIKI.read_text()[: 60 * max_len * windows], return_tensors="pt").input_ids[0]
+    model = load_for_bench(str(folder))
+    nll, n = 0.0, 0
+    for ex in text_examples(ids, max_len)[:windows]:
+        x = torch.as_tensor(ex["input_ids"])[None]
+        logits = model(input_ids=x, use_cache=False).logits[0, :-1].float()
+        nll += float(F.cross_entropy(logits, x[0, 1:], reduction="sum").double())
+        n += x.shape[1] - 1
+    del sharp
+    return {"ppl": float(torch.tensor(nll / n).exp()), "tokens": n}
+
+
+def gguf_check(folder: Path, work: Path) -> dict:
+    """Export the 16-bit SHARP checkpoint to GGUF and re-read it; llama.cpp too if llama_cpp is installed."""
+    import numpy as np
+
+    import sharp
+    from sharp.io.export import compare_logits, export_gguf
+
+    out = work / f"{folder.name}_gguf"
+    files = export_gguf(folder, out, outtype="f16", overwrite=True)
+    ref = sharp.load(folder, dtype=torch.float32, mode="merged")
+    ids = torch.arange(1, 33)[None] * 37 % 1000 + 5
+    result = {k: v.stat().st_size for k, v in files.items()}
+    with torch.no_grad():
+        result["max_abs_logit_diff_transformers_gguf_loader"] = compare_logits(ref, files["merged"], ids)
+        result["max_abs_logit"] = float(ref(input_ids=ids).logits.abs().max())
+    try:
+        import llama_cpp
+    except ImportError:
+        result["llama_cpp"] = "not installed"
+        return result
+    llm = llama_cpp.Llama(model_path=str(files["merged"]), logits_all=True, n_ctx=64, n_threads=1, verbose=False)
+    llm.eval(ids[0].tolist())
+    got = torch.tensor(np.array(llm.scores[: ids.shape[1]]))
+    with torch.no_grad():
+        result["max_abs_logit_diff_llama_cpp"] = float((got - ref(input_ids=ids).logits[0]).abs().max())
+    try:  # base + adapter in llama.cpp
+        llm2 = llama_cpp.Llama(model_path=str(files["base"]), lora_path=str(files["lora"]), logits_all=True,
+                               n_ctx=64, n_threads=1, verbose=False)
+        llm2.eval(ids[0].tolist())
+        got2 = torch.tensor(np.array(llm2.scores[: ids.shape[1]]))
+        with torch.no_grad():
+            result["max_abs_logit_diff_llama_cpp_base_lora"] = float((got2 - ref(input_ids=ids).logits[0]).abs().max())
+    except Exception as e:  # noqa: BLE001 (report whatever llama.cpp says)
+        result["llama_cpp_base_lora"] = f"failed: {e}"
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--strategies", default="next:6-29,group:3:3-29")
+    p.add_argument("--trained", default=None)
+    p.add_argument("--work", default=str(ROOT / "runs" / "deploy_smollm2"))
+    p.add_argument("--out", default=str(ROOT / "docs" / "results" / "deploy_smollm2.md"))
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--ppl-windows", type=int, default=8)
+    p.add_argument("--quick", action="store_true", help="tiny settings for a dry run")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.repeats, args.tokens, args.ppl_windows = 1, 4, 1
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    strategies = args.strategies.split(",")
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    paths = prepare(args.model, work, strategies, args.trained)
+
+    from sharp.bench.report import markdown_table, plot
+    from sharp.bench.runner import bench
+
+    first = f"SHARP {strategies[0]}"
+    entries = [  # (label, spec)
+        ("original 16-bit", paths["original 16-bit"]),
+        (f"{first} 16-bit, shared", paths[f"{first} 16-bit"]),
+        (f"{first} 16-bit, merged", f"{paths[f'{first} 16-bit']}@merged"),
+        *[(f"SHARP {s} 16-bit, shared", paths[f"SHARP {s} 16-bit"]) for s in strategies[1:]],
+        ("original 4-bit", paths["original 4-bit"]),
+        (f"{first} 4-bit, shared", paths[f"{first} 4-bit"]),
+        (f"{first} 4-bit, merged", f"{paths[f'{first} 4-bit']}@merged"),
+        *[(f"SHARP {s} 4-bit, shared", paths[f"SHARP {s} 4-bit"]) for s in strategies[1:]],
+    ]
+    print(f"benchmarking {len(entries)} entries", flush=True)
+    report = bench([str(s) for _, s in entries], tokens=args.tokens, repeats=args.repeats, threads=args.threads,
+                   progress=lambda s: print("  measuring", s, flush=True))
+    labels = [label for label, _ in entries]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    plot(report, out.with_suffix(".png"), labels)
+
+    print("perplexity", flush=True)
+    ppl = {label: wikitext_ppl(path, args.ppl_windows, 512 if not args.quick else 64)
+           for label, path in paths.items()}
+    print("gguf", flush=True)
+    gguf = gguf_check(paths[f"{first} 16-bit"], work)
+    report.update(labels=labels, perplexity=ppl, gguf=gguf, started=started,
+                  finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    report["paths"] = {k: str(v) for k, v in paths.items()}
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    out.write_text(render(report, args.model, markdown_table(report, labels)))
+    print(f"wrote {out}")
+
+
+def _check(ok: bool) -> str:
+    return "**met**" if ok else "**not met**"
+
+
+def render(report: dict, model: str, table: str) -> str:
+    """The results page (every number comes from `report`)."""
+    from sharp.bench.report import header_lines
+
+    models = dict(zip(report["labels"], report["models"], strict=True))
+    ppl = report["perplexity"]
+    orig16, orig4 = models["original 16-bit"], models["original 4-bit"]
+    lines = [
+        "# Deploying SHARP SmolLM2-135M: size, load, decode, memory, perplexity",
+        "",
+        f"Generated by `benchmarks/deploy_smollm2.py` ({report['started']} – {report['finished']}), model "
+        f"`{model}`. SHARP checkpoints carry **untrained** `lora:32` recovery (zero B): their perplexity is "
+        "Direct Sharing's, not a recovered model's; size and speed do not depend on training.",
+        "",
+        *[f"- {h}" for h in header_lines(report)],
+        "- 16-bit = bfloat16; 4-bit = optimum-quanto qint4 (asymmetric, groups of ≤128 along the input, bf16 "
+        "scales), every unique linear quantized once, recovery/embeddings/norms in bf16. `merged` = target weights "
+        "materialized at load (for 4-bit: W_ref dequantized + BA, then re-quantized).",
+        "- peak RSS includes the Python/torch/transformers runtime (~"
+        f"{orig16['peak_rss_mib'] - orig16['model_rss_mib']:.0f} MiB here); `model RSS` below subtracts it.",
+        "",
+        "## Side by side",
+        "",
+        table,
+        "",
+        "![ratios](deploy_smollm2.png)",
+        "",
+        "## Perplexity and size (WikiText-2 test, "
+        f"{next(iter(ppl.values()))['tokens']} tokens in non-overlapping 512-token windows)",
+        "",
+        "| model | WikiText-2 ppl | MiB on disk | model RSS MiB |",
+        "|---|---|---|---|",
+    ]
+    for label, r in ppl.items():
+        b = models.get(label) or models.get(label + ", shared")
+        size = f"{b['bytes_on_disk'] / 2**20:.1f}" if b else "–"
+        rss = f"{b['model_rss_mib']:.0f}" if b else "–"
+        tag = " (Direct Sharing: untrained)" if label.startswith("SHARP") and "trained" not in label else ""
+        lines.append(f"| {label}{tag} | {r['ppl']:.1f} | {size} | {rss} |")
+    lines += ["", "## Targets", ""]
+    for label, r in models.items():
+        if label.startswith("original"):
+            continue
+        base = orig16 if "16-bit" in label else orig4
+        floor_gap = r["bytes_on_disk"] / r["bytes_in_memory"] - 1
+        bytes_ratio = r["bytes_on_disk"] / base["bytes_on_disk"]
+        cold_ratio = r["cold_load_s"] / base["cold_load_s"]
+        speed = r["decode_tok_s"] / base["decode_tok_s"]
+        ceiling = base["bytes_per_token"] / r["bytes_per_token"]
+        need = 0.98 if label.endswith("merged") else 0.9
+        lines.append(
+            f"- **{label}** vs {'original 16-bit' if base is orig16 else 'original 4-bit'}: stored bytes "
+            f"{r['bytes_on_disk']:,} vs unique-parameter floor {r['bytes_in_memory']:,} ({floor_gap:+.2%}, "
+            f"{_check(abs(floor_gap) <= 0.01)}); cold load ratio {cold_ratio:.2f} vs bytes ratio {bytes_ratio:.2f} "
+            f"({_check(abs(cold_ratio / bytes_ratio - 1) <= 0.10)} within 10%); decode {speed:.2f}× "
+            f"(target ≥ {need}×: {_check(speed >= need)}; memory-bound ceiling {ceiling:.2f}×)"
+        )
+    lines += ["", "## Runtime modes: shared vs merged", ""]
+    for bits in ("16-bit", "4-bit"):
+        sh_ = next((r for k, r in models.items() if k.endswith(f"{bits}, shared")), None)
+        me = next((r for k, r in models.items() if k.endswith(f"{bits}, merged")), None)
+        if sh_ and me:
+            lines.append(
+                f"- {bits}: shared holds {sh_['bytes_in_memory'] / 2**20:.1f} MiB of weights (model RSS "
+                f"{sh_['model_rss_mib']:.0f} MiB), merged {me['bytes_in_memory'] / 2**20:.1f} MiB (model RSS "
+                f"{me['model_rss_mib']:.0f} MiB); warm load {sh_['warm_load_s']:.2f} s vs {me['warm_load_s']:.2f} s "
+                f"(merging costs the difference); decode {sh_['decode_tok_s']:.1f} vs {me['decode_tok_s']:.1f} tok/s."
+            )
+    lines += ["", "## Noise", "",
+              "Decode tok/s of each run (min – max of the timed runs), to read the medians against:", ""]
+    for label, r in models.items():
+        runs = r["runs"]["decode_tok_s"]
+        lines.append(f"- {label}: {min(runs):.1f} – {max(runs):.1f}; cold loads {min(r['runs']['cold_load_s']):.2f} – "
+                     f"{max(r['runs']['cold_load_s']):.2f} s; pages still cached after eviction "
+                     f"{r['resident_after_evict']:.0%}")
+    g = report["gguf"]
+    exported = next(v for k, v in report["paths"].items() if k.startswith("SHARP") and k.endswith("16-bit"))
+    lines += ["", "## On-device export (llama.cpp GGUF)", "", f"`sharp export {exported} --out DIR` (f16):", "",
+              f"- `model.gguf` (merged): {g['merged'] / 2**20:.1f} MiB; `base.gguf` (Direct-Sharing base): "
+              f"{g['base'] / 2**20:.1f} MiB; `recovery.lora.gguf`: {g['lora'] / 2**20:.2f} MiB.",
+              "- GGUF has no tensor aliasing: llama.cpp's loader rejects two tensor infos at one offset and builds "
+              "one tensor per layer, so `base.gguf` stores each shared reference weight once per layer that uses it "
+              "— it is as large as the merged model and SHARP saves nothing on disk or in RAM in llama.cpp today. "
+              "Avoiding it needs a llama.cpp change: an alias table in the metadata (`blk.T.ffn_gate -> "
+              "blk.R.ffn_gate`) resolved by the model loader's `create_tensor` to the same `ggml_tensor`.",
+              f"- Equivalence: the merged GGUF re-read by transformers' GGUF loader "
+              f"(`from_pretrained(dir, gguf_file=...)`) vs the PyTorch merged model in fp32, 32 tokens: max |logit "
+              f"difference| {g['max_abs_logit_diff_transformers_gguf_loader']:.4f} (logits up to "
+              f"{g['max_abs_logit']:.1f}; f16 rounding of the weights)."]
+    if "max_abs_logit_diff_llama_cpp" in g:
+        lines.append(f"- llama.cpp (llama-cpp-python, built from source here) on the merged GGUF: max |logit "
+                     f"difference| {g['max_abs_logit_diff_llama_cpp']:.4f}; base + LoRA adapter: "
+                     f"{g.get('max_abs_logit_diff_llama_cpp_base_lora', g.get('llama_cpp_base_lora'))}.")
+    else:
+        lines.append(f"- llama.cpp runtime: {g.get('llama_cpp')} — not checked in this run.")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
