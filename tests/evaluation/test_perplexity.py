@@ -1,10 +1,11 @@
 """Perplexity against a direct, naive computation on the real stories260K model (relative error < 1e-4)."""
 
 import math
+from unittest import mock
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sharp.data import IGNORE, load_records, text_token_stream, tokenize_examples
@@ -136,3 +137,15 @@ def test_evaluate_tasks_limit_and_held_out_split(stories, wiki_small):
     direct = response_perplexity(model, tokenize_examples(held, "alpaca", tokenizer, max_len=256))
     assert out[tasks[0].name] == pytest.approx(direct)
     assert out[tasks[1].name]["tokens"] == 2 * 255
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.text(max_size=40), st.builds("ppl:{}={}".format, st.text(max_size=12), st.text(max_size=12))))
+def test_garbage_task_lists_raise_only_sharp_errors(text):
+    with mock.patch("sharp.io.assets.resolve_data_alias", lambda n: None):
+        try:
+            tasks = parse_tasks(text)
+        except SharpError as e:
+            assert "\n" not in str(e)
+            return
+    assert tasks and all(t.name.startswith("ppl:") for t in tasks)
