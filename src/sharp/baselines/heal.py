@@ -64,12 +64,16 @@ def heal(
     pad_id: int = 0,
     work_dir: str | Path | None = None,
     log_file: str | Path | None = None,
+    seed: int = 0,
 ) -> dict:
     """SFT a pruned model in place (LoRA on every remaining linear, merged at the end); returns run_sft's summary."""
+    from transformers import set_seed
+
     from sharp.data import collate_examples
     from sharp.recovery.sft import SFTConfig, run_sft
 
-    sft_config = sft_config or SFTConfig()
+    sft_config = sft_config or SFTConfig(seed=seed)
+    set_seed(seed)  # as compress before add_full_lora: the LoRA A matrices start the same way
     add_lora(model, lora_rank)
     with tempfile.TemporaryDirectory(prefix="sharp-heal-") as tmp:
         summary = run_sft(model, train, eval_examples, sft_config, work_dir or tmp,

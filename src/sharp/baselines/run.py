@@ -64,17 +64,16 @@ class PruneOptions:
 
 def training_examples(data: str, tokenizer, max_len: int, template: str, eval_fraction: float,
                       seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) tokenized examples: records split first, then tokenized (as `sharp compress`)."""
+    """(train, held-out) tokenized examples, built exactly as `sharp compress` builds them: records split
+    first (`split_examples`), then tokenized (`tokenize_examples`, or `text_examples` for plain text)."""
     from sharp.data import load_records, parse_data_spec, split_examples, tokenize_examples
+    from sharp.recipes import text_examples
 
     spec = parse_data_spec(data)
+    parts = split_examples(load_records(spec), eval_fraction, seed)
     if spec.format == "text":
-        from sharp.baselines.calibration import calibration_examples
-
-        windows = calibration_examples(data, tokenizer, n_samples=10**9, max_len=max_len)
-        return split_examples(windows, eval_fraction, seed)
-    train, held = split_examples(load_records(spec), eval_fraction, seed)
-    tok = [tokenize_examples(part, spec.format, tokenizer, template, max_len) if part else [] for part in (train, held)]
+        return text_examples(parts[0], tokenizer, max_len), text_examples(parts[1], tokenizer, max_len)
+    tok = [tokenize_examples(p, spec.format, tokenizer, template, max_len) if p else [] for p in parts]
     return tok[0], tok[1]
 
 
@@ -97,7 +96,7 @@ def prune_loaded(model: nn.Module, tokenizer, options: PruneOptions, log_file: s
                                         options.eval_fraction, options.seed)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         report.heal = heal(model, train, held, SFTConfig(**options.sft), options.lora_rank, pad_id=pad,
-                           log_file=log_file)
+                           log_file=log_file, seed=options.seed)
         report.healed = True
     return report
 

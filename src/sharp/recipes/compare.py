@@ -1,0 +1,211 @@
+"""`compare()`: SHARP against pruning baselines at the same stored size and the same fine-tuning budget.
+
+load → Original → Direct Sharing (sets the budget S = its stored parameters, recovery included) → for each
+baseline: prune to S (`sharp.baselines.prune`), evaluate, heal with the same SFT as compress, evaluate →
+SHARP without SFT (`compress(stages="slw")`) → SHARP (`compress(stages="slw,sft", train="full-lora")`) →
+optional native smaller model → `comparison.md` + `comparison.json`, written atomically.
+
+Every finished row is cached in `OUT.work/rows.json`, so rerunning the same call after a crash skips it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sharp.errors import SharpError
+
+ROW_NAMES = {"layer-drop": "LayerPruning (layer-drop)", "layer-drop-adapted": "LayerPruning-adapted",
+             "mlp-drop": "MLP-drop", "width": "Width pruning (Taylor)"}
+
+
+@dataclass
+class CompareConfig:
+    """Settings of `sharp compare`; the SLW/SFT ones are passed unchanged to `compress` and to the healing."""
+
+    model: str
+    strategy: str
+    recovery: str
+    data: str
+    eval: str  # perplexity tasks, as `sharp eval --tasks`
+    out: str
+    reference_model: str | None = None
+    methods: str = "layer-drop,layer-drop-adapted,mlp-drop,width"
+    heal: bool = True
+    allocation: str = "even"
+    calib_samples: int = 32
+    slw_fraction: float = 0.1
+    slw_steps: int = 300
+    slw_workers: int = 1
+    sft_steps: int = 200
+    lr: float = 2e-4
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_len: int = 512
+    eval_fraction: float = 0.1
+    seed: int = 0
+    template: str = "plain"
+    full_lora_rank: int = 8
+    eval_max_len: int = 512
+    eval_batch_size: int = 8
+    eval_limit: int | None = None
+    tolerance: float = 0.01  # largest allowed spread of the compressed rows' stored parameters
+    overwrite: bool = False
+
+    @property
+    def method_list(self) -> list[str]:
+        return [m.strip() for m in self.methods.split(",") if m.strip()]
+
+    @property
+    def work_dir(self) -> Path:
+        out = Path(self.out).absolute()
+        return out.parent / f"{out.name}.work"
+
+    def compress_config(self, name: str, stages: str):
+        from sharp.recipes import CompressConfig
+
+        return CompressConfig(
+            model=self.model, strategy=self.strategy, recovery=self.recovery, data=self.data,
+            out=str(self.work_dir / name), stages=stages, slw_fraction=self.slw_fraction, slw_steps=self.slw_steps,
+            slw_workers=self.slw_workers, sft_steps=self.sft_steps, lr=self.lr, batch_size=self.batch_size,
+            grad_accum=self.grad_accum, max_len=self.max_len, eval_fraction=self.eval_fraction, seed=self.seed,
+            template=self.template, train="full-lora", full_lora_rank=self.full_lora_rank, overwrite=True)
+
+    def sft(self) -> dict:
+        return self.compress_config("sharp", "slw,sft").sft_config(progress=False).__dict__
+
+    def validate(self) -> None:
+        """Everything checkable without weights (compress's own checks included)."""
+        from sharp.baselines.methods import ALLOCATIONS, METHODS
+        from sharp.evaluation.perplexity import parse_tasks
+        from sharp.io.atomic import check_output_dir
+        from sharp.io.models import resolve_model_path
+
+        check_output_dir(self.out, self.overwrite)
+        unknown = [m for m in self.method_list if m not in METHODS]
+        if unknown:
+            raise SharpError(f"unknown method '{unknown[0]}' in --methods; choose from: {', '.join(METHODS)}")
+        if self.allocation not in ALLOCATIONS:
+            raise SharpError(f"unknown --allocation '{self.allocation}'; choose one of: {', '.join(ALLOCATIONS)}")
+        if self.calib_samples < 1 or not 0 < self.tolerance < 1:
+            raise SharpError("--calib-samples must be >= 1 and --tolerance in (0, 1)")
+        parse_tasks(self.eval)
+        if self.reference_model:
+            resolve_model_path(self.reference_model)
+        self.compress_config("sharp", "slw,sft").validate()
+
+
+def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], None] = print) -> dict:
+    """Build and evaluate every row; write `comparison.md` / `comparison.json` to `cfg.out`."""
+    import torch
+
+    import sharp
+    from sharp.baselines import prune, spread
+    from sharp.baselines.heal import heal
+    from sharp.baselines.run import training_examples
+    from sharp.baselines.table import Row, compressed_spread, to_json, to_markdown
+    from sharp.evaluation.perplexity import evaluate_tasks, parse_tasks
+    from sharp.io.atomic import atomic_dir
+    from sharp.recipes import compress
+
+    cfg.validate()
+    tasks = parse_tasks(cfg.eval)
+    work = cfg.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    cache_path = work / "rows.json"
+    settings = {k: v for k, v in asdict(cfg).items() if k != "overwrite"}
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    if cache.get("settings") != settings:
+        cache = {"settings": settings, "rows": {}}
+    rows: list[Row] = []
+
+    def evaluate(model) -> dict[str, float]:
+        res = evaluate_tasks(model, tokenizer, tasks, max_len=cfg.eval_max_len, batch_size=cfg.eval_batch_size,
+                             limit=cfg.eval_limit, template=cfg.template, progress=progress)
+        return {t.name: res[t.name]["ppl"] for t in tasks}
+
+    def row(key: str, name: str, build: Callable[[], tuple[object, dict]], compressed: bool = True) -> None:
+        if key in cache["rows"]:
+            rows.append(Row(**cache["rows"][key]))
+            log(f"{name}: cached")
+            return
+        start = time.perf_counter()
+        model, details = build()
+        ppl = evaluate(model)
+        r = Row(key, name, sharp.count_parameters(model)["stored"], ppl, compressed,
+                healed=key.endswith("+heal"), seconds=time.perf_counter() - start, details=details)
+        rows.append(r)
+        cache["rows"][key] = asdict(r)
+        cache_path.write_text(json.dumps(cache, indent=2, sort_keys=True, default=str))
+        log(f"{name}: {r.stored:,} stored, " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items())
+            + f" ({r.seconds:.0f} s)")
+
+    original, tokenizer = sharp.load_model(cfg.model, dtype=torch.float32)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    train, held = training_examples(cfg.data, tokenizer, cfg.max_len, cfg.template, cfg.eval_fraction, cfg.seed)
+    calib = train[: cfg.calib_samples]
+    row("original", "Original", lambda: (original, {}), compressed=False)
+
+    direct = sharp.share(copy.deepcopy(original), cfg.strategy, cfg.recovery, source=cfg.model)
+    budget = sharp.count_parameters(direct)["stored"]  # SHARP's stored size: every compressed row matches it
+    row("direct", "Direct Sharing", lambda model=direct: (model, {}))
+    del direct
+
+    for method in cfg.method_list:
+        pruned: dict = {}
+
+        def build(method=method, pruned=pruned):
+            model = copy.deepcopy(original)
+            report = prune(model, method, str(budget), calib, cfg.strategy, cfg.allocation)
+            off = spread({"sharp": budget, method: report.params_stored})
+            if off > cfg.tolerance:
+                raise SharpError(f"{method} reaches {report.params_stored:,} stored parameters, {off:.2%} from "
+                                 f"SHARP's {budget:,}; budgets must match within {cfg.tolerance:.0%}")
+            pruned["model"] = model
+            return model, report.to_dict()
+
+        def build_healed(method=method, pruned=pruned):
+            model = pruned.pop("model", None) or build()[0]
+            summary = heal(model, train, held, _sft(cfg), cfg.full_lora_rank, pad_id=pad, seed=cfg.seed)
+            return model, {"heal": summary}
+
+        row(method, ROW_NAMES[method], build)
+        if cfg.heal:
+            row(f"{method}+heal", ROW_NAMES[method] + " + heal", build_healed)
+
+    for key, name, stages in (("sharp-slw", "SHARP without SFT (SLW only)", "slw"), ("sharp", "SHARP", "slw,sft")):
+        def build_sharp(key=key, stages=stages):
+            summary = compress(cfg.compress_config(key, stages), progress=progress)
+            model, _ = sharp.load_model(str(cfg.work_dir / key))
+            return model, {"compress": {k: summary[k] for k in ("perplexity", "timing", "params")}}
+
+        row(key, name, build_sharp)
+    if cfg.reference_model:
+        row("reference", f"Native smaller model ({cfg.reference_model})",
+            lambda: (sharp.load_model(cfg.reference_model, dtype=torch.float32)[0], {}), compressed=False)
+
+    names = [t.name for t in tasks]
+    header = {"model": cfg.model, "strategy": cfg.strategy, "recovery": cfg.recovery, "data": cfg.data,
+              "budget (stored parameters)": f"{budget:,}",
+              "fine-tuning (SHARP SFT and every heal)": f"{cfg.sft_steps} steps × batch {cfg.batch_size} × "
+              f"{cfg.grad_accum} accum, lr {cfg.lr}, LoRA r={cfg.full_lora_rank} on the remaining linears",
+              "SLW": f"{cfg.slw_steps} steps per target, {cfg.slw_fraction:.0%} of the training examples"}
+    with atomic_dir(cfg.out, cfg.overwrite) as tmp:
+        (tmp / "comparison.md").write_text(to_markdown(rows, names, header))
+        (tmp / "comparison.json").write_text(to_json(rows, names, header))
+    result = {"rows": [asdict(r) for r in rows], "spread": compressed_spread(rows), "budget": budget}
+    log(f"stored-parameter spread of the compressed rows: {result['spread']:.3%}")
+    if result["spread"] > cfg.tolerance:
+        raise SharpError(f"compressed rows differ by {result['spread']:.2%} in stored parameters (> "
+                         f"{cfg.tolerance:.0%}); see {Path(cfg.out) / 'comparison.md'}")
+    return result
+
+
+def _sft(cfg: CompareConfig):
+    from sharp.recovery.sft import SFTConfig
+
+    return SFTConfig(**{**cfg.sft(), "progress": False})

@@ -1,0 +1,58 @@
+"""`sharp compare` end to end on stories260K with tiny budgets: every row, budgets matched within 1%."""
+
+import json
+
+import pytest
+
+from sharp.baselines.table import Row, compressed_spread, short_label, to_markdown
+from tests.conftest import ASSETS, run_cli
+
+C4 = ASSETS / "text" / "c4_demo.jsonl"
+ROWS = ["original", "direct", "layer-drop", "layer-drop+heal", "layer-drop-adapted", "layer-drop-adapted+heal",
+        "mlp-drop", "mlp-drop+heal", "width", "width+heal", "sharp-slw", "sharp", "reference"]
+
+
+@pytest.mark.slow
+def test_compare_builds_every_row_at_one_budget(stories_path, tmp_path, capsys):
+    out = tmp_path / "cmp"
+    code, stdout, err = run_cli([
+        "compare", stories_path, "--strategy", "next:1-4", "--recovery", "lora:4", "--data", f"text:{C4}[:8]",
+        "--eval", f"ppl:text={C4}[-3:]", "--eval-limit", "2", "--eval-max-len", "64", "--max-len", "64",
+        "--eval-fraction", "0.2", "--calib-samples", "2", "--slw-steps", "2", "--sft-steps", "2", "--lr", "1e-2",
+        "--batch-size", "2",
+        "--reference-model", stories_path, "--out", out], capsys)
+    assert code == 0, err
+    data = json.loads((out / "comparison.json").read_text())
+    rows = {r["key"]: r for r in data["rows"]}
+    assert list(rows) == ROWS
+    compressed = [r["stored"] for r in data["rows"] if r["compressed"]]
+    assert len(compressed) == 11 and (max(compressed) - min(compressed)) / min(compressed) <= 0.01
+    assert data["spread"] <= 0.01
+    assert rows["direct"]["stored"] == rows["sharp"]["stored"] == rows["sharp-slw"]["stored"]
+    assert all(r["stored"] <= rows["sharp"]["stored"] for r in data["rows"] if r["compressed"])
+    assert rows["original"]["stored"] == rows["reference"]["stored"] == 260_032
+    for key in ROWS:
+        assert rows[key]["ppl"][f"ppl:text={C4}[-3:]"] > 1
+    # healing changes the model but not its size
+    assert rows["mlp-drop+heal"]["stored"] == rows["mlp-drop"]["stored"]
+    assert rows["mlp-drop+heal"]["ppl"] != rows["mlp-drop"]["ppl"]
+    md = (out / "comparison.md").read_text()
+    assert md.count("\n| ") == len(ROWS) + 1 and "Direct Sharing" in md and "SHARP without SFT" in md
+    assert "| Original |" in stdout
+
+
+def test_markdown_bolds_the_best_compressed_row():
+    rows = [Row("original", "Original", 100, {"t": 1.0}, compressed=False),
+            Row("a", "A", 80, {"t": 5.0}), Row("b", "B", 79, {"t": 3.0})]
+    md = to_markdown(rows, ["t"], {"model": "m"})
+    assert "| B | 79 | 79.0% | **3.00** |" in md and "| Original | 100 | 100.0% | 1.00 |" in md
+    assert compressed_spread(rows) == 1 / 79
+    assert short_label("ppl:alpaca=/x/y/data.json[-100:]") == "alpaca: data.json[-100:]"
+
+
+def test_bad_method_fails_before_work(stories_path, tmp_path, capsys):
+    code, _, err = run_cli(["compare", stories_path, "--strategy", "next:1-4", "--recovery", "lora:4",
+                            "--data", f"text:{C4}", "--eval", f"ppl:text={C4}", "--methods", "layer-drop,magic",
+                            "--out", tmp_path / "x"], capsys)
+    assert code == 2 and "unknown method 'magic'" in err
+    assert not (tmp_path / "x").exists()
