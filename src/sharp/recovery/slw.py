@@ -58,7 +58,7 @@ class SLWConfig:
     """Budget and optimizer of single-layer warmup (all per target layer unless said otherwise)."""
 
     steps: int = 300  # optimizer steps per layer (upper bound: early stopping may end sooner)
-    lr: float = 2e-3  # peak AdamW learning rate
+    lr: float = 5e-3  # peak AdamW learning rate (5e-3 beat 2e-3 on SmolLM2: rel-err 0.71 vs 0.76)
     batch_tokens: int = 1024  # captured tokens per step (sampled with replacement)
     warmup_steps: int = 10  # linear warmup, then cosine decay to lr * min_lr_ratio at `steps`
     min_lr_ratio: float = 0.1
@@ -232,6 +232,8 @@ def _train_layer(job: _Job, threads: int, report: Callable[..., None] | None = N
     store = ActivationStore(job.store_root)
     device = next(mlp.parameters()).device
     x, y = (t.to(device) for t in store.load(job.layer))  # (N, hidden) each, stored dtype
+    if x.shape[0] < 10:
+        raise SharpError(f"only {x.shape[0]} tokens were captured for layer {job.layer}; give SLW more data")
     n_eval = max(1, min(cfg.eval_tokens, x.shape[0] // 5))
     x_tr, y_tr, x_ev, y_ev = x[:-n_eval], y[:-n_eval], x[-n_eval:], y[-n_eval:]
     start = time.perf_counter()
@@ -266,6 +268,10 @@ def _train_layer(job: _Job, threads: int, report: Callable[..., None] | None = N
         idx = torch.randint(x_tr.shape[0], (cfg.batch_tokens,), generator=_generator(cfg.seed, job.layer, step))
         idx = idx.to(device)
         loss = _loss(mlp(x_tr[idx].float()), y_tr[idx].float(), cfg.loss)
+        if not torch.isfinite(loss):  # stop before the step: state.pt stays the last good state
+            good = f"its last good state is {state_path}" if state_path.is_file() else "no state was saved yet"
+            raise SharpError(f"SLW loss of layer {job.layer} became {loss.item()} at step {step + 1}; training "
+                             f"stopped and {good}; lower the SLW learning rate or check the data")
         loss.backward()
         optimizer.step()
         scheduler.step()
