@@ -156,14 +156,15 @@ ALPACA = ASSETS / "instruct" / "alpaca_en_demo.json"
 def test_analyze_cli_on_stories260k(stories_path, tmp_path, capsys):
     out = tmp_path / "an"
     code, stdout, err = run_cli(["analyze", stories_path, "--data", C4, "--out", out, "--max-tokens", 600,
-                                 "--ppl-examples", 2, "--max-len", 64, "--budget", "40%"], capsys)
+                                 "--ppl-examples", 2, "--max-len", 64, "--budget", "40%", "--replace-layers", "2-4"],
+                           capsys)
     assert code == 0, err
     analysis = json.loads((out / "analysis.json").read_text())
     assert analysis["layers"] == 5 and 590 <= analysis["tokens"] <= 600  # position 0 of each window left out
-    assert [r["target"] for r in analysis["replacement"]["layers"]] == [1, 2, 3, 4]
+    assert [r["target"] for r in analysis["replacement"]["layers"]] == [2, 3, 4]
     suggestion = analysis["suggestion"]
-    mapping = parse_strategy(suggestion["strategy"]).resolve(5)
-    assert len(mapping) == 2 and suggestion["strategy"] in stdout
+    assert parse_strategy(suggestion["strategy"]).resolve(5) == {2: 1, 4: 3}  # the only pair among 2-4
+    assert suggestion["strategy"] in stdout
     for name in ("analysis.md", "mlp_similarity.png", "residual_cosine.png", "replacement.png"):
         assert (out / name).stat().st_size > 0
 
@@ -188,6 +189,8 @@ def test_analyze_instruction_data_scores_responses_only(stories_path, tmp_path):
     (["--data", C4, "--budget", "abc"], "malformed --budget"),
     (["--data", C4, "--budget", "90%"], "at most 2"),
     (["--data", C4, "--max-tokens", "0"], "--max-tokens"),
+    (["--data", C4, "--replace-layers", "0-9"], "must lie within 1-4"),
+    (["--data", C4, "--replace-layers", "3-4", "--budget", "40%"], "at most 1"),
 ])
 def test_analyze_cli_bad_input_exits_2_with_one_line(stories_path, tmp_path, capsys, extra, fragment):
     args = ["analyze", stories_path, "--out", tmp_path / "o", "--max-tokens", 64, "--ppl-examples", 1,

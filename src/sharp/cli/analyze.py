@@ -20,6 +20,8 @@ def analyze(
     ppl_examples: int = typer.Option(30, "--ppl-examples", help="Examples (or text windows) scored for each "
                                      "single-layer replacement; 0 skips that measurement (one perplexity run "
                                      "per layer)."),
+    replace_layers: str = typer.Option(None, "--replace-layers", help="Measure single-layer replacement only "
+                                       "for targets A-B (saves time; --budget then picks among them)."),
     budget: str = typer.Option(None, "--budget", help="Also suggest a strategy removing this share of the MLP "
                                "parameters, e.g. 40%."),
     max_len: int = typer.Option(512, "--max-len", help="Tokens per example / text window."),
@@ -33,10 +35,10 @@ def analyze(
     from sharp.arch import get_adapter, num_layers
     from sharp.data import TEMPLATES, parse_data_spec
     from sharp.evaluation.report import write_analysis
-    from sharp.evaluation.similarity import analyze_model
+    from sharp.evaluation.similarity import analyze_model, parse_layer_range
     from sharp.evaluation.suggest import check_budget, cost_table, parse_budget, suggest_strategy
     from sharp.io.atomic import atomic_dir, check_output_dir
-    from sharp.io.models import load_config, load_model
+    from sharp.io.models import check_max_len, load_config, load_model
 
     # Everything the user typed is checked before the (slow) model load.
     check_output_dir(out, overwrite)
@@ -50,16 +52,19 @@ def analyze(
     parse_data_spec(data)
     config = load_config(model)
     get_adapter(config)
+    check_max_len(config, max_len)
     if num_layers(config) < 2:
         raise SharpError(f"model '{model}' has a single decoder layer; there is no adjacent pair to analyze")
+    span = parse_layer_range(replace_layers, num_layers(config)) if replace_layers else None
     if fraction is not None:
-        check_budget(fraction, num_layers(config))
+        candidates = range(span[0], span[1] + 1) if span and ppl_examples else None
+        check_budget(fraction, num_layers(config), candidates)
 
     with err_console.status(f"loading {model}"):
         loaded, tokenizer = load_model(model, dtype="float32")
     analysis = analyze_model(loaded, tokenizer, data, max_tokens=max_tokens, ppl_examples=ppl_examples,
                              max_len=max_len, batch_size=batch_size, skip_first=0 if include_first_token else 1,
-                             template=template, progress=True)
+                             template=template, replace_layers=span, progress=True)
     analysis["model"] = model
     if fraction is not None:
         costs, source = cost_table(analysis)

@@ -84,6 +84,7 @@ def layer_similarity(
     sums = _Sums(n)
     state: dict = {}  # the current batch: token masks and the residual streams seen so far
     device = next(model.parameters()).device
+    body = getattr(model, "base_model", model)  # the decoder without its LM head: no logits needed here
 
     def mlp_hook(index: int):
         def hook(module, args, kwargs, output):
@@ -132,7 +133,7 @@ def layer_similarity(
                 state["keep"] = mask.bool() & (position >= skip_first)
                 state["first"] = mask.bool() & (position == 0)
                 state["streams"] = []
-                model(input_ids=ids, attention_mask=mask, use_cache=False)
+                body(input_ids=ids, attention_mask=mask, use_cache=False)
                 streams = torch.stack(state.pop("streams"))  # (L+1, N, d), unit rows
                 # sum over tokens of cos(h_a, h_b) for every pair of residual streams
                 sums.resid_cos += torch.einsum("and,bnd->ab", streams, streams).double()
@@ -224,6 +225,22 @@ def replacement_costs(
     return {"base": base, "layers": rows}
 
 
+def parse_layer_range(text: str, num_layers: int) -> tuple[int, int]:
+    """'A-B' (or one layer 'A') → (A, B), checked against the model; one clear line otherwise."""
+    import re
+
+    from sharp.errors import SharpError
+
+    m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+))?\s*", text)
+    if not m:
+        raise SharpError(f"malformed layer range '{text}'; write A-B, e.g. 14-29")
+    first, last = int(m[1]), int(m[2] or m[1])
+    if not 1 <= first <= last < num_layers:
+        raise SharpError(f"layer range '{text}' must lie within 1-{num_layers - 1} (layer 0 has no predecessor) "
+                         "and start before it ends")
+    return first, last
+
+
 def _track(items: list, description: str, show: bool) -> Iterable:
     if not show:
         return items
@@ -241,19 +258,18 @@ def analysis_examples(tokenizer, data: str, max_len: int = 512, needed_tokens: i
     `needed_tokens` tokens and `needed_examples` examples are there. Text: non-overlapping `max_len` windows
     of the token stream, each scoring every token but its first (as `sharp eval` does).
     """
-    from sharp.data import IGNORE, load_records, parse_data_spec, text_token_stream, tokenize_examples
+    from sharp.data import load_records, parse_data_spec, text_examples, text_token_stream, tokenize_examples
     from sharp.errors import SharpError
-    from sharp.evaluation.perplexity import text_windows
 
     spec = parse_data_spec(data)
     examples: list[dict] = []
     if spec.format == "text":
-        ids = text_token_stream(spec, tokenizer).tolist()
-        for begin, end, first in text_windows(len(ids), max_len):
-            window = ids[begin:end]
-            examples.append({"input_ids": window, "labels": [IGNORE] * (first - begin) + window[first - begin:]})
-            if sum(len(e["input_ids"]) for e in examples) >= needed_tokens and len(examples) >= needed_examples:
+        tokens = 0
+        for e in text_examples(text_token_stream(spec, tokenizer), max_len):
+            if tokens >= needed_tokens and len(examples) >= needed_examples:
                 break
+            examples.append(e)
+            tokens += len(e["input_ids"])
         return examples, spec.text
     records = load_records(spec)
     tokens, chunk, error = 0, 32, None
@@ -295,12 +311,14 @@ def analyze_model(
     batch_size: int = 4,
     skip_first: int = 1,
     template: str = "plain",
+    replace_layers: tuple[int, int] | None = None,
     progress: bool = False,
 ) -> dict:
     """Everything `sharp analyze` measures, as JSON-ready data (see the module doc).
 
     The similarity statistics use the first `max_tokens` tokens of `data`; single-layer replacement scores
-    the first `ppl_examples` examples (0 skips it: it costs one perplexity run per layer).
+    the first `ppl_examples` examples (0 skips it: it costs one perplexity run per layer) for every target in
+    `replace_layers` (first, last; default every layer but 0).
     """
     from sharp.errors import SharpError
     from sharp.evaluation.perplexity import response_perplexity
@@ -324,6 +342,7 @@ def analyze_model(
         result["replacement"] = replacement_costs(
             model,
             lambda m: response_perplexity(m, scored, batch_size)["ppl"],
+            targets=range(max(1, replace_layers[0]), replace_layers[1] + 1) if replace_layers else None,
             progress=lambda targets: _track(list(targets), f"replacing 1 of {n} MLPs", progress),
         )
         result["replacement"]["examples"] = len(scored)

@@ -109,9 +109,10 @@ def _choose(costs: dict[int, float], num_layers: int, k: int) -> list[int]:
     return sorted(chosen)
 
 
-def check_budget(budget: float, num_layers: int) -> None:
-    """Fail before any measurement when no strategy of adjacent pairs can meet `budget` on this model."""
-    suggest_strategy(dict.fromkeys(range(1, num_layers), 0.0), num_layers, budget)
+def check_budget(budget: float, num_layers: int, candidates: range | None = None) -> None:
+    """Fail before any measurement when no strategy of adjacent pairs (targets among `candidates`, default
+    1..L-1) can meet `budget` on this model."""
+    suggest_strategy(dict.fromkeys(candidates or range(1, num_layers), 0.0), num_layers, budget)
 
 
 def strategy_text(targets: list[int]) -> str:
