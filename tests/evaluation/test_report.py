@@ -64,8 +64,11 @@ def _runs(tmp_path):
                 "mean": {"acc": 0.6, "acc_norm": 0.45}})
     b = tmp_path / "shared"
     b.mkdir()
-    (b / "summary.json").write_text(json.dumps({"strategy": "next:16-29", "mlp_reduction": 0.233,
-                                                "stages": {"slw": {"steps": 200}}, "notes": ["x"]}))
+    (b / "summary.json").write_text(json.dumps({  # the shape `sharp compress` writes
+        "model": "smollm2-135m", "strategy": "next:16-29", "recovery": "lora:32", "stages": ["slw", "sft"],
+        "mlp_reduction": 0.233, "params": {"stored": 120, "recovery": 7}, "perplexity": {"original": 5.1,
+        "direct": 674.6, "slw": 32.4, "sft": 7.9}, "timing": {"slw": {"seconds": 12.5, "peak_rss_mib": None}},
+        "config": {"lr": 1e-4}, "eval_examples": 100}))
     (b / "sharp_config.json").write_text(json.dumps({"recovery": "lora:32", "sharing": {"17": 16}}))
     _eval_json(b / "eval_sft.json", {"alpaca": 7.5}, {"arc_easy": {"acc": 0.4, "acc_norm": 0.42}})
     (b / "broken.json").write_text("{not json")
@@ -85,9 +88,14 @@ def test_report_puts_runs_side_by_side_tolerating_missing_keys(tmp_path):
     assert "| piqa | 0.7000 / – | – | – |" in md
     assert "| **mean** | 0.6000 / 0.4500 | 0.4000 / 0.4200 | – |" in md  # means over the tasks with the metric
     assert "| strategy | – | next:16-29 | – |" in md
-    assert "| stages.slw.steps | – | 200 | – |" in md
-    assert "| config.recovery | – | lora:32 | – |" in md
-    for name in ("report_ppl.png", "report_downstream.png"):
+    assert "| stages | – | slw,sft | – |" in md
+    assert "| params.stored | – | 120 | – |" in md
+    assert "| timing.slw.seconds | – | 12.5000 | – |" in md
+    assert "| checkpoint.recovery | – | lora:32 | – |" in md
+    assert "| direct | – | 674.600 | – |" in md and "| sft | – | 7.900 | – |" in md
+    assert "config.lr" not in md and "perplexity.sft" not in md  # settings noise / shown in its own table
+    assert md.index("| strategy |") < md.index("| params.stored |") < md.index("| timing.slw.seconds |")
+    for name in ("report_ppl.png", "report_downstream.png", "report_stages.png"):
         assert (out.parent / name).read_bytes().startswith(PNG)
         assert f"]({name})" in md
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary left behind

@@ -169,6 +169,7 @@ class Run:
     info: dict = field(default_factory=dict)  # flattened scalars of summary / config files
     ppl: dict = field(default_factory=dict)  # task -> ppl
     downstream: dict = field(default_factory=dict)  # task -> {"acc", "acc_norm"}
+    stages: dict = field(default_factory=dict)  # summary.json: held-out ppl after each compress stage
     sources: list = field(default_factory=list)
 
 
@@ -186,9 +187,28 @@ def _flatten(d: dict, prefix: str = "") -> dict:
         name = f"{prefix}{key}"
         if isinstance(value, dict):
             out.update(_flatten(value, f"{name}."))
+        elif isinstance(value, list) and all(isinstance(v, (str, int, float)) for v in value) and len(value) <= 8:
+            out[name] = ",".join(map(str, value))
         elif value is None or isinstance(value, (str, int, float, bool)):
             out[name] = value
     return out
+
+
+# summary.json (`sharp compress`) keys shown first, in this order; `config` repeats the settings and is left out
+SUMMARY_FIRST = ("model", "strategy", "recovery", "train", "data", "stages", "mlp_reduction", "params.stored",
+                 "params.recovery", "params.removed", "eval_examples", "train_examples")
+SUMMARY_SKIP = ("config", "tasks", "downstream", "perplexity")  # perplexity: its own table
+STAGES = ("original", "direct", "slw", "sft")  # summary["perplexity"] keys, in pipeline order
+
+
+def _summary_info(name: str, data: dict) -> dict:
+    if name == "summary.json":
+        flat = _flatten({k: v for k, v in data.items() if k not in SUMMARY_SKIP})
+        first = {k: flat.pop(k) for k in SUMMARY_FIRST if k in flat}
+        return {**first, **flat}
+    if name == "sharp_config.json":  # a sharp checkpoint: what was shared, how
+        return {f"checkpoint.{k}": data[k] for k in ("strategy", "recovery", "modules") if k in data}
+    return {f"prune.{k}": v for k, v in _flatten(data).items() if k != "format_version"}  # sharp_prune.json
 
 
 def _add_eval(run: Run, data: dict) -> None:
@@ -217,10 +237,10 @@ def collect_run(path: str | os.PathLike) -> Run:
                 run.sources.append(f.name)
                 continue
         if f.name in ("summary.json", "sharp_config.json", "sharp_prune.json"):
-            prefix = "" if f.name == "summary.json" else f.stem.removeprefix("sharp_") + "."
-            rest = {k: v for k, v in data.items() if k not in ("tasks", "downstream")}
-            for key, value in _flatten(rest, prefix).items():
+            for key, value in _summary_info(f.name, data).items():
                 run.info.setdefault(key, value)
+            if f.name == "summary.json" and isinstance(data.get("perplexity"), dict):
+                run.stages = {k: v for k, v in data["perplexity"].items() if isinstance(v, (int, float))}
             run.sources.append(f.name)
     if not run.sources:
         raise SharpError(f"run '{p}' holds no summary.json, sharp_config.json or eval JSON (`sharp eval --json`)")
@@ -256,6 +276,12 @@ def report_markdown(runs: list[Run], images: list[str] = ()) -> str:
         rows.append(["**mean**", *[_acc(_mean(r.downstream)) for r in runs]])
         lines += _table(["task", *names], rows)
         lines.append("")
+    stages = [s for s in STAGES if any(s in r.stages for r in runs)]
+    stages += sorted({s for r in runs for s in r.stages} - set(stages))
+    if stages:
+        lines += ["## Held-out perplexity after each `sharp compress` stage (summary.json)", ""]
+        lines += _table(["stage", *names], [[s, *[_num(r.stages.get(s)) for r in runs]] for s in stages])
+        lines.append("")
     keys = [k for k in dict.fromkeys(k for r in runs for k in r.info)]
     if keys:
         lines += ["## Run details", ""]
@@ -278,9 +304,27 @@ def _mean(downstream: dict) -> dict:
 
 
 def report_plots(runs: list[Run], out_md: Path) -> list[str]:
-    """`<stem>_ppl.png` and `<stem>_downstream.png` next to the report; their names."""
+    """`<stem>_stages.png` (compress summaries), `<stem>_ppl.png` and `<stem>_downstream.png` (eval JSONs) next
+    to the report; their names."""
     plt = _pyplot()
     names = []
+    staged = [r for r in runs if r.stages]
+    if staged:
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        order = [s for s in STAGES if any(s in r.stages for r in staged)]
+        order += sorted({s for r in staged for s in r.stages} - set(order))
+        for run in staged:
+            xs = [i for i, s in enumerate(order) if s in run.stages]
+            ax.plot(xs, [run.stages[order[i]] for i in xs], "o-", label=run.name)
+        ax.set_xticks(range(len(order)))
+        ax.set_xticklabels(order)
+        ax.set_yscale("log")
+        ax.set_ylabel("held-out perplexity")
+        ax.set_title("perplexity after each stage of sharp compress")
+        ax.legend(fontsize="small")
+        name = f"{out_md.stem}_stages.png"
+        _save(fig, out_md.parent / name)
+        names.append(name)
     for kind, tasks, value, ylabel, log in (
         ("ppl", sorted({t for r in runs for t in r.ppl}), lambda r, t: r.ppl.get(t), "perplexity", True),
         ("downstream", sorted({t for r in runs for t in r.downstream}),
