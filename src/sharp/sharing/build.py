@@ -45,7 +45,7 @@ def share(
 
 def config_sha256(config) -> str:
     d = config.to_dict()
-    for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "architectures"):
+    for volatile in ("transformers_version", "_name_or_path", "dtype", "torch_dtype", "architectures", "use_cache"):
         d.pop(volatile, None)
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()
 
