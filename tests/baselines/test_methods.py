@@ -136,3 +136,23 @@ def test_user_errors(kwargs, fragment):
     kwargs = {"examples": _examples(), "strategy": kwargs.get("strategy", "next:0-5"), **kwargs}
     with pytest.raises(SharpError, match=fragment):
         prune(tiny_model(), **kwargs)
+
+
+def test_width_keeps_what_torch_pruning_keeps_on_llama():
+    """Cross-check with torch-pruning's dependency graph + Taylor importance (|w * dL/dw| summed over the group)."""
+    import torch_pruning as tp
+
+    examples = _examples(3)
+    ours, theirs = tiny_model(), tiny_model()
+    prune(ours, "width", "50%", examples)
+    ignored = [theirs.lm_head, theirs.model.embed_tokens] + [layer.self_attn for layer in theirs.model.layers]
+    ids = torch.tensor([examples[0]["input_ids"]])
+    pruner = tp.pruner.MetaPruner(theirs, ids, importance=tp.importance.TaylorImportance("sum", normalizer=None),
+                                  pruning_ratio=0.5, ignored_layers=ignored,
+                                  forward_fn=lambda m, x: m(input_ids=x, use_cache=False).logits)
+    for e in examples:
+        theirs(input_ids=torch.tensor([e["input_ids"]]), labels=torch.tensor([e["labels"]])).loss.backward()
+    pruner.step()
+    for a, b in zip(ours.model.layers, theirs.model.layers, strict=True):
+        assert torch.equal(a.mlp.gate_proj.weight, b.mlp.gate_proj.weight)
+        assert torch.equal(a.mlp.down_proj.weight, b.mlp.down_proj.weight)

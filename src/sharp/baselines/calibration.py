@@ -6,8 +6,15 @@
   some models write a massive activation there (RESEARCH.md: SmolLM2's layer 11) that dominates any average.
 - First-order Taylor importance (LLM-Pruner, "element-wise" with sum aggregation): a channel's importance is
   sum |w * dL/dw| over its weights (gate row, up row, down column), with the gradient of the calibration loss
-  accumulated over all samples. Computed here directly on the HF modules (see docs/baselines.md for why not
-  through torch-pruning's dependency graph).
+  accumulated over all samples.
+
+Why not torch-pruning's `MetaPruner` for `width`: on a Llama-style MLP it works (gate/up/down grouped per layer
+when attention and embeddings are in `ignored_layers`, `forward_fn` returning logits with `use_cache=False`), and
+`tests/baselines/test_methods.py` checks that our scores keep exactly the channels its `TaylorImportance("sum",
+normalizer=None)` keeps. But (1) the budget must be met to one channel and the same scores also drive the "fill"
+of the block-dropping methods, outside any pruner; (2) on Phi-3's fused `gate_up_proj` (split by `chunk` in the
+forward) `MetaPruner` at ratio 0.5 left 14-20 of 96 rows instead of 48. So we compute the importance on the
+modules the architecture adapter names and slice the channels ourselves (`surgery.keep_mlp_channels`).
 """
 
 from __future__ import annotations
