@@ -86,7 +86,7 @@ def gguf_check(folder: Path, work: Path) -> dict:
     out = work / f"{folder.name}_gguf"
     files = export_gguf(folder, out, outtype="f16", overwrite=True)
     ref = sharp.load(folder, dtype=torch.float32, mode="merged")
-    ids = torch.arange(1, 33)[None] * 37 % 1000 + 5
+    ids = torch.arange(1, 33)[None] * 37 % (ref.config.vocab_size - 5) + 5
     result = {k: v.stat().st_size for k, v in files.items()}
     with torch.no_grad():
         result["max_abs_logit_diff_transformers_gguf_loader"] = compare_logits(ref, files["merged"], ids)
@@ -125,6 +125,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ppl-windows", type=int, default=8)
     p.add_argument("--quick", action="store_true", help="tiny settings for a dry run")
+    p.add_argument("--compile", action="store_true", help="also bench original vs SHARP 16-bit under torch.compile")
+    p.add_argument("--prepare-only", action="store_true", help="build the checkpoints and stop")
+    p.add_argument("--reuse", action="store_true", help="reuse the bench numbers in OUT.json (re-run the rest)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -134,6 +137,8 @@ def main() -> None:
     strategies = args.strategies.split(",")
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     paths = prepare(args.model, work, strategies, args.trained)
+    if args.prepare_only:
+        return
 
     from sharp.bench.report import markdown_table, plot
     from sharp.bench.runner import bench
@@ -149,20 +154,31 @@ def main() -> None:
         (f"{first} 4-bit, merged", f"{paths[f'{first} 4-bit']}@merged"),
         *[(f"SHARP {s} 4-bit, shared", paths[f"SHARP {s} 4-bit"]) for s in strategies[1:]],
     ]
-    print(f"benchmarking {len(entries)} entries", flush=True)
-    report = bench([str(s) for _, s in entries], tokens=args.tokens, repeats=args.repeats, threads=args.threads,
-                   progress=lambda s: print("  measuring", s, flush=True))
     labels = [label for label, _ in entries]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    if args.reuse:
+        report = json.loads(out.with_suffix(".json").read_text())
+    else:
+        print(f"benchmarking {len(entries)} entries", flush=True)
+        report = bench([str(s) for _, s in entries], tokens=args.tokens, repeats=args.repeats, threads=args.threads,
+                       progress=lambda s: print("  measuring", s, flush=True))
+        report["started"] = started
+        out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")  # saved early: --reuse
     plot(report, out.with_suffix(".png"), labels)
 
+    if args.compile:
+        print("torch.compile pair", flush=True)
+        pair = [paths["original 16-bit"], paths[f"{first} 16-bit"]]
+        report["compiled"] = bench([str(x) for x in pair], tokens=args.tokens, repeats=args.repeats,
+                                   threads=args.threads, compile=True)
+        out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     print("perplexity", flush=True)
     ppl = {label: wikitext_ppl(path, args.ppl_windows, 512 if not args.quick else 64)
            for label, path in paths.items()}
     print("gguf", flush=True)
     gguf = gguf_check(paths[f"{first} 16-bit"], work)
-    report.update(labels=labels, perplexity=ppl, gguf=gguf, started=started,
+    report.update(labels=labels, perplexity=ppl, gguf=gguf,
                   finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     report["paths"] = {k: str(v) for k, v in paths.items()}
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
@@ -242,6 +258,31 @@ def render(report: dict, model: str, table: str) -> str:
                 f"{me['model_rss_mib']:.0f} MiB); warm load {sh_['warm_load_s']:.2f} s vs {me['warm_load_s']:.2f} s "
                 f"(merging costs the difference); decode {sh_['decode_tok_s']:.1f} vs {me['decode_tok_s']:.1f} tok/s."
             )
+    lines += ["", "## Data locality: does shared mode pay?", ""]
+    sh16 = next((r for k, r in models.items() if k.endswith("16-bit, shared")), None)
+    sh4 = next((r for k, r in models.items() if k.endswith("4-bit, shared")), None)
+    if sh16 and sh4:
+        lines.append(
+            f"- eager PyTorch: shared decode is {sh16['decode_tok_s'] / orig16['decode_tok_s']:.2f}× the original "
+            f"(16-bit) and {sh4['decode_tok_s'] / orig4['decode_tok_s']:.2f}× (4-bit). Each target runs its "
+            "reference's weights again plus three small LoRA matmuls; on this machine the per-token weight bytes "
+            "that shrink are the main lever, and kernel-launch overhead of the extra LoRA matmuls works against it.")
+    if "compiled" in report:
+        c0, c1 = report["compiled"]["models"]
+        lines.append(
+            f"- torch.compile (dynamic shapes): original {c0['decode_tok_s']:.1f} tok/s, SHARP shared "
+            f"{c1['decode_tok_s']:.1f} tok/s ({c1['decode_tok_s'] / c0['decode_tok_s']:.2f}×), vs eager "
+            f"{orig16['decode_tok_s']:.1f} / {sh16['decode_tok_s']:.1f}.")
+    m = report["machine"]
+    lines.append(
+        f"- The CPU reports an L3 of {m['l3_cache']} (a VM: the host's cache, shared with every other tenant); "
+        f"the 16-bit model is {orig16['bytes_per_token'] / 2**20:.0f} MiB of weights per token, the 4-bit one "
+        f"{orig4['bytes_per_token'] / 2**20:.0f} MiB, so a reference MLP (576×1536×3 weights: 5.1 MiB in bf16, "
+        "1.3 MiB in int4) is still cached when its target runs right after it — re-reading it costs compute, "
+        "not DRAM bandwidth. The int4 path (optimum-quanto) only uses torch's packed CPU int4 kernel where the "
+        "input size is a multiple of 128 (down_proj: 1536); gate/up/attention (576 inputs, groups of 96) "
+        f"dequantize on the fly: 4-bit original decodes {orig4['decode_tok_s'] / orig16['decode_tok_s']:.2f}× "
+        "as fast as 16-bit here.")
     lines += ["", "## Noise", "",
               "Decode tok/s of each run (min – max of the timed runs), to read the medians against:", ""]
     for label, r in models.items():

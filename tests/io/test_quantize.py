@@ -9,7 +9,13 @@ from torch import nn
 
 import sharp
 from sharp.errors import SharpError
-from sharp.io.quantize import QUANT_CONFIG, quantize_checkpoint, quantize_model, quantized_linears
+from sharp.io.quantize import (
+    QUANT_CONFIG,
+    load_quantized_folder,
+    quantize_checkpoint,
+    quantize_model,
+    quantized_linears,
+)
 from sharp.sharing.shared import recoveries, shared_linears
 from tests.conftest import randomize_recovery, run_cli
 
@@ -95,11 +101,13 @@ def test_merged_mode_materializes_targets(shared_ckpt, tmp_path):
     assert not torch.equal(requantized, target.base_layer.weight.dequantize().float())
 
 
-def test_plain_model_quantizes_into_a_sharp_checkpoint(stories_path, tmp_path):
-    quantize_checkpoint(str(stories_path), tmp_path / "q")
-    loaded = sharp.load(tmp_path / "q")
+def test_plain_model_quantizes_into_a_plain_folder(stories_path, tmp_path):
+    model = quantize_checkpoint(str(stories_path), tmp_path / "q")
+    loaded = load_quantized_folder(tmp_path / "q")
     assert not shared_linears(loaded) and len(quantized_linears(loaded)) == 35
-    assert loaded.sharp_config.sharing == {}
+    assert not (tmp_path / "q" / "sharp_config.json").exists()
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=IDS).logits, model(input_ids=IDS).logits)
 
 
 def test_errors(shared_ckpt, tmp_path):

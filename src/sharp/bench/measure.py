@@ -119,6 +119,10 @@ def load_for_bench(spec: str, mode: str = "shared") -> nn.Module:
     from sharp.io.models import resolve_model_path
 
     path = resolve_model_path(spec)
+    if (Path(path) / "quantization.json").is_file() and not is_sharp_checkpoint(path):
+        from sharp.io.quantize import load_quantized_folder
+
+        return load_quantized_folder(path)
     if is_sharp_checkpoint(path):
         problems = verify_manifest(path, hashes=False)
         if problems:

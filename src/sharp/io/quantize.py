@@ -146,7 +146,8 @@ def load_quantized(path: Path, config: QuantConfig, build) -> nn.Module:
     _quantize_modules(model, config.modules, config)
     try:
         state = load_file(path / WEIGHTS)
-        state.update(load_file(path / RECOVERY))
+        if (path / RECOVERY).is_file():  # absent in a plain (unshared) quantized folder
+            state.update(load_file(path / RECOVERY))
     except (OSError, SafetensorError) as e:
         raise SharpError(f"cannot read the weights of '{path}': {e}") from None
     result = model.load_state_dict(state, strict=False, assign=True)
@@ -194,8 +195,9 @@ def write_quant_config(model: nn.Module, folder: str | os.PathLike) -> None:
 def quantize_checkpoint(
     source: str, out: str | os.PathLike, bits: int = 4, method: str = "quanto", overwrite: bool = False
 ) -> nn.Module:
-    """`sharp quantize`: load a sharp checkpoint (or a plain model, saved as a sharp checkpoint without sharing),
-    quantize each unique weight once and save. Returns the quantized model."""
+    """`sharp quantize`: load a sharp checkpoint (or a plain model), quantize each unique weight once and save.
+    A plain model is saved as a plain quantized folder (no sharp_config.json; `load_quantized_folder` reads it).
+    Returns the quantized model."""
     from sharp.io.atomic import check_output_dir
     from sharp.io.checkpoint import save
     from sharp.io.models import load_model
@@ -203,17 +205,45 @@ def quantize_checkpoint(
     QuantConfig(method=method, bits=bits)  # validate before loading anything
     check_output_dir(out, overwrite)
     model, tokenizer = load_model(source)
-    if getattr(model, "sharp_config", None) is None:
-        model.sharp_config = unshared_config(model, source)
     quantize_model(model, bits=bits, method=method)
-    save(model, out, tokenizer=tokenizer, overwrite=overwrite)
+    if getattr(model, "sharp_config", None) is not None:
+        save(model, out, tokenizer=tokenizer, overwrite=overwrite)
+    else:
+        save_plain(model, out, tokenizer, overwrite)
     return model
 
 
-def unshared_config(model: nn.Module, source: str):
-    """A `SharpConfig` with an empty sharing map: lets a plain model travel in the sharp format."""
-    from sharp import __version__
-    from sharp.sharing.build import base_identity
-    from sharp.sharing.config import SharpConfig
+def save_plain(model: nn.Module, out: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
+    """A quantized model without sharing: weights, configs, quantization.json and a manifest."""
+    from safetensors.torch import save_file
 
-    return SharpConfig(sharing={}, strategy="", base=base_identity(model, source), sharp_version=__version__)
+    from sharp.io.atomic import atomic_dir
+    from sharp.io.checkpoint import WEIGHTS, split_state_dict, write_manifest
+
+    base, _ = split_state_dict(model)
+    with atomic_dir(out, overwrite) as tmp:
+        save_file(base, tmp / WEIGHTS, metadata={"format": "pt"})
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_quant_config(model, tmp)
+        write_manifest(tmp)
+    return Path(out)
+
+
+def is_quantized_folder(path: str | os.PathLike) -> bool:
+    return (Path(path) / QUANT_CONFIG).is_file()
+
+
+def load_quantized_folder(path: str | os.PathLike, mode: str = "shared") -> nn.Module:
+    """Any folder `sharp quantize` wrote: a quantized sharp checkpoint (via `sharp.load`) or a plain one."""
+    from sharp.io.checkpoint import is_sharp_checkpoint, load
+
+    path = Path(path)
+    if is_sharp_checkpoint(path):
+        return load(path, verify=False, mode=mode)
+    if mode != "shared":
+        raise SharpError(f"'{path}' is a plain model: the {mode} runtime mode only applies to sharp checkpoints")
+    return load_quantized(path, QuantConfig.from_json((path / QUANT_CONFIG).read_text()), lambda m: None)
