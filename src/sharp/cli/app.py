@@ -45,13 +45,9 @@ def main() -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted")
         raise SystemExit(130) from None
-    except Exception as e:  # click usage errors and friends
-        import click
-
-        if isinstance(e, click.exceptions.UsageError):
-            msg = e.format_message().replace("\n", " ")
-            raise SystemExit(fail(msg).exit_code) from None
-        if isinstance(e, click.exceptions.ClickException):
-            raise SystemExit(fail(e.format_message()).exit_code) from None
+    except Exception as e:  # click usage errors and friends (typer may vendor its own click: match by name)
+        kinds = {c.__name__ for c in type(e).__mro__}
+        if "UsageError" in kinds or "ClickException" in kinds:
+            raise SystemExit(fail(e.format_message().replace("\n", " ")).exit_code) from None
         raise
     sys.exit(code if isinstance(code, int) else 0)

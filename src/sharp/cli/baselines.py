@@ -49,6 +49,10 @@ def prune(
                            lora_rank=lora_rank, eval_fraction=eval_fraction, seed=seed,
                            sft=dict(_sft(steps, lr, batch_size, grad_accum), seed=seed))
     options.validate()
+    if data:
+        from sharp.io.models import check_max_len, load_config
+
+        check_max_len(load_config(model), max_len)
     with err_console.status(f"pruning {model} ({method})"):
         report = prune_model(model, out, options, overwrite=overwrite)
     table = Table(title=str(out), show_header=False)

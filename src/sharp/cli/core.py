@@ -80,6 +80,8 @@ def share(
     modules: str = typer.Option("mlp", "--modules", help="mlp (default), attn or all"),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    adapter_only: bool = typer.Option(False, "--adapter-only", help="Write only the recovery parameters and "
+                                      "configs (load with sharp.load(DIR, base=MODEL))."),
 ) -> None:
     """Build and save an untrained SHARP model (recovery initialized to Direct Sharing)."""
     import sharp
@@ -92,7 +94,7 @@ def share(
         loaded, tokenizer = sharp.load_model(model)
     sharp.share(loaded, strategy, recovery, modules, source=model)
     with err_console.status(f"saving {out}"):
-        sharp.save(loaded, out, tokenizer=tokenizer, overwrite=overwrite)
+        sharp.save(loaded, out, tokenizer=tokenizer, overwrite=overwrite, adapter_only=adapter_only)
     print_info(describe(loaded, out), title=str(out))
 
 
@@ -126,6 +128,8 @@ def merge(
 def verify(
     checkpoint: Path = typer.Argument(..., help="A sharp checkpoint folder."),
     load: bool = typer.Option(True, "--load/--no-load", help="Also load it and check every tensor key."),
+    base: str = typer.Option(None, "--base", help="Base model of an adapter-only checkpoint (default: the "
+                             "recorded source); its identity is checked."),
 ) -> None:
     """Check a checkpoint against its manifest (sha256 and size of every file); exit 1 if anything is off."""
     from sharp.io.checkpoint import is_sharp_checkpoint, verify_manifest
@@ -142,7 +146,7 @@ def verify(
             if load:
                 import sharp
 
-                sharp.load(checkpoint, verify=False)
+                sharp.load(checkpoint, verify=False, base=base)
         except Exception as e:  # noqa: BLE001 - any failure to load is a verification failure
             problems.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
     if problems:

@@ -101,9 +101,9 @@ def evaluate(
     if json_out is not None:
         _check_json_out(json_out)
 
-    from sharp.io.models import load_model, resolve_model_path
+    from sharp.io.models import check_max_len, load_config, load_model
 
-    resolve_model_path(model)
+    check_max_len(load_config(model), max_len)
     loaded, tokenizer = load_model(model)
     results = evaluate_tasks(loaded, tokenizer, ppl_tasks, max_len=max_len, stride=stride, batch_size=batch_size,
                              limit=limit, template=template, eval_fraction=eval_fraction, seed=seed,

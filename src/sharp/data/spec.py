@@ -197,7 +197,10 @@ def load_records(spec: DataSpec | str) -> list[dict]:
         spec = parse_data_spec(spec)
     fmt = FORMATS[spec.format]
     if spec.kind == "file":
-        records = _read_local(Path(spec.source), spec.format)
+        try:
+            records = _read_local(Path(spec.source), spec.format)
+        except UnicodeDecodeError as e:
+            raise SharpError(f"'{spec.source}' is not UTF-8 text (byte {e.start}); check the file") from None
     else:
         import datasets
 

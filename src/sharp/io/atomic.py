@@ -1,11 +1,14 @@
 """Atomic output folders: write into a temporary sibling, then rename into place.
 
-A run killed at any moment leaves either the previous folder or nothing, never a half-written result.
+A run killed at any moment leaves either the previous folder or nothing, never a half-written result. The
+write holds `output_lock(out)`, so two runs never publish into the same folder at once; the next write to `out`
+removes the hidden leftovers of a killed one (and puts back a previous folder a kill caught mid-swap).
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import shutil
 import tempfile
@@ -26,34 +29,61 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
     probe = parent
     while not probe.exists():
         probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise SharpError(f"cannot write to '{probe}'; choose an --out you can write to")
+    if not probe.is_dir():
+        raise SharpError(f"cannot create '{out}': '{probe}' is a file, not a folder; choose another --out")
+    try:  # a real write, not os.access: root, read-only mounts and pseudo file systems all answer truly
+        fd, name = tempfile.mkstemp(prefix=".sharp-write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise SharpError(f"cannot write to '{probe}' ({e.strerror}); choose an --out you can write to") from None
     return out
 
 
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder; on success it replaces `out` in one rename."""
+    from sharp.io.lock import output_lock
+
     out = check_output_dir(out, overwrite)
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.absolute().parent))
-    try:
-        yield tmp
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other folder
-        for f in tmp.rglob("*"):  # make the data durable before the rename publishes it
-            if f.is_file():
-                os.chmod(f, 0o666 & ~umask)
-                with open(f, "rb+") as fh:
-                    os.fsync(fh.fileno())
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.absolute().parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with output_lock(out):
+        _clean_leftovers(out)
+        out = check_output_dir(out, overwrite)  # again: another run may have published it meanwhile
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.absolute().parent))
+        try:
+            yield tmp
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like any other folder
+            for f in tmp.rglob("*"):  # make the data durable before the rename publishes it
+                if f.is_file():
+                    os.chmod(f, 0o666 & ~umask)
+                    with open(f, "rb+") as fh:
+                        os.fsync(fh.fileno())
+            if out.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.absolute().parent))
+                os.replace(out, old / "x")
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+
+def _clean_leftovers(out: Path) -> None:
+    """Hidden siblings a killed write left (we hold the lock, so no live writer owns them): temp folders,
+    including those of a save nested in one, are removed; a previous folder caught mid-swap is put back."""
+    parent = out.absolute().parent
+    for old in sorted(parent.glob(f".{glob.escape(out.name)}.old-*")):
+        if not out.exists() and (old / "x").is_dir():
+            os.replace(old / "x", out)
+        shutil.rmtree(old, ignore_errors=True)
+    for pattern in (f".{glob.escape(out.name)}.tmp-*", f"..{glob.escape(out.name)}.tmp-*"):
+        for tmp in parent.glob(pattern):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:  # the lock file of a killed nested save
+                tmp.unlink(missing_ok=True)

@@ -54,6 +54,14 @@ def load_config(spec: str):
         raise SharpError(f"cannot read the config of model '{spec}': {_first_line(e)}") from None
 
 
+def check_max_len(config, max_len: int, flag: str = "--max-len") -> None:
+    """Refuse a sequence length the model cannot attend over (its `max_position_embeddings`)."""
+    limit = getattr(config, "max_position_embeddings", None)
+    if max_len < 2 or (isinstance(limit, int) and max_len > limit):
+        raise SharpError(f"{flag} {max_len} must be between 2 and the model's limit ({limit} positions); "
+                         f"lower {flag}")
+
+
 def load_model(spec: str, dtype: torch.dtype | str | None = "auto") -> tuple[nn.Module, object]:
     """(model, tokenizer) for any supported spec; sharp checkpoints load with their sharing."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -21,9 +21,34 @@ def compress(cfg: CompressConfig, progress: bool = True) -> dict:
     """Run the stages of `cfg` and write the checkpoint to `cfg.out`. Returns the summary (also saved)."""
     from sharp.io.lock import output_lock
 
+    finished = _finished(cfg)
+    if finished is not None:
+        return finished
     cfg.validate()
     with output_lock(cfg.work_dir):
         return _compress(cfg, prepare_work_dir(cfg), progress)
+
+
+def _finished(cfg: CompressConfig) -> dict | None:
+    """The summary of this very run when a kill caught it after publishing `out` but before removing its work
+    folder: the rerun then only finishes the clean-up (instead of refusing the non-empty `out`)."""
+    from sharp.io.checkpoint import verify_manifest
+    from sharp.io.lock import output_lock
+
+    out, work = Path(cfg.out), cfg.work_dir
+    if not (work.exists() and (out / "summary.json").is_file()):
+        return None
+    try:
+        summary = json.loads((out / "summary.json").read_text())
+        same = {k: v for k, v in summary["config"].items() if k != "overwrite"} == \
+            {k: v for k, v in asdict(cfg).items() if k != "overwrite"}
+    except (OSError, json.JSONDecodeError, KeyError, AttributeError):
+        return None
+    if not same or verify_manifest(out):
+        return None
+    with output_lock(work):
+        shutil.rmtree(work, ignore_errors=True)
+    return summary
 
 
 def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
@@ -46,13 +71,13 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
 
     # 1. load the model and the data
     with meter("load"):
-        model, tokenizer = sharp.load_model(cfg.model, dtype=torch.float32)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         spec = parse_data_spec(cfg.data)
-        records = load_records(spec)
+        records = load_records(spec)  # a record missing a field fails here, before the model loads
         train_recs, eval_recs = split_examples(records, cfg.eval_fraction, cfg.seed)
         if cfg.eval_data:
             eval_recs = load_records(cfg.eval_data)
+        model, tokenizer = sharp.load_model(cfg.model, dtype=torch.float32)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         if spec.format == "text":
             train, held = (text_examples(r, tokenizer, cfg.max_len) for r in (train_recs, eval_recs))
         else:

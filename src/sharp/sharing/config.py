@@ -50,6 +50,8 @@ class SharpConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise SharpError(f"sharp_config.json has unknown keys {unknown}; is it from a newer sharp-llm?")
+        if not isinstance(d.get("format_version", FORMAT_VERSION), int):
+            raise SharpError("sharp_config.json is malformed (format_version must be a number); re-create it")
         if d.get("format_version", FORMAT_VERSION) > FORMAT_VERSION:
             raise SharpError(
                 f"sharp_config.json has format {d['format_version']}, this sharp-llm reads up to "
@@ -61,6 +63,12 @@ class SharpConfig:
             d["base"] = BaseIdentity(**d.get("base", {"model_type": ""}))
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise SharpError(f"sharp_config.json is malformed ({e}); re-create the checkpoint") from None
+        texts = [(k, d.get(k, "")) for k in ("recovery", "modules", "strategy", "sharp_version")]
+        texts += [(f"base.{k}", v) for k, v in asdict(d["base"]).items()]
+        for key, value in texts:
+            if not isinstance(value, str):
+                raise SharpError(f"sharp_config.json is malformed ('{key}' must be text, not {value!r}); "
+                                 "re-create the checkpoint")
         return cls(**d)
 
     @classmethod
