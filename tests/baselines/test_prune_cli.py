@@ -49,3 +49,19 @@ def test_bad_arguments_fail_before_work(stories_path, tmp_path, capsys, args, fr
     code, _, err = run_cli(["prune", stories_path, *args, "--out", out], capsys)
     assert code == 2 and fragment in err and "Traceback" not in err
     assert not out.exists()
+
+
+def test_prune_matches_a_sharp_checkpoint(stories_path, tmp_path, capsys):
+    ck = tmp_path / "sharp"
+    code, _, err = run_cli(["share", stories_path, "--strategy", "next:1-4", "--recovery", "lora:4", "--out", ck],
+                           capsys)
+    assert code == 0, err
+    code, stdout, _ = run_cli(["info", ck, "--json"], capsys)
+    target = json.loads(stdout)["params_stored"]
+    out = tmp_path / "w"
+    code, _, err = run_cli(["prune", stories_path, "--method", "width", "--budget", f"match:{ck}", "--data", C4,
+                            "--calib-samples", "2", "--max-len", "64", "--out", out], capsys)
+    assert code == 0, err
+    report = json.loads((out / PRUNE_CONFIG).read_text())
+    assert report["params_target"] == target
+    assert 0 <= target - report["params_stored"] < 0.01 * target
