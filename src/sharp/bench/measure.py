@@ -168,8 +168,10 @@ def decode(model: nn.Module, prompt: torch.Tensor, tokens: int) -> tuple[float, 
 
 
 def measure(spec: str, mode: str = "shared", tokens: int = 64, repeats: int = 5, prompt_tokens: int = 32,
-            compile: bool = False) -> dict:
-    """Every per-model field of `sharp bench` (see `sharp.bench.runner.FIELDS`)."""
+            compile: bool = False, load_repeats: int | None = None) -> dict:
+    """Every per-model field of `sharp bench` (see `sharp.bench.runner.FIELDS`); loads are timed
+    `load_repeats` times each (default: `repeats`)."""
+    load_repeats = load_repeats or repeats
     from sharp.io.models import folder_bytes, resolve_model_path
 
     path = resolve_model_path(spec)
@@ -192,7 +194,7 @@ def measure(spec: str, mode: str = "shared", tokens: int = 64, repeats: int = 5,
     del model
     gc.collect()
 
-    for _ in range(repeats - 1):
+    for _ in range(load_repeats - 1):
         resident.append(evict(files))
         t0 = time.perf_counter()
         model = load_for_bench(spec, mode)
@@ -200,7 +202,7 @@ def measure(spec: str, mode: str = "shared", tokens: int = 64, repeats: int = 5,
         del model
         gc.collect()
     warm = []
-    for _ in range(repeats):
+    for _ in range(load_repeats):
         t0 = time.perf_counter()
         model = load_for_bench(spec, mode)
         warm.append(time.perf_counter() - t0)
@@ -235,6 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--load-repeats", type=int, default=0)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -246,7 +249,8 @@ def main(argv: list[str] | None = None) -> None:
     from sharp.errors import SharpError
 
     try:
-        result = measure(args.spec, args.mode, args.tokens, args.repeats, args.prompt_tokens, args.compile)
+        result = measure(args.spec, args.mode, args.tokens, args.repeats, args.prompt_tokens, args.compile,
+                         args.load_repeats or None)
     except SharpError as e:
         print(json.dumps({"error": str(e)}))
         raise SystemExit(2) from None

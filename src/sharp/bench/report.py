@@ -40,7 +40,8 @@ def header_lines(report: dict) -> list[str]:
         f"machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} with {m['torch_threads']} threads, "
         f"L3 {m['l3_cache']}, load average {m['load_average_1m']:.2f} at start",
         f"settings: batch {s['batch']}, {s['decoding']}, prompt {s['prompt_tokens']} tokens, decode {s['tokens']} "
-        f"tokens, {s['statistic']} of {s['repeats']} runs" + (", torch.compile" if s.get("compile") else ""),
+        f"tokens, {s['statistic']} of {s['repeats']} decode runs and {s.get('load_repeats', s['repeats'])} loads"
+        + (", torch.compile" if s.get("compile") else ""),
         s["cold_load"],
         "ratios are against the first model; decode speed ratio > 1 = faster; floors: load time ratio ≥ stored "
         "bytes ratio, decode speed ratio ≤ 1 / (bytes read per token ratio) when memory-bound",

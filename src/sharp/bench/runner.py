@@ -82,9 +82,10 @@ def machine_info(threads: int = 0) -> dict:
 
 
 def measure_in_subprocess(spec: str, mode: str, tokens: int, repeats: int, prompt_tokens: int, threads: int,
-                          compile: bool = False) -> dict:
+                          compile: bool = False, load_repeats: int = 0) -> dict:
     cmd = [sys.executable, "-m", "sharp.bench.measure", spec, "--mode", mode, "--tokens", str(tokens),
-           "--repeats", str(repeats), "--prompt-tokens", str(prompt_tokens), "--threads", str(threads)]
+           "--repeats", str(repeats), "--prompt-tokens", str(prompt_tokens), "--threads", str(threads),
+           "--load-repeats", str(load_repeats)]
     if compile:
         cmd.append("--compile")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
@@ -118,13 +119,15 @@ def bench(
     threads: int = 0,
     compile: bool = False,
     progress: Callable[[str], None] | None = None,
+    load_repeats: int = 0,
 ) -> dict:
     """Measure every model (in order, each in a fresh subprocess) and return the report `sharp bench --json`
     writes: machine, settings, and one entry per model with ratios against the first."""
     if not specs:
         raise SharpError("give at least one model to benchmark")
-    if repeats < 1 or tokens < 1 or prompt_tokens < 1:
+    if repeats < 1 or tokens < 1 or prompt_tokens < 1 or load_repeats < 0:
         raise SharpError("--repeats, --tokens and --prompt-tokens must be at least 1")
+    load_repeats = load_repeats or repeats
     from sharp.io.checkpoint import is_sharp_checkpoint
     from sharp.io.models import resolve_model_path
 
@@ -136,13 +139,14 @@ def bench(
     for spec, (model, mode) in zip(specs, parsed, strict=True):
         if progress:
             progress(spec)
-        r = measure_in_subprocess(model, mode, tokens, repeats, prompt_tokens, threads, compile)
+        r = measure_in_subprocess(model, mode, tokens, repeats, prompt_tokens, threads, compile, load_repeats)
         r["model"] = spec
         results.append(r)
     add_ratios(results)
     return {
         "machine": machine_info(threads),
-        "settings": {"tokens": tokens, "repeats": repeats, "prompt_tokens": prompt_tokens, "batch": 1,
+        "settings": {"tokens": tokens, "repeats": repeats, "load_repeats": load_repeats,
+                     "prompt_tokens": prompt_tokens, "batch": 1,
                      "decoding": "greedy, KV cache, single-token steps", "statistic": "median",
                      "compile": compile, "cold_load": EVICTION_NOTE},
         "models": results,

@@ -39,6 +39,7 @@ def bench(
     prompt_tokens: int = typer.Option(32, "--prompt-tokens", help="Prompt length for time to first token."),
     threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)."),
     compile: bool = typer.Option(False, "--compile", help="Run the models under torch.compile."),
+    load_repeats: int = typer.Option(0, "--load-repeats", help="Cold and warm loads per model (0: --repeats)."),
 ) -> None:
     """Bytes on disk, cold/warm load, time to first token, decode tokens/s and peak RSS, side by side."""
     from rich.progress import Progress
@@ -55,7 +56,8 @@ def bench(
             progress.update(task, completed=done[0], description=f"measuring {spec}")
             done[0] += 1
 
-        report = run_bench(models, tokens, repeats, prompt_tokens, threads, compile, progress=step)
+        report = run_bench(models, tokens, repeats, prompt_tokens, threads, compile, progress=step,
+                           load_repeats=load_repeats)
     console.print(rich_table(report))
     if json_out:
         json_out.parent.mkdir(parents=True, exist_ok=True)
