@@ -153,4 +153,8 @@ def suggest_strategy(costs: dict[int, float], num_layers: int, budget: float,
     reasons.append(f"least total {unit} among non-adjacent sets of {k} targets: {total:.3g}"
                    + (f" (predicted ppl × {math.exp(min(total, 700.0)):.3g}; losses compound, so expect worse)"
                       if cost_source == "delta_nll" else ""))
+    if cost_source != "delta_nll":
+        reasons.append("costs are MLP output errors, a weak predictor of perplexity (on SmolLM2 the last layer "
+                       "looks cheap here yet is the costliest to share); measure single-layer replacement "
+                       "(--ppl-examples) for a better choice")
     return Suggestion(text, tuple(targets), k / num_layers, budget, total, cost_source, tuple(reasons))
