@@ -44,8 +44,9 @@ def main() -> None:
     ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--slw-fraction", type=float, default=0.05)
     ap.add_argument("--slw-steps", type=int, default=30)
+    ap.add_argument("--slw-lr", type=float, default=2e-3)
     ap.add_argument("--slw-workers", type=int, default=2)
-    ap.add_argument("--sft-steps", type=int, default=12)
+    ap.add_argument("--sft-steps", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--grad-accum", type=int, default=1)
     ap.add_argument("--lr", type=float, default=1e-3)
@@ -88,7 +89,7 @@ def main() -> None:
 
     n = max(1, round(len(train) * a.slw_fraction))
     batches = [collate(train[i : i + a.batch_size]) for i in range(0, n, a.batch_size)]
-    slw_cfg = SLWConfig(steps=a.slw_steps, workers=a.slw_workers, seed=a.seed)
+    slw_cfg = SLWConfig(steps=a.slw_steps, lr=a.slw_lr, workers=a.slw_workers, seed=a.seed)
     with meter("slw"):
         layers = run_slw(original, model, batches, slw_cfg, a.work / "slw")
     del original
@@ -189,7 +190,8 @@ def render(r: dict) -> str:
         "## Budget (small on purpose: 2 CPU cores shared by several engineers)",
         "",
         f"- SLW: activations of {r['slw_capture_examples']} training examples ({b['slw_fraction']:.0%}), "
-        f"at most {b['slw_steps']} AdamW steps per target layer (closed-form init of down_proj's LoRA first), "
+        f"at most {b['slw_steps']} AdamW steps per target layer (lr {b['slw_lr']}; closed-form init of "
+        "down_proj's LoRA first), "
         f"{b['slw_workers']} worker processes.",
         f"- SFT (each of the two runs): {b['sft_steps']} optimizer steps × {b['batch_size']} examples × "
         f"{b['grad_accum']} accumulation, ≈{r['sft_tokens_per_run']:,} tokens, lr {b['lr']} (warmup + cosine), "

@@ -77,6 +77,7 @@ def test_sft_lowers_eval_loss_and_checkpoints_only_trainable(data, tmp_path):
     result = run_sft(model, train, held, _cfg(steps=12), tmp_path / "w", _collate, log_file=tmp_path / "log.jsonl")
     assert result["steps"] == 12 and result["eval_loss"] < before - 0.05
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+    assert model.config.use_cache is True  # the Trainer's switch-off must not leak into the saved config
     ckpt = last_checkpoint(tmp_path / "w")
     assert ckpt.name == "checkpoint-12"
     saved = load_file(ckpt / TRAINABLE)

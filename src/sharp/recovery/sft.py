@@ -152,13 +152,22 @@ def run_sft(
         disable_tqdm=not config.progress,
     )
     cbs = [JsonlLogCallback(log_file)] if log_file is not None else []
+    use_cache = getattr(model.config, "use_cache", None)  # Trainer turns it off; the saved config must not change
+    try:
+        return _train(model, args, train, eval_examples, collate, [*cbs, *callbacks], resume, config)
+    finally:
+        if use_cache is not None:
+            model.config.use_cache = use_cache
+
+
+def _train(model, args, train, eval_examples, collate, callbacks, resume, config) -> dict:
     trainer = SharpTrainer(
         model=model,
         args=args,
         train_dataset=list(train),
         eval_dataset=list(eval_examples) or None,
         data_collator=collate,
-        callbacks=[*cbs, *callbacks],
+        callbacks=list(callbacks),
     )
     out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
