@@ -1,13 +1,13 @@
 """Kill `sharp compress` with SIGKILL at random moments, rerun it, and check every run ends like an uninterrupted one.
 
-    .venv/bin/python benchmarks/kill_resume.py [--trials 20] [--seed 0] [--out docs/results/kill_resume.md]
+    .venv/bin/python benchmarks/kill_resume.py [--trials 20] [--parallel 3] [--seed 0] [--out docs/results/...]
 
 One uninterrupted run of `sharp compress` on stories260K (a tiny SLW + SFT budget) gives the reference time T
 and perplexity. Then, per trial: start the same command into a fresh folder, SIGKILL it after a random
-0.05 T .. 1.05 T seconds, look at what it left (the stage the kill hit; the output folder must be absent or
-pass its manifest, never half-written), rerun the same command to the end, run `sharp verify` on the result
-and compare its held-out perplexity and recovery tensors with the reference. Prints a table and writes it
-(with the command and settings) to the results file.
+0.05 T .. 1.05 T seconds (T scaled for `--parallel` trials at once), look at what it left (the stage the kill
+hit; the output folder must be absent or pass its manifest, never half-written), rerun the same command to the
+end, run `sharp verify` on the result and compare its held-out perplexity and recovery tensors with the
+reference. Prints a table and writes it (with the command and settings) to the results file.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -97,6 +98,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "kill_resume.md")
+    parser.add_argument("--parallel", type=int, default=1, help="Trials run at once (each is one process).")
     parser.add_argument("--keep", action="store_true", help="Keep the run folders (printed at the end).")
     args = parser.parse_args()
     if not MODEL.is_dir():
@@ -111,11 +113,9 @@ def main() -> None:
     ref_ppl = json.loads((ref / "summary.json").read_text())["perplexity"]
     print(f"reference: {ref_time:.1f} s, perplexity {ref_ppl}", flush=True)
 
-    rows = []
-    for trial in range(1, args.trials + 1):
-        out = root / f"trial{trial:02d}" / "out"
+    def trial(number: int, delay: float) -> dict:
+        out = root / f"trial{number:02d}" / "out"
         out.parent.mkdir()
-        delay = rng.uniform(0.05, 1.05) * ref_time
         with open(out.parent / "killed.log", "w") as fh:
             proc = subprocess.Popen(compress_cmd(out), env=ENV, stdout=fh, stderr=subprocess.STDOUT)
             try:
@@ -128,24 +128,30 @@ def main() -> None:
         stage = stage_left(out) if killed else "finished before the kill"
         after_kill = out_state(out)
         code, seconds, log = run_to_end(out, out.parent / "rerun.log")
-        resumed = "SFT resumes from" in log or "resume" in log.lower()
         verify = subprocess.run(sharp_cmd("verify", out), env=ENV, capture_output=True, text=True)
-        row = {"trial": trial, "kill_s": round(delay, 1), "killed": killed, "stage": stage, "after_kill": after_kill,
-               "rerun_exit": code, "rerun_s": round(seconds, 1), "resumed": resumed,
-               "verify": "OK" if verify.returncode == 0 else "FAIL"}
+        row = {"trial": number, "kill_s": round(delay, 1), "killed": killed, "stage": stage,
+               "after_kill": after_kill, "rerun_exit": code, "rerun_s": round(seconds, 1),
+               "resumed": "resumes from" in log, "verify": "OK" if verify.returncode == 0 else "FAIL"}
         if code == 0:
             ppl = json.loads((out / "summary.json").read_text())["perplexity"]
             row["ppl"] = ppl["sft"]
             row["dppl"] = ppl["sft"] - ref_ppl["sft"]
             row["dparam"] = recovery_diff(out, ref)
             row["leftovers"] = sorted(p.name for p in out.parent.iterdir() if p.name.startswith("."))
-        rows.append(row)
         print(_line(row), flush=True)
         if not args.keep:
             shutil.rmtree(out.parent, ignore_errors=True)
+        return row
+
+    # Trials run `--parallel` at a time (each run is single-threaded), so each is slower than the reference:
+    # kill delays span 0.05-1.05 x the reference time scaled by that slowdown.
+    slowdown = max(1.0, 0.75 * args.parallel)
+    delays = [rng.uniform(0.05, 1.05) * ref_time * slowdown for _ in range(args.trials)]
+    with ThreadPoolExecutor(args.parallel) as pool:
+        rows = list(pool.map(trial, range(1, args.trials + 1), delays))
     ok = all(r["rerun_exit"] == 0 and r["verify"] == "OK" and r["after_kill"] != "BROKEN"
              and abs(r["dppl"]) <= TOLERANCE * ref_ppl["sft"] and not r["leftovers"] for r in rows)
-    report = _markdown(rows, ref_time, ref_ppl, ok)
+    report = _markdown(rows, ref_time, ref_ppl, ok, args.parallel)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(report)
     print(report)
@@ -163,14 +169,15 @@ def _line(r: dict) -> str:
             f"{r['after_kill']:<8} rerun {r['rerun_s']:5.1f} s, verify {r['verify']}, {tail}")
 
 
-def _markdown(rows: list[dict], ref_time: float, ref_ppl: dict, ok: bool) -> str:
+def _markdown(rows: list[dict], ref_time: float, ref_ppl: dict, ok: bool, parallel: int) -> str:
     cmd = "sharp compress ../shared/assets/models/stories260K " + " ".join(
         a.replace(str(ASSETS), "../shared/assets") for a in FLAGS) + " --out OUT"
     lines = [
         "# Kill and resume: `sharp compress` under SIGKILL",
         "",
         "Generated by `benchmarks/kill_resume.py` (do not edit by hand). Each trial starts the command below into a",
-        "fresh folder, kills it with SIGKILL after a random 0.05–1.05 × the uninterrupted wall time, records the",
+        "fresh folder, kills it with SIGKILL after a random 0.05–1.05 × the uninterrupted wall time (scaled by",
+        f"{max(1.0, 0.75 * parallel):g} for {parallel} trials running at once), records the",
         "stage the kill hit (from what the run left in `OUT.work/`) and whether `OUT` was absent or complete (never",
         "half-written), reruns the same command to the end, runs `sharp verify OUT` (manifest + load) and compares",
         "the held-out perplexity after SFT and the recovery tensors with the uninterrupted run.",

@@ -81,6 +81,7 @@ def _cases(tmp: Path, ckpt: Path, bad_alpaca: Path) -> dict[str, tuple[list, str
                           "--template"),
         "eval/max-len-above-model": (["eval", M, "--tasks", f"ppl:{TEXT.replace(':', '=', 1)}", "--max-len",
                                       "4096"], "512"),
+        "eval/missing-field": (["eval", M, "--tasks", f"ppl:alpaca={bad_alpaca}"], "no 'output' field"),
         "eval/lm-eval-without-dir": (["eval", M, "--lm-eval", "arc_easy"], "--data-dir"),
         "eval/json-is-folder": (["eval", M, "--tasks", f"ppl:{TEXT.replace(':', '=', 1)}", "--json", tmp], "folder"),
         "eval/missing-model": (["eval", tmp / "nope", "--tasks", f"ppl:{TEXT.replace(':', '=', 1)}"], "not found"),
@@ -88,6 +89,7 @@ def _cases(tmp: Path, ckpt: Path, bad_alpaca: Path) -> dict[str, tuple[list, str
         "analyze/budget": (["analyze", M, "--data", TEXT, "--out", out, "--budget", "140%"], "budget"),
         "analyze/max-len-above-model": (["analyze", M, "--data", TEXT, "--out", out, "--max-len", "4096"], "512"),
         "analyze/non-empty-out": (["analyze", M, "--data", TEXT, "--out", full], "--overwrite"),
+        "analyze/missing-field": (["analyze", M, "--data", f"alpaca:{bad_alpaca}", "--out", out], "no 'output'"),
         "analyze/bad-data": (["analyze", M, "--data", "nope:x", "--out", out], "unknown data"),
         "report/missing-run": (["report", tmp / "nope", "--out", tmp / "r.md"], "nope"),
         # prune / compare

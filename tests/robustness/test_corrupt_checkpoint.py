@@ -116,7 +116,7 @@ STRUCTURAL = {
     "sharp-config-newer-format": (_edit_json(SHARP_CONFIG, lambda c: c.update(format_version=99)), "upgrade"),
     "sharp-config-invalid-json": (_write(SHARP_CONFIG, '{"sharing": '), "not valid JSON"),
     "sharp-config-a-list": (_write(SHARP_CONFIG, "[1, 2]"), "JSON object"),
-    "config-other-width": (_edit_json("config.json", lambda c: c.update(hidden_size=32)), "config"),
+    "config-other-width": (_edit_json("config.json", lambda c: c.update(hidden_size=32)), "cannot load checkpoint"),
     "config-other-architecture": (_edit_json("config.json", lambda c: c.update(model_type="qwen2")), "qwen2"),
     "truncated-weights": (_truncate(WEIGHTS), "cannot load checkpoint"),
     "truncated-recovery": (_truncate(RECOVERY), "cannot read"),

@@ -133,7 +133,8 @@ def bench(
 
     parsed = [parse_spec(s) for s in specs]
     for model, mode in parsed:  # fail on a typo before minutes of measuring
-        if mode != "shared" and not is_sharp_checkpoint(resolve_model_path(model)):
+        path = resolve_model_path(model)  # a missing model too, not only a wrong @mode
+        if mode != "shared" and not is_sharp_checkpoint(path):
             raise SharpError(f"'{model}' is a plain model: @{mode} only applies to sharp checkpoints")
     results = []
     for spec, (model, mode) in zip(specs, parsed, strict=True):

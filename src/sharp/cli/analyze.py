@@ -33,7 +33,7 @@ def analyze(
 ) -> None:
     """How alike adjacent layers are (MLP outputs, residual stream) and what sharing each single layer costs."""
     from sharp.arch import get_adapter, num_layers
-    from sharp.data import TEMPLATES, parse_data_spec
+    from sharp.data import TEMPLATES, load_records, parse_data_spec
     from sharp.evaluation.report import write_analysis
     from sharp.evaluation.similarity import analyze_model, parse_layer_range
     from sharp.evaluation.suggest import check_budget, cost_table, parse_budget, suggest_strategy
@@ -49,7 +49,8 @@ def analyze(
                                ("--batch-size", batch_size, 1), ("--max-len", max_len, 2)):
         if value < least:
             raise SharpError(f"{flag} must be at least {least}, got {value}")
-    parse_data_spec(data)
+    if (spec := parse_data_spec(data)).kind != "hub":
+        load_records(spec)  # a record missing a field fails here, before the model loads
     config = load_config(model)
     get_adapter(config)
     check_max_len(config, max_len)

@@ -76,7 +76,7 @@ def evaluate(
     seed: int = typer.Option(0, "--seed", help="Seed of the held-out split (with --eval-fraction)."),
 ) -> None:
     """Perplexity (response-only for instruction data, sliding windows for text) and zero-shot accuracy."""
-    from sharp.data import TEMPLATES, split_examples, text_windows
+    from sharp.data import TEMPLATES, load_records, split_examples, text_windows
     from sharp.evaluation.perplexity import evaluate_tasks, parse_tasks
 
     # Everything the user typed is checked before the (slow) model load.
@@ -91,6 +91,9 @@ def evaluate(
     if eval_fraction is not None:
         split_examples([0, 1], eval_fraction, seed)  # validates the fraction's range
     ppl_tasks = parse_tasks(tasks) if tasks else []
+    for task in ppl_tasks:
+        if task.spec.kind != "hub":
+            load_records(task.spec)  # a record missing a field fails here, before the model loads
     bench = [t.strip() for t in lm_eval.split(",") if t.strip()] if lm_eval else []
     if lm_eval:
         if data_dir is None:
