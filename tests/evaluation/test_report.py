@@ -90,11 +90,13 @@ def test_report_puts_runs_side_by_side_tolerating_missing_keys(tmp_path):
     assert "| strategy | – | next:16-29 | – |" in md
     assert "| stages | – | slw,sft | – |" in md
     assert "| params.stored | – | 120 | – |" in md
-    assert "| timing.slw.seconds | – | 12.5000 | – |" in md
+    assert "| timing.slw.seconds | – | 12.5 | – |" in md
+    assert "| mlp_reduction | – | 0.233 | – |" in md
     assert "| checkpoint.recovery | – | lora:32 | – |" in md
     assert "| direct | – | 674.600 | – |" in md and "| sft | – | 7.900 | – |" in md
     assert "config.lr" not in md and "perplexity.sft" not in md  # settings noise / shown in its own table
-    assert md.index("| strategy |") < md.index("| params.stored |") < md.index("| timing.slw.seconds |")
+    assert md.index("| strategy |") < md.index("| params.stored |") < md.index("| timing.slw.seconds |") \
+        < md.index("| checkpoint.recovery |")  # summary.json's keys first, whatever the file order
     for name in ("report_ppl.png", "report_downstream.png", "report_stages.png"):
         assert (out.parent / name).read_bytes().startswith(PNG)
         assert f"]({name})" in md

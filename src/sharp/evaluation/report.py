@@ -205,7 +205,7 @@ def _summary_info(name: str, data: dict) -> dict:
     if name == "summary.json":
         flat = _flatten({k: v for k, v in data.items() if k not in SUMMARY_SKIP})
         first = {k: flat.pop(k) for k in SUMMARY_FIRST if k in flat}
-        return {**first, **flat}
+        return {**first, **{k: v for k, v in flat.items() if not k.endswith(".logged")}}  # resume bookkeeping
     if name == "sharp_config.json":  # a sharp checkpoint: what was shared, how
         return {f"checkpoint.{k}": data[k] for k in ("strategy", "recovery", "modules") if k in data}
     return {f"prune.{k}": v for k, v in _flatten(data).items() if k != "format_version"}  # sharp_prune.json
@@ -225,7 +225,8 @@ def collect_run(path: str | os.PathLike) -> Run:
     p = Path(path)
     if not p.exists():
         raise SharpError(f"run '{p}' does not exist; pass run folders or eval JSON files")
-    files = [p] if p.is_file() else sorted([*p.glob("*.json"), *p.glob("eval/*.json")])
+    files = [p] if p.is_file() else sorted([*p.glob("*.json"), *p.glob("eval/*.json")],
+                                           key=lambda f: (f.name != "summary.json", str(f)))  # its keys first
     run = Run(name=p.stem if p.is_file() else p.name)
     for f in files:
         data = _read_json(f)
@@ -285,10 +286,14 @@ def report_markdown(runs: list[Run], images: list[str] = ()) -> str:
     keys = [k for k in dict.fromkeys(k for r in runs for k in r.info)]
     if keys:
         lines += ["## Run details", ""]
-        lines += _table(["", *names], [[k, *[_num(r.info.get(k), 4) for r in runs]] for k in keys])
+        lines += _table(["", *names], [[k, *[_detail(r.info.get(k)) for r in runs]] for k in keys])
         lines.append("")
     lines += [f"![{Path(i).stem}]({i})" for i in images]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _detail(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) and math.isfinite(value) else _num(value)
 
 
 def _acc(r: dict) -> str:
