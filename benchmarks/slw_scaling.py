@@ -95,6 +95,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=SLWConfig.steps)
     ap.add_argument("--batch-tokens", type=int, default=SLWConfig.batch_tokens)
     ap.add_argument("--workers", default="1,2", help="comma-separated worker counts to compare")
+    ap.add_argument("--activations", default=None,
+                    help="reuse this finished capture (an SLW work dir's activations/) instead of capturing")
     ap.add_argument("--work", default=None, help="work dir (default: a temporary one, deleted at the end)")
     ap.add_argument("--out", default=None, help="write the numbers as JSON here")
     args = ap.parse_args()
@@ -116,12 +118,16 @@ def main() -> None:
     targets = sorted(target_mlps(shared))
     t0 = time.perf_counter()
     with PeakRSS() as rss:
-        store = capture_activations(model, batches, targets, work / "activations",
+        store = capture_activations(model, batches, targets, Path(args.activations or work / "activations"),
                                     max_tokens=SLWConfig.max_tokens, progress=True)
     capture = {"seconds": time.perf_counter() - t0, "peak_rss_mib": rss.mib, "examples": n,
                "tokens_per_layer": store.num_tokens(targets[0])}
-    print(f"capture: {n} examples, {capture['tokens_per_layer']} tokens per layer, {len(targets)} layers, "
-          f"{capture['seconds']:.1f} s, peak RSS {rss.mib:.0f} MiB")
+    if args.activations:
+        capture["examples"] = None
+        print(f"capture: reused {args.activations}: {capture['tokens_per_layer']} tokens per layer (not timed)")
+    else:
+        print(f"capture: {n} examples, {capture['tokens_per_layer']} tokens per layer, {len(targets)} layers, "
+              f"{capture['seconds']:.1f} s, peak RSS {rss.mib:.0f} MiB")
     del model
 
     runs = {}

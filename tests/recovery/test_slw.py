@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not MODEL.is_dir() or not TEXT.is_file(), reason
 
 
 def tiny_config(**kw) -> SLWConfig:
-    base = dict(steps=30, lr=3e-3, batch_tokens=256, warmup_steps=3, eval_every=10, eval_tokens=256,
+    base = dict(steps=30, lr=1e-2, batch_tokens=256, warmup_steps=3, eval_every=10, eval_tokens=256,
                 checkpoint_every=10, patience=100, max_tokens=2048, dtype="float32", threads=1)
     return SLWConfig(**{**base, **kw})
 
@@ -83,7 +83,7 @@ def test_capture_matches_original_mlp(original, batches, store):
             for b in batches:
                 original(input_ids=b["input_ids"], attention_mask=b["attention_mask"])
         handle.remove()
-        keep = [b["attention_mask"].bool() & (torch.arange(b["input_ids"].shape[1]) >= 1) for b in batches]
+        keep = [b["attention_mask"].bool() for b in batches]  # default: every real token, position 0 too
         x_ref = torch.cat([x[k] for x, k in zip(xs, keep, strict=True)])[:2048]
         x, y = store.load(t)
         n_expected = min(2048, sum(int(k.sum()) for k in keep))
@@ -92,8 +92,16 @@ def test_capture_matches_original_mlp(original, batches, store):
         with torch.no_grad():
             torch.testing.assert_close(y, layers[t].mlp(x_ref), rtol=1e-5, atol=1e-5)
         assert store.num_tokens(t) == n_expected
-    # position 0 and padding are gone: fewer rows than real tokens
-    assert n_expected < sum(int(b["attention_mask"].sum()) for b in batches)
+        pos = store.positions(t)
+        pos_ref = torch.cat([torch.arange(b["input_ids"].shape[1]).expand_as(k)[k] for b, k in zip(batches, keep,
+                                                                                                   strict=True)])
+        assert torch.equal(pos, pos_ref[:2048])
+
+
+def test_capture_skip_positions_drops_them(original, batches, tmp_path):
+    s = capture_activations(original, batches, [2], tmp_path / "a", skip_positions=1, progress=False)
+    assert s.num_tokens(2) == sum(int(b["attention_mask"].sum()) - b["input_ids"].shape[0] for b in batches)
+    assert s.positions(2).min() == 1
 
 
 def test_capture_respects_max_tokens_and_half_precision(original, batches, tmp_path):
@@ -105,7 +113,9 @@ def test_capture_respects_max_tokens_and_half_precision(original, batches, tmp_p
 
 
 def _held_out_rel_err(mlp, store, layer, n_eval) -> float:
+    """rel-err on the held-out ordinary tokens (the last n_eval rows that are not at position 0)."""
     x, y = store.load(layer)
+    x, y = x[store.positions(layer) > 0], y[store.positions(layer) > 0]
     x, y = x[-n_eval:], y[-n_eval:]
     with torch.no_grad():
         return float((mlp(x) - y).norm() / y.norm())
@@ -118,6 +128,7 @@ def test_slw_beats_direct_sharing_on_every_target(original, store, tmp_path):
     assert sorted(results) == TARGETS
     for t in TARGETS:
         mlp = model.model.layers[t].mlp
+        assert results[t]["sink_rel_err_after"] < results[t]["sink_rel_err_before"]  # position 0 fitted too
         direct = _held_out_rel_err(original.model.layers[t - 1].mlp, store, t, cfg.eval_tokens)  # Direct Sharing
         trained = _held_out_rel_err(mlp, store, t, cfg.eval_tokens)  # the trained model itself, loaded back
         assert trained < 0.97 * direct, (t, trained, direct)

@@ -6,11 +6,13 @@ forward pass of the original model with hooks writes, per target layer t,
     x_t: the MLP input (the post-norm hidden state), (N, hidden)
     y_t: the original MLP output,                    (N, hidden)
 
-for every kept token (padding and the first `skip_positions` positions of each sequence are dropped: in many
-models position 0 carries a massive activation that would dominate an L2 loss). Rows are buffered for all
-layers up to `flush_bytes` and then appended as one safetensors shard per layer, so RAM holds at most one
-batch plus that buffer, never all layers' activations. The store is complete once `meta.json` exists; a
-capture interrupted before that is redone from scratch.
+plus each row's position in its sequence (`p`), for every kept token (padding and the first `skip_positions`
+positions of each sequence are dropped). Position 0 is kept by default: in many models (SmolLM2's layer 11)
+the MLP writes a massive "attention sink" activation there, which the shared layer must reproduce, so the
+trainer fits those rows as their own group rather than letting them dominate, or vanish from, the loss.
+Rows are buffered for all layers up to `flush_bytes` and then appended as one safetensors shard per layer,
+so RAM holds at most one batch plus that buffer, never all layers' activations. The store is complete once
+`meta.json` exists; a capture interrupted before that is redone from scratch.
 
 Layout of `<dir>`:  meta.json, layer_007/shard_00000.safetensors, layer_007/shard_00001.safetensors, ...
 """
@@ -77,6 +79,15 @@ class ActivationStore:
         xs, ys = zip(*self.iter_chunks(layer), strict=True)
         return torch.cat(xs), torch.cat(ys)
 
+    def positions(self, layer: int) -> torch.Tensor:
+        """(N,) position in its sequence of every row of one layer."""
+        out = []
+        for shard in self.shards(layer):
+            with safe_open(shard, framework="pt") as f:
+                n = f.get_slice("x").get_shape()[0]
+                out.append(f.get_tensor("p") if "p" in f.keys() else torch.full((n,), -1))
+        return torch.cat(out).long()
+
 
 def _decoder(model: nn.Module) -> nn.Module:
     """The decoder stack without the LM head (saves the vocab projection, the largest matmul of small models)."""
@@ -100,7 +111,7 @@ def capture_activations(
     targets: list[int],
     work_dir: str | Path,
     max_tokens: int | None = None,
-    skip_positions: int = 1,
+    skip_positions: int = 0,
     dtype: str = "float16",
     flush_bytes: int = 64 << 20,
     progress: bool = True,
@@ -125,21 +136,23 @@ def capture_activations(
     adapter = get_adapter(original_model)
     targets = sorted(set(targets))
     device = next(original_model.parameters()).device
-    buffers: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {t: ([], []) for t in targets}
+    buffers: dict[int, tuple[list[torch.Tensor], ...]] = {t: ([], [], []) for t in targets}
     counts = dict.fromkeys(targets, 0)
     shard_ids = dict.fromkeys(targets, 0)
     state: dict[str, torch.Tensor | int] = {"keep": None, "buffered": 0}
 
     def flush() -> None:
-        for t, (xs, ys) in buffers.items():
+        for t, (xs, ys, ps) in buffers.items():
             if xs:
                 d = root / f"layer_{t:03d}"
                 d.mkdir(exist_ok=True)
-                save_file({"x": torch.cat(xs).contiguous(), "y": torch.cat(ys).contiguous()},
+                save_file({"x": torch.cat(xs).contiguous(), "y": torch.cat(ys).contiguous(),
+                           "p": torch.cat(ps).to(torch.int32)},
                           d / f"shard_{shard_ids[t]:05d}.safetensors")
                 shard_ids[t] += 1
                 xs.clear()
                 ys.clear()
+                ps.clear()
         state["buffered"] = 0
 
     def make_hook(t: int):
@@ -150,6 +163,7 @@ def capture_activations(
             y = output[keep][:room].to("cpu", store_dtype)
             buffers[t][0].append(x)
             buffers[t][1].append(y)
+            buffers[t][2].append(state["pos"][keep][:room].cpu())
             counts[t] += x.shape[0]
             state["buffered"] += 2 * x.numel() * x.element_size()
             if t == targets[-1]:
@@ -170,6 +184,7 @@ def capture_activations(
                 attention_mask = batch.get("attention_mask")
                 attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
                 state["keep"] = _keep_mask(attention_mask, skip_positions)
+                state["pos"] = attention_mask.long().cumsum(-1) - 1  # (B, T)
                 before = counts[targets[0]]
                 try:
                     decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)

@@ -12,6 +12,12 @@ outputs ~5x larger than its neighbours). Progress is reported as rel-err = sqrt(
 held-out tokens (the last `eval_tokens` captured rows of the layer, i.e. whole later sequences); rel-err 1.0
 is as bad as outputting zeros.
 
+Rows at positions < `sink_positions` (position 0 by default) form a second group with its own relative loss
+term (weight `sink_weight`): some MLPs write a massive attention-sink activation there (SmolLM2's layer 11,
+13x the residual), which must be reproduced or the whole model breaks, yet it would swamp the ordinary
+tokens in one pooled L2 loss, and dropping it leaves the sink unfitted. Both errors are reported; early
+stopping and the kept (best) state use the sum of the two held-out squared errors.
+
 Before gradient descent, `init="lstsq"` sets the LoRA of the MLP's output projection (down_proj) to the
 best rank-r correction in closed form: with h the intermediate activation the shared gate/up compute, it
 solves min ||(W_ref + dW) h - y||^2 over rank-r dW (ridge + reduced-rank regression). This is the exact L2
@@ -75,7 +81,10 @@ class SLWConfig:
     workers: int = 1  # parallel layer trainers (processes); 1 trains in this process
     threads: int | None = None  # total torch threads across workers (default: the CPUs we may use)
     max_tokens: int | None = 32768  # cap on captured tokens per layer
-    skip_positions: int = 1  # drop the first positions of each sequence (massive activations at position 0)
+    skip_positions: int = 0  # drop the first positions of each sequence entirely (not recommended, see sink_*)
+    sink_positions: int = 1  # rows at positions < this (attention-sink tokens) are fitted as a separate group
+    sink_weight: float = 1.0  # weight of the sink group's relative loss next to the other tokens'
+    sink_batch: int = 32  # sink rows per step
     dtype: str = "float16"  # stored activations (float16/bfloat16 halve the disk of float32)
     keep_activations: bool = False  # keep the captured shards once every layer is trained
 
@@ -232,10 +241,23 @@ def _train_layer(job: _Job, threads: int, report: Callable[..., None] | None = N
     store = ActivationStore(job.store_root)
     device = next(mlp.parameters()).device
     x, y = (t.to(device) for t in store.load(job.layer))  # (N, hidden) each, stored dtype
+    pos = store.positions(job.layer).to(device)
+    is_sink = (pos >= 0) & (pos < cfg.sink_positions)  # e.g. position 0: massive activations, own loss term
+    xs, ys, x, y = x[is_sink], y[is_sink], x[~is_sink], y[~is_sink]
     if x.shape[0] < 10:
         raise SharpError(f"only {x.shape[0]} tokens were captured for layer {job.layer}; give SLW more data")
     n_eval = max(1, min(cfg.eval_tokens, x.shape[0] // 5))
     x_tr, y_tr, x_ev, y_ev = x[:-n_eval], y[:-n_eval], x[-n_eval:], y[-n_eval:]
+    n_sink_eval = xs.shape[0] // 5 if xs.shape[0] >= 2 else 0
+    xs_tr, ys_tr = xs[: xs.shape[0] - n_sink_eval], ys[: xs.shape[0] - n_sink_eval]
+    xs_ev, ys_ev = xs[xs.shape[0] - n_sink_eval :], ys[xs.shape[0] - n_sink_eval :]
+
+    def evaluate() -> tuple[float, float | None, float]:
+        """(rel-err of ordinary tokens, rel-err of sink tokens, score = the loss's held-out value)."""
+        err = _rel_err(mlp, x_ev, y_ev)
+        sink = _rel_err(mlp, xs_ev, ys_ev) if n_sink_eval else None
+        return err, sink, err**2 + (cfg.sink_weight * sink**2 if sink is not None else 0.0)
+
     start = time.perf_counter()
 
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if params else None
@@ -249,11 +271,19 @@ def _train_layer(job: _Job, threads: int, report: Callable[..., None] | None = N
         info, best_state = st["info"], st["best_state"]
         _log(job.log_path, {"event": "resume", "layer": job.layer, "step": info["step"]})
     else:
-        before = _rel_err(mlp, x_ev, y_ev)
+        before, sink_before, score_before = evaluate()
+        init, sink_init, score = before, sink_before, score_before
         if cfg.init == "lstsq":
+            identity = _recovery_state(mlp)
             _lstsq_init(mlp, getattr(mlp, job.out_proj), x_tr, y_tr, cfg.init_ridge)
-        init = _rel_err(mlp, x_ev, y_ev)
-        info = {"layer": job.layer, "rel_err_before": before, "rel_err_init": init, "step": 0, "best": init,
+            init, sink_init, score = evaluate()
+            if init > before:  # the fit did not generalize (too few tokens): start from the identity
+                # (compared on ordinary tokens only: it ignores the sink rows, which SGD then fits quickly)
+                mlp.load_state_dict(identity, strict=False)
+                init, sink_init, score = before, sink_before, score_before
+        info = {"layer": job.layer, "rel_err_before": before, "rel_err_init": init, "step": 0, "best": score,
+                "rel_err_after": init, "sink_rel_err_before": sink_before, "sink_rel_err_after": sink_init,
+                "sink_tokens": int(xs.shape[0]),
                 "best_step": 0, "bad_evals": 0, "stopped_early": False, "curve": [], "seconds": 0.0,
                 "train_tokens": int(x_tr.shape[0]), "eval_tokens": int(n_eval),
                 "params": sum(p.numel() for p in params)}
@@ -268,6 +298,10 @@ def _train_layer(job: _Job, threads: int, report: Callable[..., None] | None = N
         idx = torch.randint(x_tr.shape[0], (cfg.batch_tokens,), generator=_generator(cfg.seed, job.layer, step))
         idx = idx.to(device)
         loss = _loss(mlp(x_tr[idx].float()), y_tr[idx].float(), cfg.loss)
+        if xs_tr.shape[0]:
+            j = torch.randint(xs_tr.shape[0], (min(cfg.sink_batch, xs_tr.shape[0]),),
+                              generator=_generator(cfg.seed + 1, job.layer, step)).to(device)
+            loss = loss + cfg.sink_weight * _loss(mlp(xs_tr[j].float()), ys_tr[j].float(), "relative")
         if not torch.isfinite(loss):  # stop before the step: state.pt stays the last good state
             good = f"its last good state is {state_path}" if state_path.is_file() else "no state was saved yet"
             raise SharpError(f"SLW loss of layer {job.layer} became {loss.item()} at step {step + 1}; training "
@@ -280,12 +314,13 @@ def _train_layer(job: _Job, threads: int, report: Callable[..., None] | None = N
         info["step"] = step = step + 1
         steps_this_call += 1
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            err = _rel_err(mlp, x_ev, y_ev)
-            point = {"step": step, "train_loss": running, "rel_err": err, "lr": scheduler.get_last_lr()[0]}
+            err, sink, score = evaluate()
+            point = {"step": step, "train_loss": running, "rel_err": err, "sink_rel_err": sink,
+                     "lr": scheduler.get_last_lr()[0]}
             info["curve"].append(point)
             _log(job.log_path, {"event": "eval", "layer": job.layer, **point})
-            if err < info["best"] * (1 - cfg.min_delta):
-                info.update(best=err, best_step=step, bad_evals=0)
+            if score < info["best"] * (1 - cfg.min_delta):
+                info.update(best=score, best_step=step, bad_evals=0, rel_err_after=err, sink_rel_err_after=sink)
                 best_state = _recovery_state(mlp)
             else:
                 info["bad_evals"] += 1
@@ -293,9 +328,8 @@ def _train_layer(job: _Job, threads: int, report: Callable[..., None] | None = N
         if step % cfg.checkpoint_every == 0 and step < cfg.steps and not info["stopped_early"]:
             _save_state(state_path, mlp, optimizer, scheduler, info, best_state)
         if report is not None:
-            report(job.layer, step, info["best"])
+            report(job.layer, step, info["rel_err_after"])
     mlp.load_state_dict(best_state, strict=False)  # the best held-out state, not the last
-    info["rel_err_after"] = info["best"]
     info["seconds"] += time.perf_counter() - start
     save_file({k: v.contiguous() for k, v in best_state.items()}, layer_dir / "recovery.safetensors.tmp")
     os.replace(layer_dir / "recovery.safetensors.tmp", layer_dir / "recovery.safetensors")
@@ -305,7 +339,7 @@ def _train_layer(job: _Job, threads: int, report: Callable[..., None] | None = N
                         "rel_err_after": info["rel_err_after"], "steps": info["step"],
                         "stopped_early": info["stopped_early"], "seconds": info["seconds"]})
     if report is not None:
-        report(job.layer, info["step"], info["best"], done=True)
+        report(job.layer, info["step"], info["rel_err_after"], done=True)
     return info
 
 
