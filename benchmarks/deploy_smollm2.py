@@ -128,17 +128,25 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="tiny settings for a dry run")
     p.add_argument("--compile", action="store_true", help="also bench original vs SHARP 16-bit under torch.compile")
     p.add_argument("--prepare-only", action="store_true", help="build the checkpoints and stop")
+    p.add_argument("--compile-only", action="store_true", help="add the torch.compile pair to OUT.json")
     p.add_argument("--render-only", action="store_true", help="re-write OUT from the finished OUT.json")
     p.add_argument("--reuse", action="store_true", help="reuse the bench numbers in OUT.json (re-run the rest)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
         args.repeats, args.tokens, args.ppl_windows, args.load_repeats = 1, 4, 1, 1
-    if args.render_only:
+    if args.render_only or args.compile_only:
         from sharp.bench.report import markdown_table
+        from sharp.bench.runner import bench
 
         out = Path(args.out)
         report = json.loads(out.with_suffix(".json").read_text())
+        if args.compile_only:  # add the torch.compile pair to a finished run
+            paths = report["paths"]
+            pair = [paths["original 16-bit"], next(v for k, v in paths.items() if k.startswith("SHARP"))]
+            report["compiled"] = bench(pair, tokens=args.tokens, repeats=args.repeats, threads=args.threads,
+                                       compile=True, load_repeats=1)
+            out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
         out.write_text(render(report, args.model, markdown_table(report, report["labels"])))
         return
     work = Path(args.work)
