@@ -56,3 +56,24 @@ def test_bad_method_fails_before_work(stories_path, tmp_path, capsys):
                             "--out", tmp_path / "x"], capsys)
     assert code == 2 and "unknown method 'magic'" in err
     assert not (tmp_path / "x").exists()
+
+
+def test_row_cache_reruns_only_what_a_setting_affects(tmp_path):
+    import dataclasses
+
+    from sharp.recipes.compare import CompareConfig, _read_cache, _row_settings
+
+    cfg = CompareConfig(model="m", strategy="next:1-4", recovery="lora:4", data="d", eval="e", out=str(tmp_path))
+    more_slw = dataclasses.replace(cfg, slw_steps=cfg.slw_steps + 1)
+    more_calib = dataclasses.replace(cfg, calib_samples=cfg.calib_samples + 1)
+    more_sft = dataclasses.replace(cfg, sft_steps=cfg.sft_steps + 1)
+    assert _row_settings(more_slw, "width+heal") == _row_settings(cfg, "width+heal")
+    assert _row_settings(more_slw, "sharp") != _row_settings(cfg, "sharp")
+    assert _row_settings(more_calib, "sharp-slw") == _row_settings(cfg, "sharp-slw")
+    assert _row_settings(more_calib, "width") != _row_settings(cfg, "width")
+    assert _row_settings(more_sft, "width+heal") != _row_settings(cfg, "width+heal")
+    # a version-1 cache (one settings dict for every row) is still read
+    v1 = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "overwrite"}
+    (tmp_path / "rows.json").write_text(json.dumps({"settings": v1, "rows": {"width": {"key": "width"}}}))
+    cache = _read_cache(tmp_path / "rows.json")
+    assert cache["width"]["settings"] == _row_settings(cfg, "width") and cache["width"]["row"] == {"key": "width"}

@@ -117,10 +117,7 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
     work = cfg.work_dir
     work.mkdir(parents=True, exist_ok=True)
     cache_path = work / "rows.json"
-    settings = {k: v for k, v in asdict(cfg).items() if k != "overwrite"}
-    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-    if cache.get("settings") != settings:
-        cache = {"settings": settings, "rows": {}}
+    cache = _read_cache(cache_path)
     rows: list[Row] = []
 
     def evaluate(model) -> dict[str, float]:
@@ -129,8 +126,9 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
         return {t.name: res[t.name]["ppl"] for t in tasks}
 
     def row(key: str, name: str, build: Callable[[], tuple[object, dict]], compressed: bool = True) -> None:
-        if key in cache["rows"]:
-            rows.append(Row(**cache["rows"][key]))
+        settings = _row_settings(cfg, key)
+        if cache.get(key, {}).get("settings") == settings:
+            rows.append(Row(**cache[key]["row"]))
             log(f"{name}: cached")
             return
         start = time.perf_counter()
@@ -139,8 +137,8 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
         r = Row(key, name, sharp.count_parameters(model)["stored"], ppl, compressed,
                 healed=key.endswith("+heal"), seconds=time.perf_counter() - start, details=details)
         rows.append(r)
-        cache["rows"][key] = asdict(r)
-        cache_path.write_text(json.dumps(cache, indent=2, sort_keys=True, default=str))
+        cache[key] = {"settings": settings, "row": asdict(r)}
+        cache_path.write_text(json.dumps({"version": 2, "rows": cache}, indent=2, sort_keys=True, default=str))
         log(f"{name}: {r.stored:,} stored, " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items())
             + f" ({r.seconds:.0f} s)")
 
@@ -203,6 +201,30 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
         raise SharpError(f"compressed rows differ by {result['spread']:.2%} in stored parameters (> "
                          f"{cfg.tolerance:.0%}); see {Path(cfg.out) / 'comparison.md'}")
     return result
+
+
+_NOT_ROW_SETTINGS = ("overwrite", "methods", "heal", "reference_model", "tolerance")
+_SLW_SETTINGS = ("slw_steps", "slw_fraction", "slw_workers")
+_BASELINE_SETTINGS = ("allocation", "calib_samples")
+
+
+def _row_settings(cfg: CompareConfig, key: str) -> dict:
+    """The settings a row depends on: SLW settings only matter to SHARP rows, calibration only to baselines,
+    so changing the SLW budget reruns the SHARP rows alone."""
+    skip = _NOT_ROW_SETTINGS + (_BASELINE_SETTINGS if key.startswith("sharp") else _SLW_SETTINGS)
+    return {k: v for k, v in asdict(cfg).items() if k not in skip}
+
+
+def _read_cache(path: Path) -> dict:
+    """{row key: {"settings", "row"}} from `rows.json` (version 1 files: one settings dict for all rows)."""
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text())
+    if data.get("version") == 2:
+        return data["rows"]
+    old = data.get("settings", {})
+    return {key: {"settings": _row_settings(CompareConfig(**old), key), "row": row}
+            for key, row in data.get("rows", {}).items()}
 
 
 def _sft(cfg: CompareConfig):
