@@ -8,19 +8,30 @@ removed. Rerunning the same call after a crash resumes from the stage it was in.
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
 
+import torch
+from transformers import set_seed
+
+import sharp
+from sharp.data import collate_examples, load_records, parse_data_spec, split_examples, tokenize_examples
+from sharp.evaluation.perplexity import response_perplexity
+from sharp.io.atomic import atomic_dir
+from sharp.io.checkpoint import write_manifest
+from sharp.io.lock import output_lock
 from sharp.recipes import CompressConfig, StageMeter, log_event, prepare_work_dir, text_examples
+from sharp.recovery.sft import run_sft
+from sharp.recovery.slw import SLWConfig, run_slw
+from sharp.recovery.trainable import add_full_lora, mark_trainable, merge_full_lora
 
 
 def compress(cfg: CompressConfig, progress: bool = True) -> dict:
     """Run the stages of `cfg` and write the checkpoint to `cfg.out`. Returns the summary (also saved)."""
-    from sharp.io.lock import output_lock
-
     finished = _finished(cfg)
     if finished is not None:
         return finished
@@ -33,8 +44,6 @@ def _finished(cfg: CompressConfig) -> dict | None:
     """The summary of this very run when a kill caught it after publishing `out` but before removing its work
     folder: the rerun then only finishes the clean-up (instead of refusing the non-empty `out`)."""
     from sharp.io.checkpoint import verify_manifest
-    from sharp.io.lock import output_lock
-
     out, work = Path(cfg.out), cfg.work_dir
     if not (work.exists() and (out / "summary.json").is_file()):
         return None
@@ -52,18 +61,6 @@ def _finished(cfg: CompressConfig) -> dict | None:
 
 
 def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
-    import torch
-    from transformers import set_seed
-
-    import sharp
-    from sharp.data import collate_examples, load_records, parse_data_spec, split_examples, tokenize_examples
-    from sharp.evaluation.perplexity import response_perplexity
-    from sharp.io.atomic import atomic_dir
-    from sharp.io.checkpoint import write_manifest
-    from sharp.recovery.sft import run_sft
-    from sharp.recovery.slw import SLWConfig, run_slw
-    from sharp.recovery.trainable import add_full_lora, mark_trainable, merge_full_lora
-
     log_path = work / "train_log.jsonl"
     meter = StageMeter(work / "stages.json")
     evals_path = work / "evals.json"
@@ -85,11 +82,9 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
             train = tokenize_examples(train_recs, spec.format, tokenizer, cfg.template, cfg.max_len)
             held = tokenize_examples(eval_recs, eval_fmt, tokenizer, cfg.template, cfg.max_len) if eval_recs else []
         if not held:
-            raise sharp.SharpError("no held-out examples to measure perplexity; raise --eval-fraction or "
-                                   "pass --eval-data")
+            raise sharp.SharpError("no held-out examples to score; raise --eval-fraction or pass --eval-data")
 
-    def collate(batch: list[dict]) -> dict:
-        return collate_examples(batch, pad_id)
+    collate = functools.partial(collate_examples, pad_id=pad_id)
 
     def perplexity(name: str) -> None:
         if name not in evals:
@@ -148,8 +143,7 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
     with atomic_dir(cfg.out, cfg.overwrite) as tmp:
         sharp.save(model, tmp, tokenizer=tokenizer, overwrite=True)
         summary["timing"]["save"] = {"seconds": time.perf_counter() - start, "peak_rss_mib": None}
-        log_path.touch()
-        shutil.copy(log_path, tmp / "train_log.jsonl")
+        shutil.copy(log_path, tmp / "train_log.jsonl")  # exists: the first evaluation logged to it
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
         write_manifest(tmp)
     shutil.rmtree(work, ignore_errors=True)
