@@ -140,7 +140,8 @@ def main() -> None:
             results = train_slw(model_w, store, SLWConfig(workers=workers, **cfg_kw), wd, progress=True)
         runs[workers] = {"seconds": time.perf_counter() - t0, "peak_rss_mib": rss.mib, "load_avg": load_avg(),
                          "layers": {t: {k: r[k] for k in ("rel_err_before", "rel_err_init", "rel_err_after", "step",
-                                                         "stopped_early", "seconds")} for t, r in results.items()}}
+                                                         "stopped_early", "seconds", "sink_rel_err_before",
+                                                         "sink_rel_err_after")} for t, r in results.items()}}
         print(f"workers={workers}: {runs[workers]['seconds']:.1f} s, peak RSS (with children) {rss.mib:.0f} MiB, "
               f"load average {load_avg()}")
         del model_w
@@ -148,9 +149,11 @@ def main() -> None:
     first = runs[min(runs)]
     print(f"\nper-layer held-out rel-err, {args.recovery}, {args.steps} steps x {args.batch_tokens} tokens "
           f"(workers={min(runs)}):")
-    print(f"{'layer':>5} {'direct':>8} {'lstsq':>8} {'SLW':>8} {'steps':>6}")
+    print(f"{'layer':>5} {'direct':>8} {'lstsq':>8} {'SLW':>8} {'steps':>6} {'sink direct':>12} {'sink SLW':>9}")
     for t, r in first["layers"].items():
-        print(f"{t:>5} {r['rel_err_before']:8.3f} {r['rel_err_init']:8.3f} {r['rel_err_after']:8.3f} {r['step']:>6}")
+        sink = [f"{v:.3f}" if v is not None else "-" for v in (r["sink_rel_err_before"], r["sink_rel_err_after"])]
+        print(f"{t:>5} {r['rel_err_before']:8.3f} {r['rel_err_init']:8.3f} {r['rel_err_after']:8.3f} {r['step']:>6} "
+              f"{sink[0]:>12} {sink[1]:>9}")
     if len(runs) > 1:
         base = first["seconds"]
         for w, r in runs.items():
