@@ -21,6 +21,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -29,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets"
 MODEL = ASSETS / "models" / "stories260K"
 C4 = ASSETS / "text" / "c4_demo.jsonl"
-FLAGS = ["--strategy", "next:1-4", "--recovery", "lora:8", "--data", f"text:{C4}[:30]", "--max-len", "96",
-         "--batch-size", "8", "--slw-steps", "20", "--sft-steps", "16", "--lr", "5e-3", "--eval-steps", "8",
-         "--save-steps", "4", "--eval-fraction", "0.15", "--seed", "0"]
+FLAGS = ["--strategy", "next:1-4", "--recovery", "lora:8", "--data", f"text:{C4}[:12]", "--max-len", "96",
+         "--batch-size", "8", "--slw-steps", "12", "--sft-steps", "8", "--lr", "5e-3", "--eval-steps", "4",
+         "--save-steps", "2", "--eval-fraction", "0.15", "--seed", "0"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
        "PYTHONUNBUFFERED": "1"}
 TOLERANCE = 1e-3  # relative perplexity difference accepted as "the same result"
@@ -105,6 +106,12 @@ def main() -> None:
         raise SystemExit(f"missing {MODEL}")
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="kill_resume-"))
+    # every run imports a snapshot of src/ taken now: others editing the working tree cannot change the code
+    # between a trial's killed run and its rerun
+    shutil.copytree(ROOT / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__"))
+    ENV["PYTHONPATH"] = str(root / "src")
+    commit = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True,
+                            text=True).stdout.strip()
 
     ref = root / "reference"
     code, ref_time, log = run_to_end(ref, root / "reference.log")
@@ -139,9 +146,17 @@ def main() -> None:
             row["dparam"] = recovery_diff(out, ref)
             row["leftovers"] = sorted(p.name for p in out.parent.iterdir() if p.name.startswith("."))
         print(_line(row), flush=True)
+        with lock:  # the results file always holds every trial finished so far
+            done.append(row)
+            rows_so_far = sorted(done, key=lambda r: r["trial"])
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(_markdown(rows_so_far, ref_time, ref_ppl, _ok(rows_so_far, ref_ppl), args.parallel,
+                                          commit, args.trials))
         if not args.keep:
             shutil.rmtree(out.parent, ignore_errors=True)
         return row
+
+    lock, done = threading.Lock(), []
 
     # Trials run `--parallel` at a time (each run is single-threaded), so each is slower than the reference:
     # kill delays span 0.05-1.05 x the reference time scaled by that slowdown.
@@ -149,10 +164,8 @@ def main() -> None:
     delays = [rng.uniform(0.05, 1.05) * ref_time * slowdown for _ in range(args.trials)]
     with ThreadPoolExecutor(args.parallel) as pool:
         rows = list(pool.map(trial, range(1, args.trials + 1), delays))
-    ok = all(r["rerun_exit"] == 0 and r["verify"] == "OK" and r["after_kill"] != "BROKEN"
-             and abs(r["dppl"]) <= TOLERANCE * ref_ppl["sft"] and not r["leftovers"] for r in rows)
-    report = _markdown(rows, ref_time, ref_ppl, ok, args.parallel)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    ok = _ok(rows, ref_ppl)
+    report = _markdown(rows, ref_time, ref_ppl, ok, args.parallel, commit, args.trials)
     args.out.write_text(report)
     print(report)
     if not args.keep:
@@ -162,6 +175,11 @@ def main() -> None:
     sys.exit(0 if ok else 1)
 
 
+def _ok(rows: list[dict], ref_ppl: dict) -> bool:
+    return all(r["rerun_exit"] == 0 and r["verify"] == "OK" and r["after_kill"] != "BROKEN"
+               and abs(r["dppl"]) <= TOLERANCE * ref_ppl["sft"] and not r["leftovers"] for r in rows)
+
+
 def _line(r: dict) -> str:
     tail = (f"ppl {r['ppl']:.4f} (Δ {r['dppl']:+.2e}), max |Δparam| {r['dparam']:.1e}" if r["rerun_exit"] == 0
             else "rerun FAILED")
@@ -169,7 +187,8 @@ def _line(r: dict) -> str:
             f"{r['after_kill']:<8} rerun {r['rerun_s']:5.1f} s, verify {r['verify']}, {tail}")
 
 
-def _markdown(rows: list[dict], ref_time: float, ref_ppl: dict, ok: bool, parallel: int) -> str:
+def _markdown(rows: list[dict], ref_time: float, ref_ppl: dict, ok: bool, parallel: int, commit: str,
+              planned: int) -> str:
     cmd = "sharp compress ../shared/assets/models/stories260K " + " ".join(
         a.replace(str(ASSETS), "../shared/assets") for a in FLAGS) + " --out OUT"
     lines = [
@@ -183,6 +202,9 @@ def _markdown(rows: list[dict], ref_time: float, ref_ppl: dict, ok: bool, parall
         "the held-out perplexity after SFT and the recovery tensors with the uninterrupted run.",
         "",
         f"    {cmd}",
+        "",
+        f"Code: sharp-llm {commit} (a snapshot of src/ taken at the start; every run imports it). "
+        f"{len(rows)} of {planned} trials done.",
         "",
         f"Uninterrupted run: {ref_time:.1f} s wall time (2 shared CPU cores, OMP_NUM_THREADS=1); held-out perplexity "
         + ", ".join(f"{k} {v:.4f}" for k, v in ref_ppl.items()) + ".",
