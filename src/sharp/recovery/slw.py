@@ -25,7 +25,9 @@ optimum for the output projection given the reference gate/up, fitted on real ac
 weights, which RESEARCH.md found useless), and is a much better start than zero.
 
 Targets are independent: with `workers > 1` each layer trains in its own spawned process with
-cores/workers torch threads. Every layer keeps its state in `work_dir/layer_NNN/`: `state.pt` every
+cores/workers torch threads (spawned children re-import the calling script, so a script calling this with
+workers > 1 needs the usual `if __name__ == "__main__":` guard).
+Every layer keeps its state in `work_dir/layer_NNN/`: `state.pt` every
 `checkpoint_every` steps (recovery + optimizer + early-stopping state; batches are a pure function of
 (seed, layer, step)), then `recovery.safetensors` + `result.json` when done. A rerun skips finished layers
 and resumes unfinished ones from their last state, ending where an uninterrupted run ends.
