@@ -368,6 +368,10 @@ def render(report: dict, model: str, table: str) -> str:
             f"- torch.compile (dynamic shapes): original {c0['decode_tok_s']:.1f} tok/s, SHARP shared "
             f"{c1['decode_tok_s']:.1f} tok/s ({c1['decode_tok_s'] / c0['decode_tok_s']:.2f}×), vs eager "
             f"{orig16['decode_tok_s']:.1f} / {sh16['decode_tok_s']:.1f}.")
+    else:
+        lines.append("- torch.compile (`sharp bench --compile`, dynamic shapes): not measured — in this session "
+                     "compiling the original model alone ran past 12 minutes on the contended 2 cores and was "
+                     "stopped; run `benchmarks/deploy_smollm2.py --compile-only` on a quieter machine.")
     m = report["machine"]
     lines.append(
         f"- The CPU reports an L3 of {m['l3_cache']} (a VM: the host's cache, shared with every other tenant); "
