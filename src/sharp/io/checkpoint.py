@@ -257,9 +257,11 @@ def _sharing(model: nn.Module, config: SharpConfig, path: Path) -> dict[int, int
 
 
 def _load_full(path: Path, config: SharpConfig, dtype) -> nn.Module:
+    """Build the model on empty (meta) weights, share, then assign the stored tensors: nothing is allocated
+    or randomly initialized only to be thrown away (the targets' absent weights), so loading costs about
+    what reading the unique bytes costs."""
+    from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
 
     try:
         hf_config = AutoConfig.from_pretrained(path)
@@ -269,18 +271,38 @@ def _load_full(path: Path, config: SharpConfig, dtype) -> nn.Module:
     if ident.model_type and hf_config.model_type != ident.model_type:
         raise SharpError(f"checkpoint '{path}': config.json describes a {hf_config.model_type} model but the "
                          f"recovery was trained on {ident.model_type}; re-create the checkpoint")
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the targets' absent weights are expected; we check keys ourselves
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, config=hf_config, dtype=dtype,
-                                                           output_loading_info=True)
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
-        raise SharpError(f"cannot load checkpoint '{path}': {_first_line(e)}") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
+        state = load_file(path / WEIGHTS)
+    except (OSError, SafetensorError) as e:
+        raise SharpError(f"cannot load checkpoint '{path}': {WEIGHTS}: {_first_line(e)}") from None
+    stored_dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    with init_empty_weights(include_buffers=False):  # rotary tables etc. are computed, weights stay meta
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=stored_dtype)
     apply_sharing(model, _sharing(model, config, path), parse_recovery(config.recovery), config.modules)
-    _check_keys(model, info, path)
+    try:
+        result = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as e:  # shapes that contradict config.json
+        detail = next((ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln), _first_line(e))
+        raise SharpError(f"cannot load checkpoint '{path}': {detail}") from None
+    model.tie_weights()
+    shared = tuple(name + "." for name, _ in shared_linears(model))
+    missing = [k for k in result.missing_keys
+               if not k.startswith(shared) and ".recovery." not in k and not _is_tied(model, k)]
+    _check_keys(model, {"missing_keys": missing, "unexpected_keys": result.unexpected_keys}, path)
+    if dtype not in (None, "auto"):
+        model.to(dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     return model
+
+
+def _is_tied(model: nn.Module, key: str) -> bool:
+    """`key` names the output embedding that shares the input embedding's weight (stored once)."""
+    head = model.get_output_embeddings()
+    return (head is not None and key == _module_name(model, head) + ".weight"
+            and head.weight is model.get_input_embeddings().weight)
+
+
+def _module_name(model: nn.Module, module: nn.Module) -> str:
+    return next((n for n, m in model.named_modules() if m is module), "")
 
 
 def _load_on_base(path: Path, config: SharpConfig, base, dtype) -> nn.Module:
@@ -376,7 +398,11 @@ def _load_recovery(model: nn.Module, path: Path) -> None:
                              f"recovery spec needs {tuple(state[name].shape)}; re-create the checkpoint")
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise SharpError(f"checkpoint '{path}': recovery tensor {name} holds NaN/inf; re-create it")
-    model.load_state_dict(recovery, strict=False)
+    # cast to the model's dtype (a checkpoint saved in bf16 and loaded in fp32 gets fp32 recovery too)
+    model.load_state_dict({n: t.to(state[n].dtype) for n, t in recovery.items()}, strict=False, assign=True)
+    on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if on_meta:
+        raise SharpError(f"checkpoint '{path}' lacks tensor {on_meta[0]}; re-create it")
 
 
 def _first_line(e: BaseException) -> str:
