@@ -278,7 +278,7 @@ def _load_full(path: Path, config: SharpConfig, dtype) -> nn.Module:
     stored_dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     with init_empty_weights(include_buffers=False):  # rotary tables etc. are computed, weights stay meta
         model = AutoModelForCausalLM.from_config(hf_config, dtype=stored_dtype)
-    apply_sharing(model, _sharing(model, config, path), parse_recovery(config.recovery), config.modules)
+        apply_sharing(model, _sharing(model, config, path), parse_recovery(config.recovery), config.modules)
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:  # shapes that contradict config.json
