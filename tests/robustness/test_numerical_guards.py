@@ -44,7 +44,9 @@ def _shared():
 def test_slw_stops_on_a_non_finite_loss_and_keeps_its_last_good_state(batches, tmp_path, monkeypatch, bad):
     original = AutoModelForCausalLM.from_pretrained(STORIES, dtype=torch.float32).eval()
     store = capture_activations(original, batches, [2], tmp_path / "act", dtype="float32", progress=False)
-    cfg = slw.SLWConfig(steps=12, checkpoint_every=4, eval_every=4, patience=100, threads=1, dtype="float32")
+    # sink_positions=0: one loss call per step (no separate position-0 group), so call 7 is step 7
+    cfg = slw.SLWConfig(steps=12, checkpoint_every=4, eval_every=4, patience=100, threads=1, dtype="float32",
+                        sink_positions=0)
     real_loss, calls = slw._loss, []
 
     def poisoned(pred, target, kind):
