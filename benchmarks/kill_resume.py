@@ -134,9 +134,9 @@ def main() -> None:
                 killed = True
         stage = stage_left(out) if killed else "finished before the kill"
         after_kill = out_state(out)
-        if killed or after_kill != "complete":
+        if after_kill != "complete" or stage == "done (clean-up)":
             code, seconds, log = run_to_end(out, out.parent / "rerun.log")
-        else:  # nothing to resume: rerunning a finished command is refused (its --out is not empty) by design
+        else:  # finished (before or while being killed): rerunning it is refused (its --out is not empty) by design
             code, seconds, log = 0, 0.0, ""
         verify = subprocess.run(sharp_cmd("verify", out), env=ENV, capture_output=True, text=True)
         row = {"trial": number, "kill_s": round(delay, 1), "killed": killed, "stage": stage,
