@@ -287,22 +287,22 @@ def _load_full(path: Path, config: SharpConfig, dtype) -> nn.Module:
     model.tie_weights()
     shared = tuple(name + "." for name, _ in shared_linears(model))
     missing = [k for k in result.missing_keys
-               if not k.startswith(shared) and ".recovery." not in k and not _is_tied(model, k)]
+               if not k.startswith(shared) and ".recovery." not in k and not is_tied_key(model, k)]
     _check_keys(model, {"missing_keys": missing, "unexpected_keys": result.unexpected_keys}, path)
     if dtype not in (None, "auto"):
         model.to(dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     return model
 
 
-def _is_tied(model: nn.Module, key: str) -> bool:
+def is_tied_key(model: nn.Module, key: str) -> bool:
     """`key` names the output embedding that shares the input embedding's weight (stored once)."""
     head = model.get_output_embeddings()
-    return (head is not None and key == _module_name(model, head) + ".weight"
-            and head.weight is model.get_input_embeddings().weight)
-
-
-def _module_name(model: nn.Module, module: nn.Module) -> str:
-    return next((n for n, m in model.named_modules() if m is module), "")
+    return (
+        head is not None
+        and key.endswith("weight")
+        and model.get_submodule(key.rpartition(".")[0]) is head
+        and head.weight is model.get_input_embeddings().weight
+    )
 
 
 def _load_on_base(path: Path, config: SharpConfig, base, dtype) -> nn.Module:

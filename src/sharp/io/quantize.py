@@ -136,7 +136,7 @@ def load_quantized(path: Path, config: QuantConfig, build) -> nn.Module:
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from sharp.io.checkpoint import RECOVERY, WEIGHTS
+    from sharp.io.checkpoint import RECOVERY, WEIGHTS, is_tied_key
 
     dtype = getattr(torch, config.dtype)
     hf_config = AutoConfig.from_pretrained(path)
@@ -154,23 +154,13 @@ def load_quantized(path: Path, config: QuantConfig, build) -> nn.Module:
     model.tie_weights()
     relink_shared(model)
     shared = tuple(name + "." for name, _ in shared_linears(model))
-    missing = [k for k in result.missing_keys if not k.startswith(shared) and not _is_tied(model, k)]
+    missing = [k for k in result.missing_keys if not k.startswith(shared) and not is_tied_key(model, k)]
     on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if missing or result.unexpected_keys or on_meta:
         what = (missing or result.unexpected_keys or on_meta)[0]
         raise SharpError(f"quantized checkpoint '{path}' does not match its config ({what}); re-create it")
     model.sharp_quantization = config
     return model.eval()
-
-
-def _is_tied(model: nn.Module, key: str) -> bool:
-    head = model.get_output_embeddings()
-    return (
-        head is not None
-        and key.endswith("weight")
-        and model.get_submodule(key.rpartition(".")[0]) is head
-        and head.weight is model.get_input_embeddings().weight
-    )
 
 
 @torch.no_grad()
