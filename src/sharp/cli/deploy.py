@@ -14,7 +14,7 @@ from sharp.cli.app import app, console, err_console
 def quantize(
     model: str = typer.Argument(..., help="A sharp checkpoint (or a plain model folder / alias)."),
     bits: int = typer.Option(4, "--bits", help="Weight bits (4)."),
-    method: str = typer.Option("quanto", "--method", help="quanto (optimum-quanto int4)."),
+    method: str = typer.Option("quanto", "--method", help="quanto (optimum-quanto int4) or nf4 (bitsandbytes NF4)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: a quantized sharp checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
 ) -> None:

@@ -4,10 +4,12 @@ Each *unique* weight is quantized once: a target's `SharedLinear.base_layer` is 
 quantized module (`relink_shared`), so sharing survives quantization in memory and on disk. Recovery parameters
 (LoRA, scales) are not `nn.Linear`s and stay in 16-bit; so do embeddings, norms and the (usually tied) LM head.
 
-Methods:
+Methods (one small class each, `METHODS` maps the CLI name to it):
     quanto   optimum-quanto qint4, asymmetric, groups of up to 128 along the input; bf16 models whose input
              size is a multiple of 128 get torch's packed CPU int4 matmul (`_weight_int4pack_mm_for_cpu`),
              the others dequantize on the fly.
+    nf4      bitsandbytes NF4 (QLoRA's 4-bit NormalFloat), blocks of 64 with double-quantized absmax; runs on
+             the CPU through bitsandbytes' CPU backend (dequantize + matmul unless the CPU has AVX512-BF16).
 
 A quantized checkpoint is an ordinary sharp checkpoint plus `quantization.json` (method, bits, dtype and the
 list of quantized modules). `sharp.load` reads it back as a quantized model with the same sharing.
@@ -15,6 +17,7 @@ list of quantized modules). `sharp.load` reads it back as a quantized model with
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from dataclasses import asdict, dataclass, field
@@ -27,9 +30,80 @@ from sharp.errors import SharpError
 from sharp.sharing.shared import relink_shared, shared_linears
 
 QUANT_CONFIG = "quantization.json"
-METHODS = ("quanto",)
 BITS = (4,)
-_QTYPES = {("quanto", 4): "qint4"}
+
+
+class QuantoInt4:
+    """optimum-quanto qint4 (`QLinear`); its modules load through `load_state_dict(assign=True)`."""
+
+    def quantize(self, linear: nn.Linear, dtype: torch.dtype) -> nn.Module:
+        from optimum.quanto import qtypes
+        from optimum.quanto.nn import quantize_module
+
+        return quantize_module(linear, weights=qtypes["qint4"])
+
+    def shell(self, linear: nn.Linear, dtype: torch.dtype) -> nn.Module:
+        return self.quantize(linear, dtype)  # on a meta linear quanto builds an empty QLinear
+
+    def assign(self, module: nn.Module, name: str, state: dict[str, torch.Tensor]) -> list[str]:
+        return []  # the generic load_state_dict fills QLinear's weight._data / weight._scale / ...
+
+    def freeze(self, model: nn.Module) -> None:
+        from optimum.quanto import freeze
+
+        freeze(model)
+
+    def is_quantized(self, module: nn.Module) -> bool:
+        from optimum.quanto.nn import QModuleMixin
+
+        return isinstance(module, QModuleMixin)
+
+
+class BnbNF4:
+    """bitsandbytes NF4 (`Linear4bit`). Its packed weight and quantization state are not ordinary
+    parameters, so loading rebuilds each weight with `Params4bit.from_prequantized`."""
+
+    def quantize(self, linear: nn.Linear, dtype: torch.dtype) -> nn.Module:
+        from bitsandbytes.nn import Params4bit
+
+        module = self._empty(linear, dtype)
+        module.weight = Params4bit(linear.weight.data.to(dtype), requires_grad=False, quant_type="nf4",
+                                   module=module)
+        return module.to(linear.weight.device)  # Params4bit quantizes when moved to a real device
+
+    def shell(self, linear: nn.Linear, dtype: torch.dtype) -> nn.Module:
+        return self._empty(linear, dtype)
+
+    def _empty(self, linear: nn.Linear, dtype: torch.dtype) -> nn.Module:
+        from bitsandbytes.nn import Linear4bit
+
+        module = Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                            compute_dtype=dtype, quant_type="nf4", device="meta")
+        if linear.bias is not None:
+            module.bias = linear.bias
+        return module
+
+    def assign(self, module: nn.Module, name: str, state: dict[str, torch.Tensor]) -> list[str]:
+        """Take `name`'s packed weight and its quantization state out of `state`; return the keys filled."""
+        from bitsandbytes.nn import Params4bit
+
+        prefix = f"{name}.weight."
+        stats = {k[len(prefix):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
+        if f"{name}.weight" not in state or not stats:
+            raise SharpError(f"the NF4 weight of {name} is missing from the checkpoint; re-create it")
+        module.weight = Params4bit.from_prequantized(state.pop(f"{name}.weight"), stats, device="cpu", module=module)
+        return [f"{name}.weight"]
+
+    def freeze(self, model: nn.Module) -> None:
+        pass
+
+    def is_quantized(self, module: nn.Module) -> bool:
+        from bitsandbytes.nn import Linear4bit
+
+        return isinstance(module, Linear4bit)
+
+
+METHODS = {"quanto": QuantoInt4, "nf4": BnbNF4}
 
 
 @dataclass
@@ -46,10 +120,12 @@ class QuantConfig:
             raise SharpError(f"unknown quantization method '{self.method}'; choose one of: {', '.join(METHODS)}")
         if self.bits not in BITS:
             raise SharpError(f"--bits {self.bits} is not supported; choose one of: {', '.join(map(str, BITS))}")
+        if self.method == "nf4" and importlib.util.find_spec("bitsandbytes") is None:
+            raise SharpError("--method nf4 needs bitsandbytes: pip install -c constraints.txt 'sharp-llm[nf4]'")
 
     @property
-    def qtype(self) -> str:
-        return _QTYPES[(self.method, self.bits)]
+    def backend(self) -> QuantoInt4 | BnbNF4:
+        return METHODS[self.method]()
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -87,30 +163,20 @@ def quantize_model(model: nn.Module, bits: int = 4, method: str = "quanto") -> n
     dtype = _float_dtype(model)
     names = quantizable_modules(model)
     config = QuantConfig(method=method, bits=bits, dtype=str(dtype).removeprefix("torch."), modules=names)
-    _quantize_modules(model, names, config)
-    _freeze(model)
+    _replace_modules(model, names, config.backend.quantize, dtype)
+    config.backend.freeze(model)
     model.sharp_quantization = config
     return model
 
 
-def _quantize_modules(model: nn.Module, names: list[str], config: QuantConfig) -> None:
-    from optimum.quanto import qtypes
-    from optimum.quanto.nn import quantize_module
-
-    qtype = qtypes[config.qtype]
+def _replace_modules(model: nn.Module, names: list[str], make, dtype: torch.dtype) -> None:
+    """Swap each named nn.Linear for `make(linear, dtype)` (a quantized module, or an empty one to load into)."""
     for name in names:
         parent_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(name)
-        qmodule = quantize_module(module, weights=qtype)
+        qmodule = make(model.get_submodule(name), dtype)
         assert qmodule is not None, name
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, qmodule)
     relink_shared(model)  # SharedLinear.base_layer -> the reference's new quantized module
-
-
-def _freeze(model: nn.Module) -> None:
-    from optimum.quanto import freeze
-
-    freeze(model)
 
 
 def _float_dtype(model: nn.Module) -> torch.dtype:
@@ -121,9 +187,11 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
 
 
 def quantized_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    from optimum.quanto.nn import QModuleMixin
-
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, QModuleMixin)]
+    config = getattr(model, "sharp_quantization", None)
+    if config is None:
+        return []
+    backend = config.backend
+    return [(n, m) for n, m in model.named_modules() if backend.is_quantized(m)]
 
 
 def load_quantized(path: Path, config: QuantConfig, build) -> nn.Module:
@@ -143,18 +211,21 @@ def load_quantized(path: Path, config: QuantConfig, build) -> nn.Module:
     with init_empty_weights(include_buffers=False):  # rotary tables etc. are real, weights are meta
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     build(model)
-    _quantize_modules(model, config.modules, config)
+    backend = config.backend
+    _replace_modules(model, config.modules, backend.shell, dtype)
     try:
         state = load_file(path / WEIGHTS)
         if (path / RECOVERY).is_file():  # absent in a plain (unshared) quantized folder
             state.update(load_file(path / RECOVERY))
     except (OSError, SafetensorError) as e:
         raise SharpError(f"cannot read the weights of '{path}': {e}") from None
+    assigned = {key for name in config.modules for key in backend.assign(model.get_submodule(name), name, state)}
     result = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     relink_shared(model)
     shared = tuple(name + "." for name, _ in shared_linears(model))
-    missing = [k for k in result.missing_keys if not k.startswith(shared) and not is_tied_key(model, k)]
+    missing = [k for k in result.missing_keys
+               if not k.startswith(shared) and not is_tied_key(model, k) and k not in assigned]
     on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if missing or result.unexpected_keys or on_meta:
         what = (missing or result.unexpected_keys or on_meta)[0]
@@ -172,8 +243,8 @@ def merge_quantized(model: nn.Module) -> nn.Module:
     config: QuantConfig = model.sharp_quantization
     targets = [name for name, _ in shared_linears(model)]
     merge_sharing(model)
-    _quantize_modules(model, targets, config)
-    _freeze(model)
+    _replace_modules(model, targets, config.backend.quantize, getattr(torch, config.dtype))
+    config.backend.freeze(model)
     return model
 
 

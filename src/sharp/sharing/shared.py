@@ -57,6 +57,10 @@ class SharedLinear(nn.Module):
 
 def _dense_weight(module: nn.Module) -> torch.Tensor:
     w = module.weight
+    if getattr(w, "quant_state", None) is not None:  # bitsandbytes Params4bit (nf4)
+        from bitsandbytes.functional import dequantize_4bit
+
+        return dequantize_4bit(w.data, w.quant_state).to(w.quant_state.dtype)
     # quantized tensors (optimum-quanto) carry a qtype; a plain tensor's own .dequantize() would cast to fp32
     return w.dequantize() if hasattr(w, "qtype") or w.is_quantized else w
 
