@@ -1,5 +1,6 @@
-"""Deployment numbers for SmolLM2-135M: original vs SHARP next:6-29 and group:3:3-29, 16-bit and 4-bit, shared
-and merged runtimes; writes docs/results/deploy_smollm2.md (+ .json, .png).
+"""Deployment numbers for SmolLM2-135M: original vs SHARP next:6-29 and group:3:3-29, 16-bit and 4-bit (quanto
+int4, and bitsandbytes nf4 for the original and the first strategy), shared and merged runtimes; writes
+docs/results/deploy_smollm2.md (+ .json, .png).
 
     .venv/bin/python benchmarks/deploy_smollm2.py [--repeats 5] [--tokens 32] [--threads 1]
     .venv/bin/python benchmarks/deploy_smollm2.py --model /path/to/stories260K --quick   # a 1-minute dry run
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -44,11 +46,17 @@ def prepare(model: str, work: Path, strategies: list[str], trained: str | None) 
         paths[f"SHARP {strategy} 16-bit"] = folder
     if trained:
         paths["SHARP trained 16-bit"] = Path(trained)
-    for label, folder in list(paths.items()):
+    sixteen = list(paths.items())
+    for label, folder in sixteen:
         q = work / (folder.name.removesuffix("16") + "4")
         if not q.exists():
             sh("quantize", str(folder), "--bits", "4", "--method", "quanto", "--out", str(q))
         paths[label.replace("16-bit", "4-bit")] = q
+    for label, folder in sixteen[:2]:  # nf4: the original and the first strategy
+        q = work / (folder.name.removesuffix("16") + "nf4")
+        if not q.exists():
+            sh("quantize", str(folder), "--bits", "4", "--method", "nf4", "--out", str(q))
+        paths[label.replace("16-bit", "4-bit nf4")] = q
     return paths
 
 
@@ -76,31 +84,8 @@ def wikitext_ppl(folder: Path, windows: int, max_len: int) -> dict:
     return {"ppl": float(torch.tensor(nll / n).exp()), "tokens": n}
 
 
-def assign_load(path: Path) -> torch.nn.Module:
-    """The load path we propose for `sharp.load`: empty (meta) model, sharing applied first, then the stored
-    tensors assigned — the absent target weights are never allocated nor randomly initialized."""
-    from accelerate import init_empty_weights
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from sharp.sharing.config import SharpConfig
-    from sharp.sharing.recovery import parse_recovery
-    from sharp.sharing.shared import apply_sharing, relink_shared
-
-    config = SharpConfig.from_json((path / "sharp_config.json").read_text())
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(path), dtype=torch.bfloat16)
-    apply_sharing(model, config.sharing, parse_recovery(config.recovery), config.modules)
-    state = load_file(path / "model.safetensors")
-    state.update(load_file(path / "recovery.safetensors"))
-    model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    relink_shared(model)
-    return model.eval()
-
-
 def load_paths(original: Path, shared: Path, repeats: int = 5) -> dict:
-    """Warm load times (median, s): original from_pretrained, sharp.load, and `assign_load`."""
+    """Warm load times (median, s): original from_pretrained, sharp.load without and with its sha256 check."""
     import gc
     import statistics
 
@@ -110,8 +95,8 @@ def load_paths(original: Path, shared: Path, repeats: int = 5) -> dict:
 
     ways = {
         "original from_pretrained": lambda: AutoModelForCausalLM.from_pretrained(original, dtype="auto"),
-        "sharp.load (verify=False)": lambda: sharp.load(shared, verify=False),
-        "meta + assign (proposed)": lambda: assign_load(shared),
+        "sharp.load(verify=False)": lambda: sharp.load(shared, verify=False),
+        "sharp.load (default: sha256 of every file)": lambda: sharp.load(shared),
     }
     result = {}
     for name, fn in ways.items():
@@ -126,9 +111,13 @@ def load_paths(original: Path, shared: Path, repeats: int = 5) -> dict:
     return result
 
 
-def gguf_check(folder: Path, work: Path) -> dict:
-    """Export the 16-bit SHARP checkpoint to GGUF and re-read it; llama.cpp too if llama_cpp is installed."""
+def gguf_check(folder: Path, original: Path, work: Path, threads: int, repeats: int) -> dict:
+    """Export the 16-bit SHARP checkpoint to GGUF (f16) and check it: re-read by transformers' GGUF loader, and,
+    when llama-cpp-python is installed, run by llama.cpp itself — the merged file, and base + LoRA adapter for a
+    copy of the checkpoint with random non-zero recovery (the benchmark's own recovery is untrained: B = 0, which
+    would make base + adapter equal to base alone). Also llama.cpp decode speed, original vs merged export."""
     import numpy as np
+    from transformers import AutoTokenizer
 
     import sharp
     from sharp.io.export import compare_logits, export_gguf
@@ -139,27 +128,50 @@ def gguf_check(folder: Path, work: Path) -> dict:
     ids = torch.arange(1, 33)[None] * 37 % (ref.config.vocab_size - 5) + 5
     result = {k: v.stat().st_size for k, v in files.items()}
     with torch.no_grad():
+        want = ref(input_ids=ids).logits[0]
         result["max_abs_logit_diff_transformers_gguf_loader"] = compare_logits(ref, files["merged"], ids)
-        result["max_abs_logit"] = float(ref(input_ids=ids).logits.abs().max())
+        result["max_abs_logit"] = float(want.abs().max())
     try:
         import llama_cpp
     except ImportError:
         result["llama_cpp"] = "not installed"
         return result
-    llm = llama_cpp.Llama(model_path=str(files["merged"]), logits_all=True, n_ctx=64, n_threads=1, verbose=False)
-    llm.eval(ids[0].tolist())
-    got = torch.tensor(np.array(llm.scores[: ids.shape[1]]))
+
+    def run(gguf: Path, lora: Path | None = None) -> torch.Tensor:
+        llm = llama_cpp.Llama(model_path=str(gguf), lora_path=str(lora) if lora else None, logits_all=True,
+                              n_ctx=64, n_threads=threads, verbose=False, type_k=0, type_v=0)  # f32 KV cache
+        llm.eval(ids[0].tolist())
+        return torch.tensor(np.array(llm.scores[: ids.shape[1]]))
+
+    result["llama_cpp_version"] = llama_cpp.__version__
+    result["max_abs_logit_diff_llama_cpp"] = float((run(files["merged"]) - want).abs().max())
+    noisy = work / f"{folder.name}_random_lora"
+    model = sharp.load(folder, dtype=torch.float32)
+    g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        result["max_abs_logit_diff_llama_cpp"] = float((got - ref(input_ids=ids).logits[0]).abs().max())
-    try:  # base + adapter in llama.cpp
-        llm2 = llama_cpp.Llama(model_path=str(files["base"]), lora_path=str(files["lora"]), logits_all=True,
-                               n_ctx=64, n_threads=1, verbose=False)
-        llm2.eval(ids[0].tolist())
-        got2 = torch.tensor(np.array(llm2.scores[: ids.shape[1]]))
-        with torch.no_grad():
-            result["max_abs_logit_diff_llama_cpp_base_lora"] = float((got2 - ref(input_ids=ids).logits[0]).abs().max())
-    except Exception as e:  # noqa: BLE001 (report whatever llama.cpp says)
-        result["llama_cpp_base_lora"] = f"failed: {e}"
+        for name, p in model.named_parameters():
+            if name.endswith("lora_B"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.02)
+    sharp.save(model, noisy, tokenizer=AutoTokenizer.from_pretrained(folder), overwrite=True)
+    nfiles = export_gguf(noisy, work / f"{noisy.name}_gguf", outtype="f32", overwrite=True)
+    with torch.no_grad():
+        nwant = sharp.load(noisy, dtype=torch.float32)(input_ids=ids).logits[0]
+    result["random_lora_changes_logits_by"] = float((run(nfiles["base"]) - nwant).abs().max())
+    result["max_abs_logit_diff_llama_cpp_base_lora_f32"] = float((run(nfiles["base"], nfiles["lora"]) - nwant)
+                                                                .abs().max())
+    result["llama_cpp_decode_tok_s"] = {}
+    orig_files = export_gguf(original, work / "orig16_gguf", outtype="f16", overwrite=True)
+    for label, gguf in (("original", orig_files["merged"]), ("SHARP merged", files["merged"])):
+        llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=128, n_threads=threads, verbose=False)
+        speeds = []
+        for _ in range(repeats):
+            llm.reset()
+            llm.eval(ids[0].tolist())
+            t0 = time.perf_counter()
+            for _ in range(32):
+                llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+            speeds.append(32 / (time.perf_counter() - t0))
+        result["llama_cpp_decode_tok_s"][label] = sorted(speeds)[len(speeds) // 2]
     return result
 
 
@@ -226,6 +238,8 @@ def main() -> None:
         (f"{first} 4-bit, shared", paths[f"{first} 4-bit"]),
         (f"{first} 4-bit, merged", f"{paths[f'{first} 4-bit']}@merged"),
         *[(f"SHARP {s} 4-bit, shared", paths[f"SHARP {s} 4-bit"]) for s in strategies[1:]],
+        ("original 4-bit nf4", paths["original 4-bit nf4"]),
+        (f"{first} 4-bit nf4, shared", paths[f"{first} 4-bit nf4"]),
     ]
     labels = [label for label, _ in entries]
     out = Path(args.out)
@@ -252,7 +266,7 @@ def main() -> None:
     print("load paths", flush=True)
     report["load_paths"] = load_paths(paths["original 16-bit"], paths[f"{first} 16-bit"], args.repeats)
     print("gguf", flush=True)
-    gguf = gguf_check(paths[f"{first} 16-bit"], work)
+    gguf = gguf_check(paths[f"{first} 16-bit"], paths["original 16-bit"], work, args.threads, args.repeats)
     report.update(labels=labels, perplexity=ppl, gguf=gguf,
                   finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     report["paths"] = {k: str(v) for k, v in paths.items()}
@@ -263,6 +277,12 @@ def main() -> None:
 
 def _check(ok: bool) -> str:
     return "**met**" if ok else "**not met**"
+
+
+def _original_of(label: str, models: dict) -> dict:
+    """The original model at the same precision as `label` ('16-bit', '4-bit' or '4-bit nf4')."""
+    precision = re.search(r"(16-bit|4-bit nf4|4-bit)", label).group(1)
+    return models[f"original {precision}"]
 
 
 def render(report: dict, model: str, table: str) -> str:
@@ -281,8 +301,9 @@ def render(report: dict, model: str, table: str) -> str:
         "",
         *[f"- {h}" for h in header_lines(report)],
         "- 16-bit = bfloat16; 4-bit = optimum-quanto qint4 (asymmetric, groups of ≤128 along the input, bf16 "
-        "scales), every unique linear quantized once, recovery/embeddings/norms in bf16. `merged` = target weights "
-        "materialized at load (for 4-bit: W_ref dequantized + BA, then re-quantized).",
+        "scales); 4-bit nf4 = bitsandbytes NF4 (blocks of 64, double-quantized absmax, bf16 compute). Every unique "
+        "linear is quantized once, recovery/embeddings/norms stay bf16. `merged` = target weights materialized at "
+        "load (for 4-bit: W_ref dequantized + BA, then re-quantized).",
         "- peak RSS includes the Python/torch/transformers runtime (~"
         f"{orig16['peak_rss_mib'] - orig16['model_rss_mib']:.0f} MiB here); `model RSS` below subtracts it.",
         "",
@@ -312,7 +333,7 @@ def render(report: dict, model: str, table: str) -> str:
     for label, r in models.items():
         if label.startswith("original"):
             continue
-        base = orig16 if "16-bit" in label else orig4
+        base = _original_of(label, models)
         bytes_ratio = r["bytes_on_disk"] / base["bytes_on_disk"]
         cold_ratio = r["cold_load_s"] / base["cold_load_s"]
         speed = r["decode_tok_s"] / base["decode_tok_s"]
@@ -330,11 +351,10 @@ def render(report: dict, model: str, table: str) -> str:
         lines.append(f"- **{label}**: " + "; ".join(parts))
     if "load_paths" in report:
         lp = report["load_paths"]
-        lines += ["", "Why SHARP loads slower than its bytes allow: `sharp.load` calls `from_pretrained` on the "
-                  "folder, "
-                  "which allocates and randomly initializes the absent target weights before `apply_sharing` "
-                  "drops them (that transient also lifts peak RSS). Warm load times of the next:6-29 16-bit "
-                  f"checkpoint, median of {report['settings']['repeats']}, in one process:", ""]
+        lines += ["", "`sharp.load` builds the model on empty (meta) weights, applies the sharing, then assigns the "
+                  "stored tensors: absent target weights are never allocated. Warm load times of the original "
+                  f"and the {report['labels'][1].split(',')[0]} checkpoint, median of "
+                  f"{report['settings']['repeats']}, in one process:", ""]
         lines += [f"- {k}: {v:.2f} s" for k, v in lp.items()]
     lines += ["", "## Runtime modes: shared vs merged", ""]
     for bits in ("16-bit", "4-bit"):
@@ -358,10 +378,10 @@ def render(report: dict, model: str, table: str) -> str:
             f"{sh4['bytes_per_token'] / orig4['bytes_per_token']:.2f}× the weight bytes per token (ceilings "
             f"{orig16['bytes_per_token'] / sh16['bytes_per_token']:.2f}× / "
             f"{orig4['bytes_per_token'] / sh4['bytes_per_token']:.2f}×). Fewer bytes do not turn into speed here: "
-            f"at {orig16['decode_tok_s']:.1f} tok/s on one contended core, eager PyTorch decode is bound by "
-            "compute and per-op overhead, not DRAM bandwidth (the same model decodes at 77–87 tok/s in llama.cpp "
-            "on this machine, see RESEARCH.md). Shared mode costs the targets' extra LoRA matmuls and gains no "
-            "measurable locality bonus.")
+            f"at {orig16['decode_tok_s']:.1f} tok/s with {report['machine']['torch_threads']} thread(s), eager "
+            "PyTorch decode is bound by compute and per-op overhead, not DRAM bandwidth (the same model decodes at "
+            "77–87 tok/s in llama.cpp on this machine, see RESEARCH.md). Shared mode costs the targets' extra LoRA "
+            "matmuls and gains no measurable locality bonus.")
     if "compiled" in report:
         c0, c1 = report["compiled"]["models"]
         lines.append(
@@ -369,9 +389,8 @@ def render(report: dict, model: str, table: str) -> str:
             f"{c1['decode_tok_s']:.1f} tok/s ({c1['decode_tok_s'] / c0['decode_tok_s']:.2f}×), vs eager "
             f"{orig16['decode_tok_s']:.1f} / {sh16['decode_tok_s']:.1f}.")
     else:
-        lines.append("- torch.compile (`sharp bench --compile`, dynamic shapes): not measured — in this session "
-                     "compiling the original model alone ran past 12 minutes on the contended 2 cores and was "
-                     "stopped; run `benchmarks/deploy_smollm2.py --compile-only` on a quieter machine.")
+        lines.append("- torch.compile (`sharp bench --compile`, dynamic shapes): not measured in this run "
+                     "(`benchmarks/deploy_smollm2.py --compile-only` adds it).")
     m = report["machine"]
     lines.append(
         f"- The CPU reports an L3 of {m['l3_cache']} (a VM: the host's cache, shared with every other tenant); "
@@ -384,12 +403,13 @@ def render(report: dict, model: str, table: str) -> str:
         "as fast as 16-bit here.")
     dec = max(max(r["runs"]["decode_tok_s"]) / min(r["runs"]["decode_tok_s"]) - 1 for r in models.values())
     cold = max(max(r["runs"]["cold_load_s"]) / min(r["runs"]["cold_load_s"]) - 1 for r in models.values())
+    load = report["machine"]["load_average_1m"]
+    busy = ("shared with other jobs, so rows measured minutes apart saw different contention"
+            if load > 1.5 else "otherwise idle apart from this benchmark")
     lines += ["", "## Noise", "",
-              f"The 2-core machine was shared with other engineers' jobs (1-minute load average "
-              f"{report['machine']['load_average_1m']:.1f} at start), so absolute speeds are far below a quiet "
-              "machine's (RESEARCH.md: 12–13 tok/s fp32 with 2 threads) and rows measured minutes apart saw "
-              f"different contention. Within one model, decode runs spread by up to {dec:.0%} and cold loads by up "
-              f"to {cold:.0%} (max/min − 1); read ratios closer to 1 than that as ties.", "",
+              f"The machine was {busy} (1-minute load average {load:.1f} at start). Within one model, decode runs "
+              f"spread by up to {dec:.0%} and cold loads by up to {cold:.0%} (max/min − 1); read ratios closer to 1 "
+              "than that as ties.", "",
               "Decode tok/s of each run (min – max of the timed runs), to read the medians against:", ""]
     for label, r in models.items():
         runs = r["runs"]["decode_tok_s"]

@@ -1,9 +1,9 @@
 """One model's numbers, measured in the current process. `sharp.bench.runner` runs this in a fresh subprocess
 per model, so peak RSS belongs to that model only.
 
-Order of events: import libraries and the model class (untimed) -> baseline RSS -> evict the model's files from
-the page cache (`posix_fadvise(POSIX_FADV_DONTNEED)`, checked with `mincore`) -> cold load #1 -> one warm-up
-decode -> R timed decodes (prefill + first token = TTFT, then N single-token greedy steps, batch 1) -> peak RSS
+Order of events: import libraries and the model class, then one untimed load (it pays one-time costs: lazy
+imports such as bitsandbytes', first-call initialization) -> baseline RSS -> evict the model's files from the page
+cache (`posix_fadvise(POSIX_FADV_DONTNEED)`, checked with `mincore`) -> cold load #1 -> one warm-up decode -> R timed decodes (prefill + first token = TTFT, then N single-token greedy steps, batch 1) -> peak RSS
 (load + decode of this model) -> R-1 more cold loads and R warm loads. Times are medians.
 
     python -m sharp.bench.measure SPEC [--mode shared|merged] [--tokens 64] [--repeats 5]   # prints JSON
@@ -84,7 +84,12 @@ def peak_rss_bytes() -> int:
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
-    """Bytes a tensor really holds; quantized tensor subclasses are summed over their inner tensors."""
+    """Bytes a tensor really holds; quantized tensor subclasses are summed over their inner tensors, and a
+    bitsandbytes 4-bit weight counts its quantization state (block absmax, code maps) too."""
+    state = getattr(t, "quant_state", None)
+    if state is not None:
+        extra = state.as_dict(packed=True).values()
+        return t.numel() * t.element_size() + sum(v.numel() * v.element_size() for v in extra)
     if hasattr(t, "__tensor_flatten__"):
         names, _ = t.__tensor_flatten__()
         return sum(tensor_bytes(getattr(t, n)) for n in names)
@@ -177,6 +182,8 @@ def measure(spec: str, mode: str = "shared", tokens: int = 64, repeats: int = 5,
     path = resolve_model_path(spec)
     files = weight_files(path)
     _import_model_class(spec)
+    del_me = load_for_bench(spec, mode)  # untimed: one-time costs must not count as the first cold load
+    del del_me
     gc.collect()
     baseline = rss_bytes()
 

@@ -68,13 +68,14 @@ def _writer(path: Path, config, name: str, outtype: str):
 
 
 def _add_vocab(w, folder: Path | None) -> bool:
-    """Tokenizer metadata from the model folder (SentencePiece or GPT-2 BPE); False if none could be read."""
+    """Tokenizer metadata from the model folder (SentencePiece, Llama-style HF BPE or GPT-2 BPE); False if none
+    could be read."""
     import gguf
-    from gguf.vocab import BpeVocab, SentencePieceVocab, SpecialVocab
+    from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab, SpecialVocab
 
     if folder is None:
         return False
-    for cls in (SentencePieceVocab, BpeVocab):
+    for cls in (SentencePieceVocab, LlamaHfVocab, BpeVocab):  # tokenizer.model, Llama tokenizer.json, GPT-2 BPE
         try:
             vocab = cls(folder)
         except (FileNotFoundError, ValueError, KeyError, RuntimeError):
