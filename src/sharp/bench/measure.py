@@ -3,8 +3,9 @@ per model, so peak RSS belongs to that model only.
 
 Order of events: import libraries and the model class, then one untimed load (it pays one-time costs: lazy
 imports such as bitsandbytes', first-call initialization) -> baseline RSS -> evict the model's files from the page
-cache (`posix_fadvise(POSIX_FADV_DONTNEED)`, checked with `mincore`) -> cold load #1 -> one warm-up decode -> R timed decodes (prefill + first token = TTFT, then N single-token greedy steps, batch 1) -> peak RSS
-(load + decode of this model) -> R-1 more cold loads and R warm loads. Times are medians.
+cache (`posix_fadvise(POSIX_FADV_DONTNEED)`, checked with `mincore`) -> cold load #1 -> one warm-up decode -> R
+timed decodes (prefill + first token = TTFT, then N single-token greedy steps, batch 1) -> peak RSS (load + decode
+of this model) -> R-1 more cold loads and R warm loads. Times are medians.
 
     python -m sharp.bench.measure SPEC [--mode shared|merged] [--tokens 64] [--repeats 5]   # prints JSON
 """

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 from rich.table import Table
+
+from sharp.io.atomic import replaced_file
 
 COLUMNS = (  # (header, field, format, ratio key or None, floor key or None)
     ("MiB on disk", "bytes_on_disk", "{:.1f}", "bytes_on_disk", None),
@@ -91,5 +94,6 @@ def plot(report: dict, out: str | os.PathLike, names: list[str] | None = None) -
     ax.set_title("sharp bench (black ticks: physical floors)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    with replaced_file(out) as tmp:
+        fig.savefig(tmp, dpi=120, format=Path(out).suffix.lstrip(".") or "png")
     plt.close(fig)

@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from sharp.cli import options as opt
 from sharp.cli.app import app, console, err_console
 
 _SFT_HELP = "SFT settings for --heal (the same as sharp compress)."
@@ -78,9 +79,9 @@ def prune(
 
 @app.command()
 def compare(
-    model: str = typer.Argument(..., help="Model folder, .gguf file, alias (smollm2-135m) or hub id."),
-    strategy: str = typer.Option(..., "--strategy", "-s", help="SHARP strategy, e.g. next:6-29."),
-    recovery: str = typer.Option(..., "--recovery", "-r", help="SHARP recovery, e.g. lora:64."),
+    model: str = opt.MODEL,
+    strategy: str = opt.STRATEGY,
+    recovery: str = opt.RECOVERY,
     data: str = typer.Option(..., "--data", help="Training / calibration data, FORMAT:PATH or alias."),
     eval_tasks: str = typer.Option(..., "--eval", help="Perplexity tasks, as sharp eval --tasks."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: comparison.md and comparison.json."),
@@ -89,34 +90,28 @@ def compare(
     heal: bool = typer.Option(True, "--heal/--no-heal", help="Also fine-tune every baseline (same SFT as SHARP)."),
     allocation: str = typer.Option("even", "--allocation", help="width: even or global."),
     calib_samples: int = typer.Option(32, "--calib-samples", help="Calibration examples for the baselines."),
-    slw_steps: int = typer.Option(300, "--slw-steps", help="SLW steps per target layer."),
-    slw_fraction: float = typer.Option(0.1, "--slw-fraction", help="Share of training examples SLW captures."),
-    slw_workers: int = typer.Option(1, "--slw-workers", help="SLW worker processes."),
-    sft_steps: int = typer.Option(200, "--sft-steps", help="SFT steps (SHARP and every heal)."),
-    lr: float = typer.Option(2e-4, "--lr", help="SFT learning rate."),
-    batch_size: int = typer.Option(4, "--batch-size", help="SFT micro-batch."),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="SFT gradient accumulation."),
-    full_lora_rank: int = typer.Option(8, "--full-lora-rank", help="LoRA rank on the remaining linears."),
-    max_len: int = typer.Option(512, "--max-len", help="Tokens per training example."),
-    eval_fraction: float = typer.Option(0.1, "--eval-fraction", help="Held-out share of --data (SFT eval loss)."),
+    slw_steps: int = opt.SLW_STEPS,
+    slw_fraction: float = opt.SLW_FRACTION,
+    slw_workers: int = opt.SLW_WORKERS,
+    sft_steps: int = opt.SFT_STEPS,
+    lr: float = opt.LR,
+    batch_size: int = opt.BATCH_SIZE,
+    grad_accum: int = opt.GRAD_ACCUM,
+    full_lora_rank: int = opt.FULL_LORA_RANK,
+    max_len: int = opt.MAX_LEN,
+    eval_fraction: float = opt.EVAL_FRACTION,
     eval_max_len: int = typer.Option(512, "--eval-max-len", help="Tokens per evaluation example / window."),
     eval_limit: int = typer.Option(None, "--eval-limit", help="First N examples / windows per task."),
-    template: str = typer.Option("plain", "--template", help="plain or chat."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the split and of training."),
+    template: str = opt.TEMPLATE,
+    seed: int = opt.SEED,
     tolerance: float = typer.Option(0.01, "--tolerance", help="Allowed stored-parameter spread of the rows."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    overwrite: bool = opt.OVERWRITE,
 ) -> None:
     """Every baseline, Direct Sharing and SHARP at the same stored size, evaluated on the same tasks."""
     from sharp.recipes.compare import CompareConfig
     from sharp.recipes.compare import compare as run_compare
 
-    cfg = CompareConfig(model=model, strategy=strategy, recovery=recovery, data=data, eval=eval_tasks, out=str(out),
-                        reference_model=reference_model, methods=methods, heal=heal, allocation=allocation,
-                        calib_samples=calib_samples, slw_steps=slw_steps, slw_fraction=slw_fraction,
-                        slw_workers=slw_workers, sft_steps=sft_steps, lr=lr, batch_size=batch_size,
-                        grad_accum=grad_accum, full_lora_rank=full_lora_rank, max_len=max_len,
-                        eval_fraction=eval_fraction, eval_max_len=eval_max_len, eval_limit=eval_limit,
-                        template=template, seed=seed, tolerance=tolerance, overwrite=overwrite)
+    cfg = opt.settings_from(CompareConfig, locals(), eval=eval_tasks)
     cfg.validate()
     run_compare(cfg, progress=True, log=lambda msg: err_console.print(msg, highlight=False))
     console.print((out / "comparison.md").read_text(), markup=False, highlight=False)

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from sharp.cli import options as opt
 from sharp.cli.app import app, console
 
 ROWS = (("original", "Original"), ("direct", "Direct Sharing"), ("slw", "after SLW"), ("sft", "after SFT"))
@@ -46,41 +47,36 @@ def print_summary(summary: dict) -> None:
 
 @app.command()
 def compress(
-    model: str = typer.Argument(..., help="Model folder, .gguf file, alias (smollm2-135m) or hub id."),
-    strategy: str = typer.Option(..., "--strategy", "-s", help="next:A-B, group:K:A-B or map:T=R,..."),
-    recovery: str = typer.Option("lora:32", "--recovery", "-r", help="lora:R, scale or lora+scale:R"),
+    model: str = opt.MODEL,
+    strategy: str = opt.STRATEGY,
+    recovery: str = opt.RECOVERY,
     data: str = typer.Option(..., "--data", help="FORMAT:PATH_OR_HUB_ID or an alias (alpaca-demo)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint folder (written atomically)."),
     eval_data: str = typer.Option(None, "--eval-data", help="Held-out data (default: part of --data)."),
     stages: str = typer.Option("slw,sft", "--stages", help="slw,sft | slw | sft | none (Direct Sharing)."),
-    slw_fraction: float = typer.Option(0.1, "--slw-fraction", help="Share of training examples SLW captures."),
-    slw_workers: int = typer.Option(1, "--slw-workers", help="Target layers trained in parallel processes."),
-    slw_steps: int = typer.Option(300, "--slw-steps", help="SLW optimizer steps per target layer (at most)."),
-    sft_steps: int = typer.Option(200, "--sft-steps", help="SFT optimizer steps (0: use --epochs)."),
+    slw_fraction: float = opt.SLW_FRACTION,
+    slw_workers: int = opt.SLW_WORKERS,
+    slw_steps: int = opt.SLW_STEPS,
+    sft_steps: int = opt.SFT_STEPS,
     epochs: float = typer.Option(1.0, "--epochs", help="SFT epochs, used when --sft-steps is 0."),
-    lr: float = typer.Option(2e-4, "--lr", help="SFT peak learning rate (AdamW, warmup + cosine)."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Examples per micro-batch (SFT, SLW capture, eval)."),
-    grad_accum: int = typer.Option(1, "--grad-accum", help="Micro-batches per SFT optimizer step."),
-    max_len: int = typer.Option(512, "--max-len", help="Tokens per example (longer ones are cut)."),
-    eval_fraction: float = typer.Option(0.1, "--eval-fraction", help="Share of --data held out for evaluation."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the split, the recovery init and the data order."),
-    template: str = typer.Option("plain", "--template", help="plain or chat (the model's chat template)."),
+    lr: float = opt.LR,
+    batch_size: int = opt.BATCH_SIZE,
+    grad_accum: int = opt.GRAD_ACCUM,
+    max_len: int = opt.MAX_LEN,
+    eval_fraction: float = opt.EVAL_FRACTION,
+    seed: int = opt.SEED,
+    template: str = opt.TEMPLATE,
     train: str = typer.Option("recovery", "--train", help="recovery, or full-lora (+ LoRA on every layer)."),
+    full_lora_rank: int = opt.FULL_LORA_RANK,
     eval_steps: int = typer.Option(50, "--eval-steps", help="SFT eval loss every N steps (0: at the end)."),
     save_steps: int = typer.Option(50, "--save-steps", help="SFT checkpoint every N steps."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    overwrite: bool = opt.OVERWRITE,
 ) -> None:
     """Share layers, train the recovery (SLW then SFT), evaluate, save. Rerun the same command to resume."""
     from sharp.recipes import CompressConfig
     from sharp.recipes.compress import compress as run
 
-    cfg = CompressConfig(
-        model=model, strategy=strategy, recovery=recovery, data=data, out=str(out), eval_data=eval_data,
-        stages=stages, slw_fraction=slw_fraction, slw_workers=slw_workers, slw_steps=slw_steps,
-        sft_steps=sft_steps, epochs=epochs, lr=lr, batch_size=batch_size, grad_accum=grad_accum, max_len=max_len,
-        eval_fraction=eval_fraction, seed=seed, template=template, train=train, eval_steps=eval_steps,
-        save_steps=save_steps, overwrite=overwrite,
-    )
+    cfg = opt.settings_from(CompressConfig, locals())
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     summary = run(cfg)
     print_summary(summary)

@@ -60,8 +60,9 @@ def bench(
                            load_repeats=load_repeats)
     console.print(rich_table(report))
     if json_out:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(report, indent=2) + "\n")
+        from sharp.io.atomic import write_text_atomic
+
+        write_text_atomic(json_out, json.dumps(report, indent=2) + "\n")
         console.print(f"report written to [bold]{json_out}[/]")
     if plot_out:
         plot_out.parent.mkdir(parents=True, exist_ok=True)

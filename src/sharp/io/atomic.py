@@ -87,3 +87,26 @@ def _clean_leftovers(out: Path) -> None:
                 shutil.rmtree(tmp, ignore_errors=True)
             else:  # the lock file of a killed nested save
                 tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def replaced_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it replaces `path` in one rename, so a reader (or a
+    kill) sees the old file or the new one, never half of one. On failure the temporary file is removed."""
+    path = Path(path)
+    path.absolute().parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.absolute().parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """`Path.write_text`, but all or nothing (see `replaced_file`)."""
+    with replaced_file(path) as tmp:
+        tmp.write_text(text)

@@ -62,19 +62,27 @@ def check_max_len(config, max_len: int, flag: str = "--max-len") -> None:
                          f"lower {flag}")
 
 
+def load_tokenizer(spec: str):
+    """The tokenizer of any supported spec (a few hundred ms: callers tokenize before loading the weights, so
+    bad data fails fast)."""
+    from transformers import AutoTokenizer
+
+    path, kwargs = _path_and_kwargs(spec)
+    try:
+        return AutoTokenizer.from_pretrained(path, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise SharpError(f"cannot load the tokenizer of '{spec}': {_first_line(e)}") from None
+
+
 def load_model(spec: str, dtype: torch.dtype | str | None = "auto") -> tuple[nn.Module, object]:
     """(model, tokenizer) for any supported spec; sharp checkpoints load with their sharing."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from sharp.io.checkpoint import is_sharp_checkpoint, load
 
-    path = resolve_model_path(spec)
-    kwargs = {}
-    if path.endswith(".gguf"):
-        p = Path(path)
-        path, kwargs = str(p.parent), {"gguf_file": p.name}
+    tokenizer = load_tokenizer(spec)
+    path, kwargs = _path_and_kwargs(spec)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
         if is_sharp_checkpoint(path):
             model = load(path, dtype=dtype)
         elif (Path(path) / "sharp_prune.json").is_file():  # a pruned baseline (`sharp prune`)
@@ -90,6 +98,15 @@ def load_model(spec: str, dtype: torch.dtype | str | None = "auto") -> tuple[nn.
     model.eval()
     model.sharp_source = spec
     return model, tokenizer
+
+
+def _path_and_kwargs(spec: str) -> tuple[str, dict]:
+    """(folder, from_pretrained kwargs): a .gguf file is read from its folder with `gguf_file=`."""
+    path = resolve_model_path(spec)
+    if path.endswith(".gguf"):
+        p = Path(path)
+        return str(p.parent), {"gguf_file": p.name}
+    return path, {}
 
 
 def folder_bytes(path: str | os.PathLike) -> int:

@@ -203,12 +203,13 @@ def load_quantized(path: Path, config: QuantConfig, build) -> nn.Module:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     from sharp.io.checkpoint import RECOVERY, WEIGHTS, is_tied_key
 
     dtype = getattr(torch, config.dtype)
     hf_config = AutoConfig.from_pretrained(path)
-    with init_empty_weights(include_buffers=False):  # rotary tables etc. are real, weights are meta
+    with init_empty_weights(include_buffers=False), no_init_weights():  # rotary tables are real, weights meta
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     build(model)
     backend = config.backend

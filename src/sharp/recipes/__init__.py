@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import resource
 import shutil
 import time
@@ -19,26 +18,25 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sharp.errors import SharpError
+from sharp.io.atomic import write_text_atomic
 
 STAGES = ("slw", "sft")
 
 
-@dataclass
-class CompressConfig:
-    """Settings of `sharp compress` (the CLI flags, one to one)."""
+@dataclass(kw_only=True)
+class RecoverySettings:
+    """What `sharp compress` and `sharp compare` share (the CLI flags, one to one): the model, the sharing and
+    recovery to train, and the SLW/SFT budget. Compare passes these unchanged to compress and to the healing."""
 
     model: str
     strategy: str
     recovery: str
     data: str
     out: str
-    eval_data: str | None = None  # held-out data; default: --eval-fraction of --data
-    stages: str = "slw,sft"  # "slw,sft", "slw", "sft" or "none" (Direct Sharing)
     slw_fraction: float = 0.1  # fraction of the training examples whose activations SLW captures
     slw_workers: int = 1
     slw_steps: int = 300  # per target layer (early stopping may end sooner)
     sft_steps: int = 200  # optimizer steps; 0 = `epochs` instead
-    epochs: float = 1.0
     lr: float = 2e-4
     batch_size: int = 4
     grad_accum: int = 1
@@ -46,20 +44,29 @@ class CompressConfig:
     eval_fraction: float = 0.1
     seed: int = 0
     template: str = "plain"
-    train: str = "recovery"  # "recovery" or "full-lora"
     full_lora_rank: int = 8
-    eval_steps: int = 50
-    save_steps: int = 50
     overwrite: bool = False
-
-    @property
-    def stage_list(self) -> list[str]:
-        return [] if self.stages.strip() == "none" else [s.strip() for s in self.stages.split(",")]
 
     @property
     def work_dir(self) -> Path:
         out = Path(self.out).absolute()
         return out.parent / f"{out.name}.work"
+
+
+@dataclass(kw_only=True)
+class CompressConfig(RecoverySettings):
+    """Settings of `sharp compress` (the CLI flags, one to one)."""
+
+    eval_data: str | None = None  # held-out data; default: --eval-fraction of --data
+    stages: str = "slw,sft"  # "slw,sft", "slw", "sft" or "none" (Direct Sharing)
+    epochs: float = 1.0
+    train: str = "recovery"  # "recovery" or "full-lora"
+    eval_steps: int = 50
+    save_steps: int = 50
+
+    @property
+    def stage_list(self) -> list[str]:
+        return [] if self.stages.strip() == "none" else [s.strip() for s in self.stages.split(",")]
 
     def sft_config(self, progress: bool = True):
         from sharp.recovery.sft import SFTConfig
@@ -196,9 +203,7 @@ class StageMeter:
         self._write()
 
     def _write(self) -> None:
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.stages, indent=2, sort_keys=True))
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, json.dumps(self.stages, indent=2, sort_keys=True))
 
 
 def _reset_peak_rss() -> None:

@@ -14,66 +14,40 @@ import copy
 import json
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from sharp.errors import SharpError
+from sharp.recipes import CompressConfig, RecoverySettings
 
 ROW_NAMES = {"layer-drop": "LayerPruning (layer-drop)", "layer-drop-adapted": "LayerPruning-adapted",
              "mlp-drop": "MLP-drop", "width": "Width pruning (Taylor)"}
 
 
-@dataclass
-class CompareConfig:
-    """Settings of `sharp compare`; the SLW/SFT ones are passed unchanged to `compress` and to the healing."""
+@dataclass(kw_only=True)
+class CompareConfig(RecoverySettings):
+    """Settings of `sharp compare`; the `RecoverySettings` ones are passed unchanged to `compress` and to the
+    healing of every baseline."""
 
-    model: str
-    strategy: str
-    recovery: str
-    data: str
     eval: str  # perplexity tasks, as `sharp eval --tasks`
-    out: str
     reference_model: str | None = None
     methods: str = "layer-drop,layer-drop-adapted,mlp-drop,width"
     heal: bool = True
     allocation: str = "even"
     calib_samples: int = 32
-    slw_fraction: float = 0.1
-    slw_steps: int = 300
-    slw_workers: int = 1
-    sft_steps: int = 200
-    lr: float = 2e-4
-    batch_size: int = 4
-    grad_accum: int = 1
-    max_len: int = 512
-    eval_fraction: float = 0.1
-    seed: int = 0
-    template: str = "plain"
-    full_lora_rank: int = 8
     eval_max_len: int = 512
     eval_batch_size: int = 8
     eval_limit: int | None = None
     tolerance: float = 0.01  # largest allowed spread of the compressed rows' stored parameters
-    overwrite: bool = False
 
     @property
     def method_list(self) -> list[str]:
         return [m.strip() for m in self.methods.split(",") if m.strip()]
 
-    @property
-    def work_dir(self) -> Path:
-        out = Path(self.out).absolute()
-        return out.parent / f"{out.name}.work"
-
-    def compress_config(self, name: str, stages: str):
-        from sharp.recipes import CompressConfig
-
-        return CompressConfig(
-            model=self.model, strategy=self.strategy, recovery=self.recovery, data=self.data,
-            out=str(self.work_dir / name), stages=stages, slw_fraction=self.slw_fraction, slw_steps=self.slw_steps,
-            slw_workers=self.slw_workers, sft_steps=self.sft_steps, lr=self.lr, batch_size=self.batch_size,
-            grad_accum=self.grad_accum, max_len=self.max_len, eval_fraction=self.eval_fraction, seed=self.seed,
-            template=self.template, train="full-lora", full_lora_rank=self.full_lora_rank, overwrite=True)
+    def compress_config(self, name: str, stages: str) -> CompressConfig:
+        shared = {f.name: getattr(self, f.name) for f in fields(RecoverySettings)}
+        return CompressConfig(**{**shared, "out": str(self.work_dir / name), "overwrite": True}, stages=stages,
+                              train="full-lora")
 
     def sft(self) -> dict:
         return self.compress_config("sharp", "slw,sft").sft_config(progress=False).__dict__
@@ -83,7 +57,7 @@ class CompareConfig:
         from sharp.baselines.methods import ALLOCATIONS, METHODS
         from sharp.evaluation.perplexity import parse_tasks
         from sharp.io.atomic import check_output_dir
-        from sharp.io.models import resolve_model_path
+        from sharp.io.models import check_max_len, load_config, resolve_model_path
 
         check_output_dir(self.out, self.overwrite)
         unknown = [m for m in self.method_list if m not in METHODS]
@@ -97,6 +71,7 @@ class CompareConfig:
         if self.reference_model:
             resolve_model_path(self.reference_model)
         self.compress_config("sharp", "slw,sft").validate()
+        check_max_len(load_config(self.model), self.eval_max_len, "--eval-max-len")
 
 
 def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], None] = print) -> dict:
@@ -109,7 +84,7 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
     from sharp.baselines.run import training_examples
     from sharp.baselines.table import Row, compressed_spread, to_json, to_markdown
     from sharp.evaluation.perplexity import evaluate_tasks, parse_tasks
-    from sharp.io.atomic import atomic_dir
+    from sharp.io.atomic import atomic_dir, write_text_atomic
     from sharp.recipes import compress
 
     cfg.validate()
@@ -138,7 +113,7 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
                 healed=key.endswith("+heal"), seconds=time.perf_counter() - start, details=details)
         rows.append(r)
         cache[key] = {"settings": settings, "row": asdict(r)}
-        cache_path.write_text(json.dumps({"version": 2, "rows": cache}, indent=2, sort_keys=True, default=str))
+        write_text_atomic(cache_path, json.dumps({"version": 2, "rows": cache}, indent=2, sort_keys=True, default=str))
         log(f"{name}: {r.stored:,} stored, " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items())
             + f" ({r.seconds:.0f} s)")
 

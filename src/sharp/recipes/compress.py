@@ -21,9 +21,10 @@ from transformers import set_seed
 import sharp
 from sharp.data import collate_examples, load_records, parse_data_spec, split_examples, tokenize_examples
 from sharp.evaluation.perplexity import response_perplexity
-from sharp.io.atomic import atomic_dir
+from sharp.io.atomic import atomic_dir, write_text_atomic
 from sharp.io.checkpoint import write_manifest
 from sharp.io.lock import output_lock
+from sharp.io.models import load_tokenizer
 from sharp.recipes import CompressConfig, StageMeter, log_event, prepare_work_dir, text_examples
 from sharp.recovery.sft import run_sft
 from sharp.recovery.slw import SLWConfig, run_slw
@@ -73,7 +74,7 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
         train_recs, eval_recs = split_examples(records, cfg.eval_fraction, cfg.seed)
         if cfg.eval_data:
             eval_recs = load_records(cfg.eval_data)
-        model, tokenizer = sharp.load_model(cfg.model, dtype=torch.float32)
+        tokenizer = load_tokenizer(cfg.model)  # tokenize first: data that cannot train fails before the weights load
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         if spec.format == "text":
             train, held = (text_examples(r, tokenizer, cfg.max_len) for r in (train_recs, eval_recs))
@@ -83,6 +84,7 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
             held = tokenize_examples(eval_recs, eval_fmt, tokenizer, cfg.template, cfg.max_len) if eval_recs else []
         if not held:
             raise sharp.SharpError("no held-out examples to score; raise --eval-fraction or pass --eval-data")
+        model, _ = sharp.load_model(cfg.model, dtype=torch.float32)
 
     collate = functools.partial(collate_examples, pad_id=pad_id)
 
@@ -90,7 +92,7 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
         if name not in evals:
             with meter("eval", accumulate=True):
                 evals[name] = response_perplexity(model, held, cfg.batch_size, progress=progress)["ppl"]
-            evals_path.write_text(json.dumps(evals, indent=2))
+            write_text_atomic(evals_path, json.dumps(evals, indent=2))
             log_event(log_path, {"stage": "eval", "model": name, "ppl": evals[name]})
 
     perplexity("original")

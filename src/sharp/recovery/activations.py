@@ -20,7 +20,6 @@ Layout of `<dir>`:  meta.json, layer_007/shard_00000.safetensors, layer_007/shar
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
@@ -32,6 +31,7 @@ from torch import nn
 
 from sharp.arch import get_adapter
 from sharp.errors import SharpError
+from sharp.io.atomic import write_text_atomic
 
 META = "meta.json"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -211,9 +211,7 @@ def capture_activations(
         "skip_positions": skip_positions,
         "tokens": {str(t): counts[t] for t in targets},
     }
-    tmp = root / (META + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, root / META)  # marks the capture finished
+    write_text_atomic(root / META, json.dumps(meta, indent=2, sort_keys=True) + "\n")  # marks the capture finished
     return ActivationStore(root)
 
 

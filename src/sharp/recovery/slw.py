@@ -39,7 +39,6 @@ import copy
 import json
 import math
 import os
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, fields
@@ -51,7 +50,9 @@ from torch import nn
 
 from sharp.arch import get_adapter
 from sharp.errors import SharpError
+from sharp.io.atomic import replaced_file, write_text_atomic
 from sharp.recovery.activations import DTYPES, ActivationStore, capture_activations
+from sharp.recovery.slw_parallel import LayerProgress, train_parallel
 from sharp.sharing.recovery import LoRARecovery, Recovery
 from sharp.sharing.shared import SharedLinear
 
@@ -194,7 +195,7 @@ def train_slw(
         cpus = config.threads or len(os.sched_getaffinity(0))
         workers = min(config.workers, len(jobs))
         threads = max(1, cpus // workers)
-        with _Progress(progress, jobs, config.steps) as bar:
+        with LayerProgress(progress, [j.layer for j in jobs], config.steps) as bar:
             if workers == 1:
                 previous = torch.get_num_threads()
                 try:
@@ -203,7 +204,7 @@ def train_slw(
                 finally:
                     torch.set_num_threads(previous)
             else:
-                results.update(_train_parallel(jobs, workers, threads, bar))
+                results.update(train_parallel(_train_layer, jobs, workers, threads, bar))
     for t in targets:
         layer_dir = _layer_dir(work_dir, t)
         if _done(layer_dir):
@@ -333,8 +334,8 @@ def _train_layer(job: _Job, threads: int, report: Callable[..., None] | None = N
             report(job.layer, step, info["rel_err_after"])
     mlp.load_state_dict(best_state, strict=False)  # the best held-out state, not the last
     info["seconds"] += time.perf_counter() - start
-    save_file({k: v.contiguous() for k, v in best_state.items()}, layer_dir / "recovery.safetensors.tmp")
-    os.replace(layer_dir / "recovery.safetensors.tmp", layer_dir / "recovery.safetensors")
+    with replaced_file(layer_dir / "recovery.safetensors") as tmp:
+        save_file({k: v.contiguous() for k, v in best_state.items()}, tmp)
     _write_json(layer_dir / "result.json", info)  # written last: marks the layer done
     state_path.unlink(missing_ok=True)
     _log(job.log_path, {"event": "done", "layer": job.layer, "rel_err_before": info["rel_err_before"],
@@ -424,10 +425,9 @@ def _recovery_state(mlp: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _save_state(path: Path, mlp, optimizer, scheduler, info: dict, best_state: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save({"mlp": _recovery_state(mlp), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "info": info, "best_state": best_state}, tmp)
-    os.replace(tmp, path)
+    with replaced_file(path) as tmp:
+        torch.save({"mlp": _recovery_state(mlp), "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(), "info": info, "best_state": best_state}, tmp)
 
 
 def _load_recovery(mlp: nn.Module, layer_dir: Path) -> None:
@@ -448,83 +448,10 @@ def _done(layer_dir: Path) -> bool:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
 def _log(path: str, record: dict) -> None:
     """Append one JSON line (small single writes in append mode stay whole across worker processes)."""
     with open(path, "a") as f:
         f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
-# --- parallel workers and progress ------------------------------------------------------------------------
-
-_QUEUE = None
-
-
-def _init_worker(queue) -> None:
-    global _QUEUE
-    _QUEUE = queue
-
-
-def _worker_report(layer: int, step: int, best: float, done: bool = False) -> None:
-    _QUEUE.put((layer, step, best, done))
-
-
-def _worker_main(job: _Job, threads: int) -> dict:
-    return _train_layer(job, threads, _worker_report)
-
-
-def _train_parallel(jobs: list[_Job], workers: int, threads: int, bar: _Progress) -> dict[int, dict]:
-    """Each layer in a spawned process (`torch.multiprocessing`, so tensors cross by shared memory)."""
-    from concurrent.futures import ProcessPoolExecutor
-
-    import torch.multiprocessing as tmp
-
-    ctx = tmp.get_context("spawn")
-    queue = ctx.Queue()
-    stop = threading.Event()
-
-    def drain() -> None:
-        while not stop.is_set():
-            try:
-                bar.report(*queue.get(timeout=0.2))
-            except Exception:  # queue.Empty, or the queue closing at shutdown
-                continue
-
-    reader = threading.Thread(target=drain, daemon=True)
-    reader.start()
-    try:
-        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker, initargs=(queue,)) as pool:
-            futures = {job.layer: pool.submit(_worker_main, job, threads) for job in jobs}
-            return {layer: f.result() for layer, f in futures.items()}
-    finally:
-        stop.set()
-        reader.join()
-
-
-class _Progress:
-    """One rich progress bar per layer (steps, best held-out rel-err so far)."""
-
-    def __init__(self, enabled: bool, jobs: list[_Job], steps: int) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("rel-err {task.fields[err]}"), TimeElapsedColumn(),
-                                 disable=not enabled)
-        self.tasks = {j.layer: self.progress.add_task(f"SLW layer {j.layer}", total=steps, err="-") for j in jobs}
-        self.lock = threading.Lock()
-
-    def report(self, layer: int, step: int, best: float, done: bool = False) -> None:
-        with self.lock:
-            total = step if done else None
-            self.progress.update(self.tasks[layer], completed=step, total=total, err=f"{best:.3f}")
-
-    def __enter__(self) -> _Progress:
-        self.progress.__enter__()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.progress.__exit__(*exc)
