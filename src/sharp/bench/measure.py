@@ -196,7 +196,9 @@ def measure(spec: str, mode: str = "shared", tokens: int = 64, repeats: int = 5,
         model.forward = torch.compile(model.forward, dynamic=True)
     stored, per_token = unique_bytes(model)
     prompt = prompt_ids(model.config.vocab_size, prompt_tokens)
-    decode(model, prompt, min(tokens, 8))  # warm-up
+    t0 = time.perf_counter()
+    decode(model, prompt, min(tokens, 8))  # warm-up (with --compile: where compilation happens)
+    first_decode = time.perf_counter() - t0
     runs = [decode(model, prompt, tokens) for _ in range(repeats)]
     peak = peak_rss_bytes()
     del model
@@ -226,6 +228,7 @@ def measure(spec: str, mode: str = "shared", tokens: int = 64, repeats: int = 5,
         "bytes_per_token": per_token,
         "cold_load_s": statistics.median(cold),
         "warm_load_s": statistics.median(warm),
+        "first_decode_s": first_decode,
         "ttft_s": statistics.median(r[0] for r in runs),
         "decode_tok_s": statistics.median(r[1] for r in runs),
         "peak_rss_mib": peak / 2**20,

@@ -29,7 +29,7 @@ MODES = ("shared", "merged")
 # every per-model field `sharp bench --json` emits
 FIELDS = (
     "model", "mode", "path", "bytes_on_disk", "bytes_folder", "bytes_in_memory", "bytes_per_token",
-    "cold_load_s", "warm_load_s", "ttft_s", "decode_tok_s", "peak_rss_mib", "model_rss_mib",
+    "cold_load_s", "warm_load_s", "first_decode_s", "ttft_s", "decode_tok_s", "peak_rss_mib", "model_rss_mib",
     "resident_after_evict", "runs", "ratios", "floors",
 )
 RATIO_FIELDS = {

@@ -88,7 +88,7 @@ class BnbNF4:
         from bitsandbytes.nn import Params4bit
 
         prefix = f"{name}.weight."
-        stats = {k[len(prefix):]: state.pop(k) for k in [k for k in state if k.startswith(prefix)]}
+        stats = {k: state.pop(prefix + k) for k in _NF4_STATE_KEYS if prefix + k in state}  # a scan: too slow
         if f"{name}.weight" not in state or not stats:
             raise SharpError(f"the NF4 weight of {name} is missing from the checkpoint; re-create it")
         module.weight = Params4bit.from_prequantized(state.pop(f"{name}.weight"), stats, device="cpu", module=module)
@@ -104,6 +104,8 @@ class BnbNF4:
 
 
 METHODS = {"quanto": QuantoInt4, "nf4": BnbNF4}
+# what `QuantState.as_dict(packed=True)` writes beside an NF4 weight (the nested_* pair with double quantization)
+_NF4_STATE_KEYS = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", "quant_state.bitsandbytes__nf4")
 
 
 @dataclass
@@ -213,7 +215,8 @@ def load_quantized(path: Path, config: QuantConfig, build) -> nn.Module:
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
     build(model)
     backend = config.backend
-    _replace_modules(model, config.modules, backend.shell, dtype)
+    with no_init_weights():  # the empty quantized modules would otherwise random-init meta tensors
+        _replace_modules(model, config.modules, backend.shell, dtype)
     try:
         state = load_file(path / WEIGHTS)
         if (path / RECOVERY).is_file():  # absent in a plain (unshared) quantized folder
