@@ -170,3 +170,24 @@ def test_merged_mode_keeps_bf16(shared_ckpt):
     assert {p.dtype for p in merged.parameters()} == {torch.bfloat16}
     with torch.no_grad():
         merged(input_ids=IDS)
+
+
+@pytest.mark.parametrize("method", ["quanto", "nf4"])
+def test_eval_scores_quantized_folders_like_the_16_bit_model(stories_path, shared_ckpt, tmp_path, method, capsys):
+    """`sharp eval` (and `sharp.load_model`) read both kinds of quantized folder as quantized models: a plain one
+    was once loaded by from_pretrained with random weights, and quanto's tensors failed under inference_mode."""
+    from tests.conftest import ASSETS
+
+    wiki = ASSETS / "text" / "wikitext2_test.txt"
+    quantize_checkpoint(str(stories_path), tmp_path / "plain4", method=method)
+    quantize_checkpoint(str(shared_ckpt), tmp_path / "sharp4", method=method)
+    for folder, reference in ((tmp_path / "plain4", stories_path), (tmp_path / "sharp4", shared_ckpt)):
+        model, _ = sharp.load_model(str(folder))
+        assert quantized_linears(model)
+        ppl = {}
+        for name, path in (("4", folder), ("16", reference)):
+            code, _, err = run_cli(["eval", path, "--tasks", f"ppl:text={wiki}", "--limit", "2", "--max-len", "128",
+                                    "--json", tmp_path / f"{name}.json"], capsys)
+            assert code == 0, err
+            ppl[name] = json.loads((tmp_path / f"{name}.json").read_text())["tasks"][f"ppl:text={wiki}"]["ppl"]
+        assert abs(ppl["4"] / ppl["16"] - 1) < 0.5, ppl  # 4-bit costs some perplexity, not orders of magnitude

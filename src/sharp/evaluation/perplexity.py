@@ -40,11 +40,12 @@ from sharp.errors import SharpError
 
 @contextlib.contextmanager
 def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """model.eval() + inference_mode for the block, the previous training mode restored after."""
+    """model.eval() + no_grad for the block, the previous training mode restored after. Not inference_mode:
+    optimum-quanto's quantized tensors fail under it ("Cannot set version_counter for inference tensor")."""
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.no_grad():
             yield
     finally:
         model.train(was_training)

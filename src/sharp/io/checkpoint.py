@@ -389,19 +389,22 @@ def _load_recovery(model: nn.Module, path: Path) -> None:
         recovery = load_file(path / RECOVERY)
     except (OSError, SafetensorError) as e:
         raise SharpError(f"cannot read {path / RECOVERY}: {_first_line(e)}; re-create the checkpoint") from None
-    state = model.state_dict()
-    expected = {n for n in state if ".recovery." in n}
-    if set(recovery) != expected:
-        gone = sorted(expected - set(recovery)) or sorted(set(recovery) - expected)
+    params = {n: p for n, p in model.named_parameters() if ".recovery." in n}
+    if set(recovery) != set(params):
+        gone = sorted(set(params) - set(recovery)) or sorted(set(recovery) - set(params))
         raise SharpError(f"checkpoint '{path}': recovery tensors do not match the sharing map (e.g. {gone[0]})")
     for name, t in recovery.items():
-        if t.shape != state[name].shape:
+        if t.shape != params[name].shape:
             raise SharpError(f"checkpoint '{path}': recovery tensor {name} has shape {tuple(t.shape)}, the "
-                             f"recovery spec needs {tuple(state[name].shape)}; re-create the checkpoint")
-        if t.is_floating_point() and not torch.isfinite(t).all():
+                             f"recovery spec needs {tuple(params[name].shape)}; re-create the checkpoint")
+        # a float64 sum of 16/32-bit values is non-finite exactly when an element is (it cannot overflow), at 1/6
+        # of isfinite()'s cost
+        if t.is_floating_point() and not torch.isfinite(t.sum(dtype=torch.float64)):
             raise SharpError(f"checkpoint '{path}': recovery tensor {name} holds NaN/inf; re-create it")
-    # cast to the model's dtype (a checkpoint saved in bf16 and loaded in fp32 gets fp32 recovery too)
-    model.load_state_dict({n: t.to(state[n].dtype) for n, t in recovery.items()}, strict=False, assign=True)
+    for name, t in recovery.items():  # assign in place of load_state_dict, which would walk every module again
+        module_name, _, attr = name.rpartition(".")
+        old = params[name]  # cast to the model's dtype: a bf16 checkpoint loaded in fp32 gets fp32 recovery too
+        setattr(model.get_submodule(module_name), attr, nn.Parameter(t.to(old.dtype), requires_grad=old.requires_grad))
     on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if on_meta:
         raise SharpError(f"checkpoint '{path}' lacks tensor {on_meta[0]}; re-create it")

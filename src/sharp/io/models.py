@@ -85,6 +85,10 @@ def load_model(spec: str, dtype: torch.dtype | str | None = "auto") -> tuple[nn.
     try:
         if is_sharp_checkpoint(path):
             model = load(path, dtype=dtype)
+        elif (Path(path) / "quantization.json").is_file():  # a plain model quantized by `sharp quantize`
+            from sharp.io.quantize import load_quantized_folder
+
+            model = load_quantized_folder(path)
         elif (Path(path) / "sharp_prune.json").is_file():  # a pruned baseline (`sharp prune`)
             from sharp.baselines.io import load_pruned
 
