@@ -122,6 +122,13 @@ def test_merged_mode_materializes_targets(shared_ckpt, tmp_path, method):
     assert (a - b).norm() / b.norm() < 0.1  # the same model up to that extra rounding
 
 
+def test_quantized_checkpoint_without_its_recovery_is_refused(shared_ckpt, tmp_path):
+    sharp.save(quantize_model(sharp.load(shared_ckpt), method="nf4"), tmp_path / "s4")
+    (tmp_path / "s4" / "recovery.safetensors").unlink()
+    with pytest.raises(SharpError, match="does not match"):
+        sharp.load(tmp_path / "s4", verify=False)  # recovery is never left uninitialized
+
+
 @pytest.mark.parametrize("method", ["quanto", "nf4"])
 def test_plain_model_quantizes_into_a_plain_folder(stories_path, tmp_path, method):
     model = quantize_checkpoint(str(stories_path), tmp_path / "q", method=method)

@@ -213,9 +213,9 @@ def load_quantized(path: Path, config: QuantConfig, build) -> nn.Module:
     hf_config = AutoConfig.from_pretrained(path)
     with init_empty_weights(include_buffers=False), no_init_weights():  # rotary tables are real, weights meta
         model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    build(model)
     backend = config.backend
-    with no_init_weights():  # the empty quantized modules would otherwise random-init meta tensors
+    with no_init_weights():  # recovery and the empty quantized modules: their values are assigned below
+        build(model)
         _replace_modules(model, config.modules, backend.shell, dtype)
     try:
         state = load_file(path / WEIGHTS)
@@ -228,8 +228,8 @@ def load_quantized(path: Path, config: QuantConfig, build) -> nn.Module:
     model.tie_weights()
     relink_shared(model)
     shared = tuple(name + "." for name, _ in shared_linears(model))
-    missing = [k for k in result.missing_keys
-               if not k.startswith(shared) and not is_tied_key(model, k) and k not in assigned]
+    missing = [k for k in result.missing_keys  # a target's base_layer.* is its reference's; its recovery is not
+               if k not in assigned and (".recovery." in k or not k.startswith(shared)) and not is_tied_key(model, k)]
     on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if missing or result.unexpected_keys or on_meta:
         what = (missing or result.unexpected_keys or on_meta)[0]
