@@ -241,6 +241,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--tokens", type=int, default=32)
     p.add_argument("--load-repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=3, help="the whole list measured this many times in turn")
     p.add_argument("--load-path-repeats", type=int, default=15, help="loads per loader in the same-loader table")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--ppl-windows", type=int, default=8)
@@ -254,7 +255,7 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.quick:
-        args.repeats, args.tokens, args.ppl_windows, args.load_repeats = 1, 4, 1, 1
+        args.repeats, args.tokens, args.ppl_windows, args.load_repeats, args.rounds = 1, 4, 1, 1, 1
     if args.render_only or args.compile_only or args.load_paths_only:
         from sharp.bench.report import markdown_table
         from sharp.bench.runner import bench
@@ -306,7 +307,8 @@ def main() -> None:
     else:
         print(f"benchmarking {len(entries)} entries", flush=True)
         report = bench([str(s) for _, s in entries], tokens=args.tokens, repeats=args.repeats, threads=args.threads,
-                       progress=lambda s: print("  measuring", s, flush=True), load_repeats=args.load_repeats)
+                       progress=lambda s: print("  measuring", s, flush=True), load_repeats=args.load_repeats,
+                       rounds=args.rounds)
         report["started"] = started
         out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")  # saved early: --reuse
     plot(report, out.with_suffix(".png"), labels)

@@ -44,6 +44,29 @@ def test_bench_json_has_every_field(models, tmp_path, capsys):
     assert "sharp bench" in stdout and "decode" in stdout
 
 
+def test_rounds_pool_every_run_in_turn(models, monkeypatch):
+    """--rounds measures the list A B A B and pools each model's runs (medians over all of them)."""
+    import sharp.bench.runner as runner
+
+    original, shared = models
+    calls = []
+    real = runner.measure_in_subprocess
+
+    def spy(spec, mode, *args, **kwargs):
+        calls.append(spec)
+        return real(spec, mode, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "measure_in_subprocess", spy)
+    report = runner.bench([str(original), str(shared)], tokens=2, repeats=2, prompt_tokens=4, threads=1, rounds=2)
+    assert calls == [str(original), str(shared)] * 2
+    assert report["settings"]["rounds"] == 2
+    for r in report["models"]:
+        assert set(FIELDS) <= set(r)
+        assert len(r["runs"]["decode_tok_s"]) == 4 and len(r["runs"]["cold_load_s"]) == 4
+        assert r["decode_tok_s"] == pytest.approx(sorted(r["runs"]["decode_tok_s"])[1:3][0] / 2
+                                                  + sorted(r["runs"]["decode_tok_s"])[1:3][1] / 2)
+
+
 def test_ratios_and_floors_against_the_first_model(models):
     original, shared = models
     first, second = (measure(str(p), tokens=2, repeats=1, prompt_tokens=4) for p in (original, shared))

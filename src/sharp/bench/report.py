@@ -44,6 +44,8 @@ def header_lines(report: dict) -> list[str]:
         f"L3 {m['l3_cache']}, load average {m['load_average_1m']:.2f} at start",
         f"settings: batch {s['batch']}, {s['decoding']}, prompt {s['prompt_tokens']} tokens, decode {s['tokens']} "
         f"tokens, {s['statistic']} of {s['repeats']} decode runs and {s.get('load_repeats', s['repeats'])} loads"
+        + (f" per round × {s['rounds']} rounds (models measured in turn each round)" if s.get("rounds", 1) > 1
+           else "")
         + (", torch.compile" if s.get("compile") else ""),
         s["cold_load"],
         "ratios are against the first model; decode speed ratio > 1 = faster; floors: load time ratio ≥ stored "

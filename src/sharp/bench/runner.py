@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 from collections.abc import Callable
@@ -111,6 +112,21 @@ def add_ratios(results: list[dict]) -> None:
         }
 
 
+def combine_rounds(rounds: list[dict]) -> dict:
+    """One model's result from several rounds: every timed run pooled (medians over all of them), memory as the
+    median round, eviction as the worst round."""
+    if len(rounds) == 1:
+        return rounds[0]
+    out = dict(rounds[0])
+    out["runs"] = {k: [x for r in rounds for x in r["runs"][k]] for k in rounds[0]["runs"]}
+    for field in ("cold_load_s", "warm_load_s", "ttft_s", "decode_tok_s"):
+        out[field] = statistics.median(out["runs"][field])
+    for field in ("first_decode_s", "peak_rss_mib", "model_rss_mib"):
+        out[field] = statistics.median(r[field] for r in rounds)
+    out["resident_after_evict"] = max(r["resident_after_evict"] for r in rounds)
+    return out
+
+
 def bench(
     specs: list[str],
     tokens: int = 64,
@@ -120,13 +136,18 @@ def bench(
     compile: bool = False,
     progress: Callable[[str], None] | None = None,
     load_repeats: int = 0,
+    rounds: int = 1,
 ) -> dict:
     """Measure every model (in order, each in a fresh subprocess) and return the report `sharp bench --json`
-    writes: machine, settings, and one entry per model with ratios against the first."""
+    writes: machine, settings, and one entry per model with ratios against the first.
+
+    With `rounds > 1` the whole list is measured that many times in turn (A B C A B C ...), and each model's
+    medians are taken over all its runs: a machine whose speed drifts over minutes then shifts every model alike
+    instead of whichever one it happened to be measuring."""
     if not specs:
         raise SharpError("give at least one model to benchmark")
-    if repeats < 1 or tokens < 1 or prompt_tokens < 1 or load_repeats < 0:
-        raise SharpError("--repeats, --tokens and --prompt-tokens must be at least 1")
+    if repeats < 1 or tokens < 1 or prompt_tokens < 1 or load_repeats < 0 or rounds < 1:
+        raise SharpError("--repeats, --tokens, --prompt-tokens and --rounds must be at least 1")
     load_repeats = load_repeats or repeats
     from sharp.io.checkpoint import is_sharp_checkpoint
     from sharp.io.models import resolve_model_path
@@ -136,18 +157,20 @@ def bench(
         path = resolve_model_path(model)  # a missing model too, not only a wrong @mode
         if mode != "shared" and not is_sharp_checkpoint(path):
             raise SharpError(f"'{model}' is a plain model: @{mode} only applies to sharp checkpoints")
-    results = []
-    for spec, (model, mode) in zip(specs, parsed, strict=True):
-        if progress:
-            progress(spec)
-        r = measure_in_subprocess(model, mode, tokens, repeats, prompt_tokens, threads, compile, load_repeats)
-        r["model"] = spec
-        results.append(r)
+    per_model: list[list[dict]] = [[] for _ in specs]
+    for _ in range(rounds):
+        for i, (spec, (model, mode)) in enumerate(zip(specs, parsed, strict=True)):
+            if progress:
+                progress(spec)
+            r = measure_in_subprocess(model, mode, tokens, repeats, prompt_tokens, threads, compile, load_repeats)
+            r["model"] = spec
+            per_model[i].append(r)
+    results = [combine_rounds(rs) for rs in per_model]
     add_ratios(results)
     return {
         "machine": machine_info(threads),
         "settings": {"tokens": tokens, "repeats": repeats, "load_repeats": load_repeats,
-                     "prompt_tokens": prompt_tokens, "batch": 1,
+                     "prompt_tokens": prompt_tokens, "batch": 1, "rounds": rounds,
                      "decoding": "greedy, KV cache, single-token steps", "statistic": "median",
                      "compile": compile, "cold_load": EVICTION_NOTE},
         "models": results,

@@ -40,6 +40,7 @@ def bench(
     threads: int = typer.Option(0, "--threads", help="torch threads (0: torch's default)."),
     compile: bool = typer.Option(False, "--compile", help="Run the models under torch.compile."),
     load_repeats: int = typer.Option(0, "--load-repeats", help="Cold and warm loads per model (0: --repeats)."),
+    rounds: int = typer.Option(1, "--rounds", help="Measure the whole list this many times in turn (pooled)."),
 ) -> None:
     """Bytes on disk, cold/warm load, time to first token, decode tokens/s and peak RSS, side by side."""
     from rich.progress import Progress
@@ -48,7 +49,7 @@ def bench(
     from sharp.bench.runner import bench as run_bench
 
     with Progress(console=err_console, transient=True) as progress:
-        task = progress.add_task("benchmarking", total=len(models))
+        task = progress.add_task("benchmarking", total=len(models) * rounds)
 
         done = [0]
 
@@ -57,7 +58,7 @@ def bench(
             done[0] += 1
 
         report = run_bench(models, tokens, repeats, prompt_tokens, threads, compile, progress=step,
-                           load_repeats=load_repeats)
+                           load_repeats=load_repeats, rounds=rounds)
     console.print(rich_table(report))
     if json_out:
         from sharp.io.atomic import write_text_atomic
