@@ -84,6 +84,16 @@ def perplexities(folder: Path, windows: int, max_len: int) -> dict:
     return {"ppl": w["ppl"], "tokens": w["tokens"], "alpaca_ppl": a["ppl"], "alpaca_tokens": a["tokens"]}
 
 
+def quantized_module_counts(paths: dict) -> dict[str, int]:
+    """{label: number of quantized linear modules} of every quantized folder (from its quantization.json)."""
+    out = {}
+    for label, path in paths.items():
+        q = Path(path) / "quantization.json"
+        if q.is_file():
+            out[label] = len(json.loads(q.read_text())["modules"])
+    return out
+
+
 def trained_info(trained: str | None) -> dict | None:
     """What the --trained checkpoint is: its recovery and the budget `sharp compress` recorded (summary.json)."""
     if not trained:
@@ -273,6 +283,8 @@ def main() -> None:
             shared = next(v for k, v in paths.items() if k.startswith("SHARP"))
             report["load_paths"] = load_paths(Path(paths["original 16-bit"]), Path(shared), args.load_path_repeats)
             out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+        report.setdefault("quantized_modules", quantized_module_counts(report["paths"]))
+        out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
         out.write_text(render(report, args.model, markdown_table(report, report["labels"])))
         return
     work = Path(args.work)
@@ -328,6 +340,7 @@ def main() -> None:
     report.update(labels=labels, perplexity=ppl, gguf=gguf, strategies=strategies, trained=trained_info(args.trained),
                   finished=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     report["paths"] = {k: str(v) for k, v in paths.items()}
+    report["quantized_modules"] = quantized_module_counts(paths)
     out.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     out.write_text(render(report, args.model, markdown_table(report, labels)))
     print(f"wrote {out}")
@@ -376,7 +389,10 @@ def render(report: dict, model: str, table: str) -> str:
         "linear is quantized once, recovery/embeddings/norms stay bf16. `merged` = target weights materialized at "
         "load (for 4-bit: W_ref dequantized + BA, then re-quantized).",
         "- peak RSS includes the Python/torch/transformers runtime (~"
-        f"{orig16['peak_rss_mib'] - orig16['model_rss_mib']:.0f} MiB here); `model RSS` below subtracts it.",
+        f"{orig16['peak_rss_mib'] - orig16['model_rss_mib']:.0f} MiB here); `model RSS` below subtracts the RSS "
+        "measured after one untimed load was freed. It is approximate: memory the allocator kept from that load is "
+        "counted as runtime (the 4-bit merged model, which re-quantizes at load, shows less model RSS than its "
+        "weights for that reason).",
         "",
         "## Side by side",
         "",
@@ -431,6 +447,15 @@ def render(report: dict, model: str, table: str) -> str:
         parts.append(f"decode {speed:.2f}× (target ≥ {need}×: {_check(speed >= need)}; memory-bound ceiling "
                      f"{ceiling:.2f}×)")
         lines.append(f"- **{label}**: " + "; ".join(parts))
+    q4 = [(label, r) for label, r in models.items() if label.endswith("4-bit, shared")]
+    if q4 and "quantized_modules" in report:
+        n, cold0 = report["quantized_modules"], models["original 4-bit"]["cold_load_s"]
+        parts = [f"{label.split(',')[0]}: cold load {r['cold_load_s'] / cold0:.2f}× with "
+                 f"{n[label.split(',')[0]]}/{n['original 4-bit']} modules = "
+                 f"{n[label.split(',')[0]] / n['original 4-bit']:.2f}" for label, r in q4]
+        lines += ["", "4-bit (quanto) load time follows the number of quantized modules rather than the bytes: "
+                  + "; ".join(parts) + " (building each empty quantized module costs more than reading its bytes "
+                  "at this size)."]
     if "load_paths" in report:
         lp = report["load_paths"]
         lines += ["", "### Load time through the same loader", "",
@@ -485,7 +510,11 @@ def render(report: dict, model: str, table: str) -> str:
             f"- torch.compile (inductor, dynamic shapes): original {c0['decode_tok_s']:.1f} tok/s, SHARP shared "
             f"{c1['decode_tok_s']:.1f} tok/s ({c1['decode_tok_s'] / c0['decode_tok_s']:.2f}×), vs eager "
             f"{orig16['decode_tok_s']:.1f} / {sh16['decode_tok_s']:.1f}; the first (compiling) decode took "
-            f"{c0['first_decode_s']:.0f} s / {c1['first_decode_s']:.0f} s.")
+            f"{c0['first_decode_s']:.0f} s / {c1['first_decode_s']:.0f} s. Compiling speeds them up "
+            f"{c0['decode_tok_s'] / orig16['decode_tok_s']:.2f}× / {c1['decode_tok_s'] / sh16['decode_tok_s']:.2f}×; "
+            "one round only (runs "
+            f"{min(c0['runs']['decode_tok_s']):.1f}–{max(c0['runs']['decode_tok_s']):.1f} / "
+            f"{min(c1['runs']['decode_tok_s']):.1f}–{max(c1['runs']['decode_tok_s']):.1f} tok/s).")
     else:
         lines.append("- torch.compile (`sharp bench --compile`, dynamic shapes): not measured in this run "
                      "(`benchmarks/deploy_smollm2.py --compile-only` adds it).")
@@ -523,6 +552,7 @@ def render(report: dict, model: str, table: str) -> str:
                      f"{r['resident_after_evict']:.0%}")
     g = report["gguf"]
     exported = next(v for k, v in report["paths"].items() if k.startswith("SHARP") and k.endswith("16-bit"))
+    exported = Path(exported).relative_to(ROOT) if Path(exported).is_relative_to(ROOT) else exported
     lines += ["", "## On-device export (llama.cpp GGUF)", "", f"`sharp export {exported} --out DIR` (f16):", "",
               f"- `model.gguf` (merged): {g['merged'] / 2**20:.1f} MiB; `base.gguf` (Direct-Sharing base): "
               f"{g['base'] / 2**20:.1f} MiB; `recovery.lora.gguf`: {g['lora'] / 2**20:.2f} MiB.",
