@@ -88,7 +88,8 @@ class BnbNF4:
         from bitsandbytes.nn import Params4bit
 
         prefix = f"{name}.weight."
-        stats = {k: state.pop(prefix + k) for k in _NF4_STATE_KEYS if prefix + k in state}  # a scan: too slow
+        # looked up by key: scanning all of `state` once per module made loading quadratic
+        stats = {k: state.pop(prefix + k) for k in _NF4_STATE_KEYS if prefix + k in state}
         if f"{name}.weight" not in state or not stats:
             raise SharpError(f"the NF4 weight of {name} is missing from the checkpoint; re-create it")
         module.weight = Params4bit.from_prequantized(state.pop(f"{name}.weight"), stats, device="cpu", module=module)
