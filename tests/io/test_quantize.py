@@ -16,7 +16,7 @@ from sharp.io.quantize import (
     quantize_model,
     quantized_linears,
 )
-from sharp.sharing.shared import _dense_weight, recoveries, shared_linears
+from sharp.sharing.shared import dense_weight, recoveries, shared_linears
 from tests.conftest import randomize_recovery, run_cli
 
 IDS = torch.tensor([[1, 400, 35, 90, 7, 300, 12, 5, 77, 2]])
@@ -114,9 +114,9 @@ def test_merged_mode_materializes_targets(shared_ckpt, tmp_path, method):
     # each target owns quantize(dequantize(W_ref) + B A): one more 4-bit rounding of the exact merged weight
     name, target = shared_linears(q_shared)[0]
     exact = target.merged().weight.float()
-    requantized = _dense_weight(q_merged.get_submodule(name)).float()
+    requantized = dense_weight(q_merged.get_submodule(name)).float()
     assert ((requantized - exact).norm() / exact.norm()) < 0.15
-    assert not torch.equal(requantized, _dense_weight(target.base_layer).float())
+    assert not torch.equal(requantized, dense_weight(target.base_layer).float())
     with torch.no_grad():
         a, b = q_merged(input_ids=IDS).logits.float(), q_shared(input_ids=IDS).logits.float()
     assert (a - b).norm() / b.norm() < 0.1  # the same model up to that extra rounding

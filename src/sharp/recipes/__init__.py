@@ -33,11 +33,19 @@ class RecoverySettings:
     recovery: str
     data: str
     out: str
-    slw_fraction: float = 0.1  # fraction of the training examples whose activations SLW captures
+    slw_fraction: float = 0.1  # fraction of the training examples (a random sample) whose activations SLW captures
+    slw_tokens: int | None = None  # per-layer token budget of SLW (None: every token of that sample)
     slw_workers: int = 1
     slw_steps: int = 300  # per target layer (early stopping may end sooner)
+    slw_lr: float = 1e-2
+    slw_batch_tokens: int = 1024
+    slw_patience: int = 4
+    slw_init: str = "closed-form"  # closed-form | lstsq | zero (see sharp.recovery.slw)
+    slw_inputs: str = "original"  # original | sequential
     sft_steps: int = 200  # optimizer steps; 0 = `epochs` instead
-    lr: float = 2e-4
+    loss: str = "ce"  # SFT (and healing) loss: ce | kd | ce+kd
+    kd_temperature: float = 1.0
+    lr: float = 1e-3
     batch_size: int = 4
     grad_accum: int = 1
     max_len: int = 512
@@ -52,6 +60,13 @@ class RecoverySettings:
         out = Path(self.out).absolute()
         return out.parent / f"{out.name}.work"
 
+    def slw_config(self):
+        from sharp.recovery.slw import SLWConfig
+
+        return SLWConfig(steps=self.slw_steps, lr=self.slw_lr, batch_tokens=self.slw_batch_tokens,
+                         patience=self.slw_patience, init=self.slw_init, inputs=self.slw_inputs,
+                         max_tokens=self.slw_tokens, workers=self.slw_workers, seed=self.seed)
+
 
 @dataclass(kw_only=True)
 class CompressConfig(RecoverySettings):
@@ -60,7 +75,7 @@ class CompressConfig(RecoverySettings):
     eval_data: str | None = None  # held-out data; default: --eval-fraction of --data
     stages: str = "slw,sft"  # "slw,sft", "slw", "sft" or "none" (Direct Sharing)
     epochs: float = 1.0
-    train: str = "recovery"  # "recovery" or "full-lora"
+    train: str = "recovery"  # recovery | full-lora | recovery+shared | full-lora+shared (sharp.recovery.trainable)
     eval_steps: int = 50
     save_steps: int = 50
 
@@ -73,7 +88,7 @@ class CompressConfig(RecoverySettings):
 
         return SFTConfig(steps=self.sft_steps, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
                          grad_accum=self.grad_accum, eval_steps=self.eval_steps, save_steps=self.save_steps,
-                         seed=self.seed, progress=progress)
+                         seed=self.seed, progress=progress, loss=self.loss, kd_temperature=self.kd_temperature)
 
     def validate(self) -> None:
         """Every check that needs no weights: one `SharpError` line on the first problem."""
@@ -81,7 +96,6 @@ class CompressConfig(RecoverySettings):
         from sharp.io.atomic import check_output_dir
         from sharp.io.checkpoint import is_sharp_checkpoint
         from sharp.io.models import resolve_model_path
-        from sharp.recovery.slw import SLWConfig
         from sharp.recovery.trainable import TRAIN_CHOICES
 
         stages = self.stage_list
@@ -90,8 +104,8 @@ class CompressConfig(RecoverySettings):
             raise SharpError(f"--stages '{self.stages}' is not valid; use slw,sft, slw, sft or none")
         if stages and self.recovery.strip() == "none":
             raise SharpError("--recovery none has nothing to train; pick e.g. lora:32 or use --stages none")
-        if self.train not in TRAIN_CHOICES[:2]:
-            raise SharpError(f"unknown --train '{self.train}'; choose recovery or full-lora")
+        if self.train not in TRAIN_CHOICES or self.train == "none":
+            raise SharpError(f"unknown --train '{self.train}'; choose one of: {', '.join(TRAIN_CHOICES[:-1])}")
         if self.template not in TEMPLATES:
             raise SharpError(f"unknown --template '{self.template}'; choose one of: {', '.join(TEMPLATES)}")
         if not 0 < self.slw_fraction <= 1:
@@ -101,7 +115,7 @@ class CompressConfig(RecoverySettings):
             raise SharpError(f"--eval-fraction must be in (0, 1) (or 0 with --eval-data), got {self.eval_fraction}")
         if self.full_lora_rank < 1:
             raise SharpError(f"--full-lora-rank must be at least 1, got {self.full_lora_rank}")
-        SLWConfig(steps=self.slw_steps, workers=self.slw_workers, seed=self.seed)
+        self.slw_config()
         self.sft_config()
         parse_data_spec(self.data)
         if self.eval_data:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import random
 import shutil
 import time
 from dataclasses import asdict
@@ -27,8 +28,11 @@ from sharp.io.lock import output_lock
 from sharp.io.models import load_tokenizer
 from sharp.recipes import CompressConfig, StageMeter, log_event, prepare_work_dir, text_examples
 from sharp.recovery.sft import run_sft
-from sharp.recovery.slw import SLWConfig, run_slw
+from sharp.recovery.slw import run_slw
 from sharp.recovery.trainable import add_full_lora, mark_trainable, merge_full_lora
+
+SLW_KEYS = ("rel_err_before", "rel_err_init", "rel_err_after", "sink_rel_err_before", "sink_rel_err_after",
+            "train_tokens", "eval_tokens", "sink_tokens", "step", "params", "init", "seconds")
 
 
 def compress(cfg: CompressConfig, progress: bool = True) -> dict:
@@ -99,46 +103,50 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
 
     # 2. share: targets drop their MLP weights and reuse their reference's, plus untrained recovery
     stages = cfg.stage_list
-    original = copy.deepcopy(model) if "slw" in stages and not meter.done("slw") else None
+    kd = "sft" in stages and cfg.loss != "ce"
+    original = copy.deepcopy(model) if kd or ("slw" in stages and not meter.done("slw")) else None
     set_seed(cfg.seed)
     sharp.share(model, cfg.strategy, cfg.recovery, source=cfg.model)
     counts = sharp.count_parameters(model)
     perplexity("direct")
 
     # 3. SLW: fit each target's recovery to its original MLP on captured activations
+    slw_summary, sft_summary = {}, {}
     if "slw" in stages:
         n = max(1, round(len(train) * cfg.slw_fraction))
-        batches = [collate(train[i : i + cfg.batch_size]) for i in range(0, n, cfg.batch_size)]
-        slw_cfg = SLWConfig(steps=cfg.slw_steps, workers=cfg.slw_workers, seed=cfg.seed)
+        sample = [train[i] for i in sorted(random.Random(cfg.seed).sample(range(len(train)), n))]
+        batches = [collate(sample[i : i + cfg.batch_size]) for i in range(0, n, cfg.batch_size)]
         with meter("slw"):
-            layers = run_slw(original, model, batches, slw_cfg, work / "slw", progress=progress)
-        del original
+            layers = run_slw(original, model, batches, cfg.slw_config(), work / "slw", progress=progress)
         if not meter.logged("slw"):
             for layer, res in layers.items():
                 log_event(log_path, {"stage": "slw", "layer": layer, **{k: v for k, v in res.items() if k != "curve"}})
             meter.mark_logged("slw")
+        slw_summary = {str(t): {k: r.get(k) for k in SLW_KEYS} for t, r in layers.items()}
         perplexity("slw")
 
     # 4. SFT: end-to-end next-token loss on the responses, only the recovery (or + LoRA everywhere) trainable
     if "sft" in stages:
-        if cfg.train == "full-lora":
+        if cfg.train.startswith("full-lora"):
             set_seed(cfg.seed)
             add_full_lora(model, rank=cfg.full_lora_rank)
         mark_trainable(model, cfg.train)
         with meter("sft"):
-            run_sft(model, train, held if cfg.eval_steps else [], cfg.sft_config(progress), work / "sft", collate,
-                    log_file=log_path)
-        if cfg.train == "full-lora":
+            sft_summary = run_sft(model, train, held if cfg.eval_steps else [], cfg.sft_config(progress),
+                                  work / "sft", collate, log_file=log_path, teacher=original if kd else None)
+        if cfg.train.startswith("full-lora"):
             merge_full_lora(model)
         model.requires_grad_(False)
         perplexity("sft")
 
+    del original
     # 5. summary and save (atomic: the folder appears complete or not at all)
     summary = {
         "model": cfg.model, "strategy": cfg.strategy, "recovery": cfg.recovery, "data": cfg.data,
         "stages": stages, "train": cfg.train, "params": counts,
         "mlp_reduction": 1 - counts["mlp_stored"] / counts["mlp_original"],
         "perplexity": evals, "eval_examples": len(held), "train_examples": len(train),
+        "slw": slw_summary, "sft": {k: sft_summary.get(k) for k in ("steps", "train_tokens", "trainable", "eval_loss")},
         "timing": meter.stages, "config": asdict(cfg),
     }
     start = time.perf_counter()

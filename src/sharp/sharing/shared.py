@@ -42,7 +42,7 @@ class SharedLinear(nn.Module):
     @torch.no_grad()
     def merged(self) -> nn.Linear:
         """A plain nn.Linear holding the target's materialized weight W_t."""
-        weight = _dense_weight(self.base_layer)
+        weight = dense_weight(self.base_layer)
         bias = getattr(self.base_layer, "bias", None)
         linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
                            device=weight.device, dtype=weight.dtype)
@@ -55,7 +55,8 @@ class SharedLinear(nn.Module):
         return f"reference={self.reference}, recovery={type(self.recovery).__name__}"
 
 
-def _dense_weight(module: nn.Module) -> torch.Tensor:
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """A projection's weight as a plain dense tensor (quantized weights dequantized)."""
     w = module.weight
     if getattr(w, "quant_state", None) is not None:  # bitsandbytes Params4bit (nf4)
         from bitsandbytes.functional import dequantize_4bit
