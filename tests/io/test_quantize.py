@@ -183,9 +183,9 @@ def test_merged_mode_keeps_bf16(shared_ckpt):
 def test_eval_scores_quantized_folders_like_the_16_bit_model(stories_path, shared_ckpt, tmp_path, method, capsys):
     """`sharp eval` (and `sharp.load_model`) read both kinds of quantized folder as quantized models: a plain one
     was once loaded by from_pretrained with random weights, and quanto's tensors failed under inference_mode."""
-    from tests.conftest import ASSETS
+    from tests.conftest import WIKI
 
-    wiki = ASSETS / "text" / "wikitext2_test.txt"
+    wiki = WIKI
     quantize_checkpoint(str(stories_path), tmp_path / "plain4", method=method)
     quantize_checkpoint(str(shared_ckpt), tmp_path / "sharp4", method=method)
     for folder, reference in ((tmp_path / "plain4", stories_path), (tmp_path / "sharp4", shared_ckpt)):
