@@ -11,7 +11,7 @@ import json
 import string
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sharp.errors import SharpError
@@ -167,6 +167,7 @@ config_keys = st.sampled_from(["sharing", "recovery", "modules", "strategy", "ba
                      st.builds(lambda s, r: json.dumps({"sharing": s, "recovery": r}),
                                st.dictionaries(st.text("0123456789x", max_size=2), json_values, max_size=3),
                                json_values)))
+@example(doc='{"sharing": {"0": Infinity}}')  # json reads Infinity; int() of it raised OverflowError
 def test_sharp_config_reader(doc):
     from sharp.sharing.config import SharpConfig
     from sharp.sharing.recovery import parse_recovery
