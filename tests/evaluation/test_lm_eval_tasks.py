@@ -93,7 +93,9 @@ def test_include_path_task_runs_offline_through_the_cli(stories_path, stories, t
     code, stdout, err = run_cli(["eval", stories_path, "--lm-eval", "my_task", "--include-path", tasks,
                                  "--json", out, "--batch-size", "4"], capsys)
     assert code == 0, err
-    got = json.loads(out.read_text())["downstream"]
+    report = json.loads(out.read_text())
+    assert report["settings"]["include_path"] == [str(tasks)]
+    got = report["downstream"]
     hits, hits_norm = _hand_hits(*stories, ROWS)
     acc, acc_norm = sum(hits) / len(ROWS), sum(hits_norm) / len(ROWS)
     assert got["my_task"]["n"] == len(ROWS)
@@ -169,6 +171,8 @@ def test_include_path_must_be_a_folder(tmp_path) -> None:
 def test_data_dir_without_lm_eval_is_refused(tmp_path, capsys) -> None:
     code, _, err = run_cli(["eval", "/no/such/model", "--tasks", "ppl:text=x.txt", "--data-dir", tmp_path], capsys)
     assert code == 2 and "only apply to --lm-eval" in err
+    code, _, err = run_cli(["eval", "/no/such/model", "--lm-eval", " , "], capsys)
+    assert code == 2 and "--lm-eval needs a task name" in err
 
 
 # ---------------------------------------------------------------------------------------- lm-eval's registry

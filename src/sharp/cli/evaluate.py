@@ -88,6 +88,8 @@ def evaluate(
     if not tasks and not lm_eval:
         raise SharpError("nothing to evaluate; give --tasks ppl:FORMAT=PATH,... and/or --lm-eval TASK,...")
     bench = [t.strip() for t in lm_eval.split(",") if t.strip()] if lm_eval else []
+    if lm_eval is not None and not bench:
+        raise SharpError("--lm-eval needs a task name, e.g. --lm-eval mmlu or --lm-eval arc_easy,piqa")
     if (data_dir is not None or include_path) and not bench:
         raise SharpError("--data-dir and --include-path only apply to --lm-eval TASK,...")
     if template not in TEMPLATES:
@@ -126,6 +128,8 @@ def evaluate(
     _print_tables(model, results, downstream)
     if json_out is not None:
         settings = {"max_len": max_len, "stride": stride or max_len, "batch_size": batch_size, "limit": limit,
-                    "template": template, "eval_fraction": eval_fraction, "seed": seed}
+                    "template": template, "eval_fraction": eval_fraction, "seed": seed,
+                    "data_dir": str(data_dir) if data_dir else None,
+                    "include_path": [str(p) for p in include_path or []]}
         _write_json(json_out, {"model": model, "tasks": results, "downstream": downstream, "settings": settings})
         console.print(f"wrote {json_out}")
