@@ -32,6 +32,8 @@ ROWS = [  # stories-like prompts so the tiny model has preferences, some right a
     {"question": "Tom and his mom went to the", "choices": ["store", "because", "red ball"], "answer": 2},
     {"question": "She said, \"Thank", "choices": ["you", "car", "jumped"], "answer": 0},
     {"question": "The bird flew up into the", "choices": ["sky", "spoon", "and"], "answer": 1},
+    # likelier in total, less likely per character: acc and acc_norm disagree here
+    {"question": "The cat sat on the", "choices": ["mat", "very big soft bed in the room", "of"], "answer": 1},
 ]
 
 TASK_YAML = """\
@@ -101,7 +103,7 @@ def test_include_path_task_runs_offline_through_the_cli(stories_path, stories, t
     assert got["my_task"]["n"] == len(ROWS)
     assert got["my_task"]["acc"] == pytest.approx(acc)
     assert got["my_task"]["acc_norm"] == pytest.approx(acc_norm)
-    assert 0 < acc < 1  # the data tells a right scorer from one that is always right or always wrong
+    assert 0 < acc < acc_norm < 1  # the data tells a right scorer from a wrong one, and acc from acc_norm
     assert "my_task" in stdout
 
 
@@ -118,7 +120,7 @@ def test_group_is_one_row_and_tag_one_row_per_task(stories, tmp_path) -> None:
     assert set(result) == {"my_group", "part_c", "part_d", "mean"}
     hits, _ = _hand_hits(*stories, ROWS)
     assert result["my_group"]["n"] == len(ROWS)
-    assert result["my_group"]["acc"] == pytest.approx(sum(hits) / len(ROWS))  # = (4 acc_a + 2 acc_b) / 6
+    assert result["my_group"]["acc"] == pytest.approx(sum(hits) / len(ROWS))  # = (4 acc_a + 3 acc_b) / 7
     assert result["part_c"]["acc"] == pytest.approx(float(hits[0]))
     assert result["part_d"]["n"] == 2 and result["part_d"]["acc"] == pytest.approx(sum(hits[1:3]) / 2)
     assert result["mean"]["acc"] == pytest.approx((sum(hits) / len(ROWS) + hits[0] + sum(hits[1:3]) / 2) / 3)
