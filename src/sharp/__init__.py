@@ -14,7 +14,10 @@ __version__ = "0.1.0"
 from sharp.errors import SharpError  # noqa: E402
 from sharp.io.checkpoint import load, save  # noqa: E402
 from sharp.io.models import load_model  # noqa: E402
+from sharp.io.quantize import quiet_bitsandbytes_import  # noqa: E402
 from sharp.sharing.build import share  # noqa: E402
 from sharp.sharing.shared import count_parameters, merge_sharing  # noqa: E402
+
+quiet_bitsandbytes_import()  # before anything (peft, transformers' Trainer) can import bitsandbytes
 
 __all__ = ["SharpError", "__version__", "count_parameters", "load", "load_model", "merge_sharing", "save", "share"]
