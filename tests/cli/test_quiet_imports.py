@@ -1,6 +1,7 @@
-"""What `sharp` prints that is not its own: bitsandbytes is imported by peft (and so by transformers' Trainer)
-in every `sharp compress`, and on CPUs with AVX512-BF16 it logged a kernel notice although nothing is quantized.
-This machine lacks the flag, so the subprocess pretends to have it, exactly as such a CPU makes bitsandbytes do."""
+"""What `sharp` imports and prints that is not its own. bitsandbytes is imported by peft (and so by transformers'
+Trainer) in every `sharp compress`, and on CPUs with AVX512-BF16 it logged a kernel notice although nothing is
+quantized; this machine lacks the flag, so the subprocess makes bitsandbytes see it. And `sharp --help` imported
+torch and transformers (seconds) before printing anything."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import json
 import os
 import subprocess
 import sys
+
+import pytest
 
 # Runs `sharp <args>` after making bitsandbytes see AVX512-BF16 (and no optional `kernels` package, as on most
 # machines); writes whether the pretence took effect to the file named by SHARP_TEST_REPORT.
@@ -56,3 +59,27 @@ def test_compress_prints_nothing_from_bitsandbytes(stories_path, tmp_path):
     assert json.loads((tmp_path / "report.json").read_text()) == {"imported": True, "avx512_bf16": True}
     lines = (proc.stdout + proc.stderr).splitlines()
     assert not [line for line in lines if any(s in line for s in ("gemm_4bit", "kernels-community", "bitsandbytes"))]
+
+
+_HELP = """
+import json, os, sys
+from sharp.cli import main
+sys.argv = ["sharp", *sys.argv[1:]]
+try:
+    main()
+except SystemExit:
+    pass
+print(json.dumps(sorted({m.split(".")[0] for m in sys.modules} & set(os.environ["HEAVY"].split(",")))))
+"""
+HEAVY = ("torch", "transformers", "bitsandbytes", "peft", "lm_eval", "optimum", "gguf", "matplotlib", "datasets",
+         "accelerate", "torch_pruning")
+
+
+@pytest.mark.parametrize("args", [["--help"], ["compress", "--help"], ["eval", "--help"]])
+def test_help_imports_no_heavy_library(args):
+    """`import sharp` and the CLI's parsing load none of them (torch alone took seconds): each is imported by
+    the code that uses it, so `sharp --help` or a mistyped option answers at once."""
+    proc = subprocess.run([sys.executable, "-c", _HELP, *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HEAVY": ",".join(HEAVY)})
+    assert "Usage" in proc.stdout, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.splitlines()[-1]) == []

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import logging
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -150,19 +149,6 @@ class QuantConfig:
             return cls(**d)
         except (json.JSONDecodeError, TypeError) as e:
             raise SharpError(f"{QUANT_CONFIG} is malformed ({e}); re-run `sharp quantize`") from None
-
-
-def quiet_bitsandbytes_import() -> None:
-    """Drop the one warning bitsandbytes logs whenever it is imported on a CPU with AVX512-BF16 but without the
-    optional `kernels` package ("Failed to load CPU gemm_4bit_forward from kernels-community ..."). peft imports
-    bitsandbytes eagerly, and transformers' Trainer imports peft, so every `sharp compress` printed it although
-    nothing is quantized; NF4 never uses that kernel either (`BnbNF4` keeps the portable path). Installed by
-    `import sharp`, before anything can import bitsandbytes; its other messages still show."""
-    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_not_bnb_kernel_notice)  # once: same filter
-
-
-def _not_bnb_kernel_notice(record: logging.LogRecord) -> bool:
-    return not str(record.msg).startswith("Failed to load CPU gemm_4bit_forward")
 
 
 def is_quantized(model: nn.Module) -> bool:
