@@ -65,11 +65,11 @@ class BnbNF4:
     parameters, so loading rebuilds each weight with `Params4bit.from_prequantized`.
 
     On a CPU with AVX512-BF16, bitsandbytes (0.50) rewrites a `Linear4bit`'s weight in place into the layout of
-    its fused CPU kernel at the first no-grad eval forward. That rewrite asserts out_features % 32 == 0 and
-    in_features % 64 == 0 (stories260K's 172-wide MLP fails it), turns the double-quantized block scales into
-    bf16, and saving afterwards re-quantizes them, so the same model saved before and after a forward wrote
-    different bytes. Our modules keep bitsandbytes' portable path on every CPU: any layer shape runs, saves are
-    exact, and no CPU takes a code path that the others do not."""
+    its fused CPU kernel at the first no-grad eval forward. That rewrite needs out_features % 32 == 0 and
+    in_features a multiple of the block size (stories260K's 172-wide MLP fails them), turns the double-quantized
+    block scales into bf16, and saving afterwards re-quantizes them, so the same model saved before and after a
+    forward wrote different bytes. Our modules keep bitsandbytes' portable path on every CPU: any layer shape
+    runs, saves are exact, and no CPU takes a code path that the others do not."""
 
     def quantize(self, linear: nn.Linear, dtype: torch.dtype) -> nn.Module:
         from bitsandbytes.nn import Params4bit
