@@ -5,9 +5,10 @@ import json
 import pytest
 
 from sharp.baselines.io import PRUNE_CONFIG
-from tests.conftest import ASSETS, run_cli
+from tests.conftest import C4 as C4_FILE
+from tests.conftest import run_cli
 
-C4 = f"text:{ASSETS / 'text' / 'c4_demo.jsonl'}"
+C4 = f"text:{C4_FILE}"
 
 
 def test_prune_layer_drop_then_info(stories_path, tmp_path, capsys):
