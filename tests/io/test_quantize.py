@@ -226,10 +226,10 @@ def test_nf4_runs_on_cpus_with_avx512_bf16(shared_ckpt, tmp_path, avx512_bf16_cp
     model = quantize_model(sharp.load(shared_ckpt), method="nf4")
     sharp.save(model, tmp_path / "cold")
     name, target = shared_linears(model)[0]
-    dense = _dense_weight(target.base_layer)
+    dense = dense_weight(target.base_layer)
     with torch.inference_mode():
         before = model(input_ids=IDS).logits
-    assert torch.equal(_dense_weight(target.base_layer), dense)  # the forward left the weight as it was
+    assert torch.equal(dense_weight(target.base_layer), dense)  # the forward left the weight as it was
     sharp.save(model, tmp_path / "warm")
     for f in ("model.safetensors", "recovery.safetensors"):
         assert (tmp_path / "cold" / f).read_bytes() == (tmp_path / "warm" / f).read_bytes(), f
