@@ -12,8 +12,11 @@ GPT4-Alpaca training records, with the same SLW and SFT budget; each row changes
     sequential     + SLW in layer order on the partly shared model's inputs
     distillation   + SFT loss kd (the original model as teacher)
     shared weights + SFT also trains the shared reference weights (no storage cost)
+    planner        + `--strategy auto:N` with N = the stored parameters of the rows above: per layer, share (with
+                   a rank of R/4…2R), drop the MLP, drop the block or keep, from closed-form costs; shared MLPs
+                   must account for at least half of the removed parameters
 
-(The planner, `--strategy auto:…`, is measured by `benchmarks/comparison_smollm2.py`.) For each row: the per-target
+For each row: the per-target
 SLW relative error (median, range), held-out perplexity after SLW alone (GPT4-Alpaca) and after SFT (GPT4-Alpaca,
 DialogSum, WikiText-2; ≥ 64 examples each, ± the standard error of the mean NLL), stored / trained parameters,
 training tokens, time and peak memory per stage. Finished rows are cached in `--work`/rows.json (keyed by their
@@ -45,6 +48,8 @@ LEVERS = [  # (key, what the row adds, settings changed from the row above)
     ("sequential", "+ sequential SLW inputs", {"slw_inputs": "sequential"}),
     ("distillation", "+ distillation (SFT loss kd)", {"loss": "kd"}),
     ("shared", "+ shared reference weights trained", {"train": "recovery+shared"}),
+    ("planner", "+ planner (auto: at the stored size above, shared ≥ 50% of the removal)",
+     {"strategy": "auto:{stored}", "plan_min_shared": 0.5}),
 ]
 
 
@@ -71,14 +76,23 @@ def log(msg: str) -> None:
     print(f"[{datetime.datetime.now():%H:%M:%S}] {msg}", flush=True)
 
 
-def row_settings(args: argparse.Namespace, upto: str) -> dict:
+def shared_stored(args: argparse.Namespace) -> int:
+    """Stored parameters of `args.strategy` with the gated recovery: the planner row's budget."""
+    import sharp
+
+    model, _ = sharp.load_model(args.model)
+    sharp.share(model, args.strategy, "lora+gate:64")
+    return sharp.count_parameters(model)["stored"]
+
+
+def row_settings(args: argparse.Namespace, upto: str, stored: int | None = None) -> dict:
     settings = {"model": args.model, "strategy": args.strategy, "data": "alpaca-demo[:899]",
                 "eval_data": f"alpaca-demo[-{args.eval_limit}:]", "eval_fraction": 0.0, "slw_steps": args.slw_steps,
                 "slw_fraction": args.slw_fraction, "slw_tokens": args.slw_tokens, "sft_steps": args.sft_steps,
                 "batch_size": args.batch_size, "lr": args.lr, "max_len": args.max_len, "eval_steps": 0,
                 "save_steps": 20}
     for key, _, change in LEVERS:
-        settings.update(change)
+        settings.update({k: v.format(stored=stored) if isinstance(v, str) else v for k, v in change.items()})
         if key == upto:
             return settings
     raise KeyError(upto)
@@ -126,10 +140,11 @@ def main() -> None:
     cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
     wanted = [k.strip() for k in args.rows.split(",") if k.strip()]
     results = []
+    stored = shared_stored(args) if "planner" in wanted else None
     for key, label, _ in LEVERS:
         if key not in wanted:
             continue
-        settings = row_settings(args, key)
+        settings = row_settings(args, key, stored)
         hit = cache.get(key)
         if hit and hit["settings"] == settings:
             log(f"{key}: cached")
@@ -195,6 +210,12 @@ def write_doc(path: Path, args: argparse.Namespace, results: list) -> None:
         slw = r["summary"].get("slw") or {}
         lines.append(f"| {label} | " + " | ".join(f"{slw[str(t)]['rel_err_after']:.2f}" if str(t) in slw else "–"
                                                   for t in layers) + " |")
+    for _, label, r in results:
+        plan = r["summary"].get("plan")
+        if plan:
+            lines += ["", f"Plan of the row '{label}': `{plan['strategy']}` — {len(plan['shares'])} shared MLPs, "
+                      f"{len(plan['mlp_drops'])} MLPs and {len(plan['block_drops'])} blocks dropped; shared MLPs "
+                      f"remove {plan['shared_fraction']:.0%} of the {plan['removed']:,} removed parameters."]
     lines += ["", "Settings of each row (JSON, as passed to `CompressConfig`):", ""]
     lines += [f"- {label}: `{json.dumps(r['settings'], sort_keys=True)}`" for _, label, r in results]
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -119,3 +119,34 @@ def test_recovery_plus_shared_trains_the_reference_weights_once():
     assert not layers[0].mlp.up_proj.weight.requires_grad  # unshared layers stay frozen
     assert not layers[1].self_attn.q_proj.weight.requires_grad
     assert counts["trainable"] == plain["trainable"] + sum(p.numel() for p in refs)
+
+
+def test_trained_shared_weights_get_their_own_learning_rate(tmp_path):
+    model = sharp.share(tiny_model(), "next:1-4", "lora:4")
+    mark_trainable(model, "recovery+shared")
+    refs = {id(p) for p in shared_reference_parameters(model)}
+    seen = {}
+
+    class Probe(SharpTrainer):
+        def create_optimizer(self, model=None):
+            opt = super().create_optimizer(model)
+            seen["groups"] = [({id(p) for p in g["params"]}, g["lr"]) for g in opt.param_groups]
+            return opt
+
+    import sharp.recovery.sft as sft
+
+    original = sft.SharpTrainer
+    sft.SharpTrainer = Probe
+    try:
+        g = torch.Generator().manual_seed(0)
+        examples = [{"input_ids": (ids := torch.randint(128, (8,), generator=g).tolist()), "labels": ids}
+                    for _ in range(4)]
+        from sharp.data import collate_examples
+
+        run_sft(model, examples, [], SFTConfig(steps=1, lr=1e-3, batch_size=2, eval_steps=0, progress=False),
+                tmp_path, collate_examples)
+    finally:
+        sft.SharpTrainer = original
+    fast, slow = seen["groups"]
+    assert slow == (refs, pytest.approx(1e-4)) and fast[1] == pytest.approx(1e-3)
+    assert not fast[0] & refs and fast[0]  # the recovery parameters, at --lr

@@ -99,10 +99,13 @@ def compare(
     slw_patience: int = opt.SLW_PATIENCE,
     slw_init: str = opt.SLW_INIT,
     slw_inputs: str = opt.SLW_INPUTS,
+    plan_actions: str = opt.PLAN_ACTIONS,
+    plan_min_shared: float = opt.PLAN_MIN_SHARED,
     sft_steps: int = opt.SFT_STEPS,
     loss: str = opt.LOSS,
     kd_temperature: float = opt.KD_TEMPERATURE,
     lr: float = opt.LR,
+    shared_lr: float = opt.SHARED_LR,
     batch_size: int = opt.BATCH_SIZE,
     grad_accum: int = opt.GRAD_ACCUM,
     full_lora_rank: int = opt.FULL_LORA_RANK,
@@ -116,6 +119,8 @@ def compare(
     train: str = typer.Option("full-lora", "--train", help="What SHARP's SFT trains, as sharp compress --train."),
     match_trainable: bool = typer.Option(False, "--match-trainable", help="Heal each baseline with the LoRA rank "
                                          "whose trainable parameter count is nearest SHARP's."),
+    planned: bool = typer.Option(False, "--planned", help="Add a row planned by --strategy auto:BUDGET (share, drop "
+                                 "MLPs or blocks per layer) at SHARP's stored size; see --plan-min-shared."),
     overwrite: bool = opt.OVERWRITE,
 ) -> None:
     """Every baseline, Direct Sharing and SHARP at the same stored size, evaluated on the same tasks."""

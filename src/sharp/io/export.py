@@ -219,6 +219,10 @@ def export_gguf(source: str | os.PathLike, out: str | os.PathLike, outtype: str 
         model, _ = load_model(str(source), dtype=torch.float32)
     if model.config.model_type not in ("llama", "mistral"):
         raise SharpError(f"GGUF export supports Llama-style models, not '{model.config.model_type}'")
+    plan = getattr(model, "sharp_config", None)
+    if plan is not None and plan.dropped_mlps:
+        raise SharpError(f"'{source}' deletes the MLPs of layers {plan.dropped_mlps}; GGUF holds one MLP width for "
+                         "every layer, so it cannot carry that (export a plan without drop-mlp)")
     name = path.stem if path.is_file() else path.name
     files: dict[str, Path] = {}
     with atomic_dir(out, overwrite) as tmp:

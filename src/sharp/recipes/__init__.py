@@ -42,10 +42,13 @@ class RecoverySettings:
     slw_patience: int = 4
     slw_init: str = "closed-form"  # closed-form | lstsq | zero (see sharp.recovery.slw)
     slw_inputs: str = "original"  # original | sequential
+    plan_actions: str = "share,drop-mlp,drop-block"  # what --strategy auto:BUDGET may choose per layer
+    plan_min_shared: float = 0.0  # auto: shared MLPs remove at least this share of the removed parameters
     sft_steps: int = 200  # optimizer steps; 0 = `epochs` instead
     loss: str = "ce"  # SFT (and healing) loss: ce | kd | ce+kd
     kd_temperature: float = 1.0
     lr: float = 1e-3
+    shared_lr: float | None = None  # lr of trained shared reference weights (--train ...+shared); None: lr / 10
     batch_size: int = 4
     grad_accum: int = 1
     max_len: int = 512
@@ -88,7 +91,8 @@ class CompressConfig(RecoverySettings):
 
         return SFTConfig(steps=self.sft_steps, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
                          grad_accum=self.grad_accum, eval_steps=self.eval_steps, save_steps=self.save_steps,
-                         seed=self.seed, progress=progress, loss=self.loss, kd_temperature=self.kd_temperature)
+                         seed=self.seed, progress=progress, loss=self.loss, kd_temperature=self.kd_temperature,
+                         shared_lr=self.shared_lr)
 
     def validate(self) -> None:
         """Every check that needs no weights: one `SharpError` line on the first problem."""
@@ -132,21 +136,27 @@ def _validate_model(model: str, strategy: str, recovery: str, max_len: int) -> N
     from transformers import AutoModelForCausalLM
 
     from sharp.arch import get_adapter, num_layers
-    from sharp.io.models import load_config
+    from sharp.io.models import check_max_len, load_config
+    from sharp.sharing.build import share
     from sharp.sharing.recovery import parse_recovery
-    from sharp.sharing.shared import apply_sharing
     from sharp.sharing.strategy import parse_strategy
 
     strat, rec = parse_strategy(strategy), parse_recovery(recovery)
     config = load_config(model)
     get_adapter(config)
-    sharing = strat.resolve(num_layers(config))
-    limit = getattr(config, "max_position_embeddings", None)
-    if max_len < 2 or (limit and max_len > limit):
-        raise SharpError(f"--max-len {max_len} must be between 2 and the model's limit ({limit})")
+    check_max_len(config, max_len)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    apply_sharing(skeleton, sharing, rec)
+    if strat.kind == "auto":
+        from sharp.recovery.planner import removal_needed
+
+        if not rec.rank:
+            raise SharpError(f"--strategy {strategy} allocates recovery ranks; pick a ranked --recovery such as "
+                             "lora+gate:64")
+        removal_needed(skeleton, strat.budget)
+        return
+    strat.resolve(num_layers(config))
+    share(skeleton, strat, rec)
 
 
 def prepare_work_dir(cfg: CompressConfig) -> Path:

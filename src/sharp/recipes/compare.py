@@ -41,13 +41,16 @@ class CompareConfig(RecoverySettings):
     tolerance: float = 0.01  # largest allowed spread of the compressed rows' stored parameters
     train: str = "full-lora"  # what SHARP's SFT trains (as compress --train)
     match_trainable: bool = False  # heal each baseline with the LoRA rank whose trainable count is nearest SHARP's
+    planned: bool = False  # add a row `--strategy auto:BUDGET` (the planner) at SHARP's stored size
 
     @property
     def method_list(self) -> list[str]:
         return [m.strip() for m in self.methods.split(",") if m.strip()]
 
-    def compress_config(self, name: str, stages: str) -> CompressConfig:
+    def compress_config(self, name: str, stages: str, strategy: str | None = None) -> CompressConfig:
         shared = {f.name: getattr(self, f.name) for f in fields(RecoverySettings)}
+        if strategy:
+            shared["strategy"] = strategy
         return CompressConfig(**{**shared, "out": str(self.work_dir / name), "overwrite": True}, stages=stages,
                               train=self.train)
 
@@ -158,11 +161,15 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
         if cfg.heal:
             row(f"{method}+heal", ROW_NAMES[method] + " + heal", build_healed)
 
-    for key, name, stages in (("sharp-slw", "SHARP without SFT (SLW only)", "slw"), ("sharp", "SHARP", "slw,sft")):
-        def build_sharp(key=key, stages=stages):
-            summary = compress(cfg.compress_config(key, stages), progress=progress)
+    sharp_rows = [("sharp-slw", "SHARP without SFT (SLW only)", "slw", None), ("sharp", "SHARP", "slw,sft", None)]
+    if cfg.planned:
+        sharp_rows.append(("sharp-plan", "SHARP planned (auto)", "slw,sft", f"auto:{budget}"))
+    for key, name, stages, strategy in sharp_rows:
+        def build_sharp(key=key, stages=stages, strategy=strategy):
+            summary = compress(cfg.compress_config(key, stages, strategy), progress=progress)
             model, _ = sharp.load_model(str(cfg.work_dir / key))
-            return model, {"compress": {k: summary.get(k) for k in ("perplexity", "timing", "params", "slw", "sft")}}
+            keep = ("perplexity", "timing", "params", "slw", "sft", "plan", "strategy")
+            return model, {"compress": {k: summary.get(k) for k in keep}}
 
         row(key, name, build_sharp)
     if cfg.reference_model:
@@ -176,12 +183,21 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
               f"{cfg.grad_accum} accum, lr {cfg.lr}, loss {cfg.loss}; SHARP trains {cfg.train}; baselines heal "
               + (f"with the LoRA rank whose trainable count is nearest SHARP's ({sharp_trainable:,})"
                  if cfg.match_trainable else f"with LoRA r={cfg.full_lora_rank}") + " on the remaining linears",
+              **({"planned row": "--strategy auto:BUDGET at SHARP's stored size (it may store fewer, never more), "
+                  f"actions {cfg.plan_actions}, shared MLPs ≥ {cfg.plan_min_shared:.0%} of the removal"}
+                 if cfg.planned else {}),
               "SLW": f"{cfg.slw_steps} steps per target on {cfg.slw_fraction:.0%} of the training examples, init "
               f"{cfg.slw_init}, inputs {cfg.slw_inputs}"}
     with atomic_dir(cfg.out, cfg.overwrite) as tmp:
         (tmp / "comparison.md").write_text(to_markdown(rows, names, header))
         (tmp / "comparison.json").write_text(to_json(rows, names, header))
-    result = {"rows": [asdict(r) for r in rows], "spread": compressed_spread(rows), "budget": budget}
+    # the planner removes at least the budget's parameters in whole layers' steps, so its row may store fewer
+    # (a handicap, never an advantage): it is held to "not more" instead of to the spread
+    matched = [r for r in rows if r.key != "sharp-plan"]
+    result = {"rows": [asdict(r) for r in rows], "spread": compressed_spread(matched), "budget": budget}
+    planned = next((r for r in rows if r.key == "sharp-plan"), None)
+    if planned and planned.stored > budget * (1 + cfg.tolerance):
+        raise SharpError(f"the planned row stores {planned.stored:,} parameters, more than SHARP's {budget:,}")
     log(f"stored-parameter spread of the compressed rows: {result['spread']:.3%}")
     if result["spread"] > cfg.tolerance:
         raise SharpError(f"compressed rows differ by {result['spread']:.2%} in stored parameters (> "
@@ -189,8 +205,8 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
     return result
 
 
-_NOT_ROW_SETTINGS = ("overwrite", "methods", "heal", "reference_model", "tolerance")
-_SLW_SETTINGS = tuple(f.name for f in fields(RecoverySettings) if f.name.startswith("slw_"))
+_NOT_ROW_SETTINGS = ("overwrite", "methods", "heal", "reference_model", "tolerance", "planned")
+_SLW_SETTINGS = tuple(f.name for f in fields(RecoverySettings) if f.name.startswith(("slw_", "plan_")))
 _BASELINE_SETTINGS = ("allocation", "calib_samples")
 
 

@@ -20,6 +20,7 @@ import torch
 from transformers import set_seed
 
 import sharp
+from sharp.arch import num_layers
 from sharp.data import collate_examples, load_records, parse_data_spec, split_examples, tokenize_examples
 from sharp.evaluation.perplexity import response_perplexity
 from sharp.io.atomic import atomic_dir, write_text_atomic
@@ -27,9 +28,12 @@ from sharp.io.checkpoint import write_manifest
 from sharp.io.lock import output_lock
 from sharp.io.models import load_tokenizer
 from sharp.recipes import CompressConfig, StageMeter, log_event, prepare_work_dir, text_examples
+from sharp.recovery.planner import plan_strategy
 from sharp.recovery.sft import run_sft
 from sharp.recovery.slw import run_slw
 from sharp.recovery.trainable import add_full_lora, mark_trainable, merge_full_lora
+from sharp.sharing.recovery import parse_recovery
+from sharp.sharing.strategy import parse_strategy
 
 SLW_KEYS = ("rel_err_before", "rel_err_init", "rel_err_after", "sink_rel_err_before", "sink_rel_err_after",
             "train_tokens", "eval_tokens", "sink_tokens", "step", "params", "init", "seconds")
@@ -43,6 +47,20 @@ def compress(cfg: CompressConfig, progress: bool = True) -> dict:
     cfg.validate()
     with output_lock(cfg.work_dir):
         return _compress(cfg, prepare_work_dir(cfg), progress)
+
+
+def _plan(cfg: CompressConfig, model, batches, path: Path, meter: StageMeter) -> dict:
+    """The planner's choice for `auto:BUDGET` (cached in the work folder, so a resumed run shares the same)."""
+    if path.is_file():
+        return json.loads(path.read_text())
+    budget = parse_strategy(cfg.strategy).budget
+    with meter("plan"):
+        text, plan, costs = plan_strategy(model, batches, parse_recovery(cfg.recovery), budget,
+                                          [a.strip() for a in cfg.plan_actions.split(",")], cfg.plan_min_shared,
+                                          max_tokens=cfg.slw_tokens)
+    result = {"strategy": text, "budget": budget, **plan.to_dict(), "costs": [asdict(c) for c in costs]}
+    write_text_atomic(path, json.dumps(result, indent=2, sort_keys=True))
+    return result
 
 
 def _finished(cfg: CompressConfig) -> dict | None:
@@ -101,23 +119,30 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
 
     perplexity("original")
 
-    # 2. share: targets drop their MLP weights and reuse their reference's, plus untrained recovery
+    # 2. share: targets drop their MLP weights and reuse their reference's, plus untrained recovery (a planned
+    # strategy, auto:BUDGET, is chosen first from closed-form costs on the SLW sample)
     stages = cfg.stage_list
     kd = "sft" in stages and cfg.loss != "ce"
     original = copy.deepcopy(model) if kd or ("slw" in stages and not meter.done("slw")) else None
+    n = max(1, round(len(train) * cfg.slw_fraction))
+    sample = [train[i] for i in sorted(random.Random(cfg.seed).sample(range(len(train)), n))]
+    batches = [collate(sample[i : i + cfg.batch_size]) for i in range(0, n, cfg.batch_size)]
+    strategy, plan = cfg.strategy, None
+    if parse_strategy(strategy).kind == "auto":
+        plan = _plan(cfg, model, batches, work / "plan.json", meter)
+        strategy = plan["strategy"]
     set_seed(cfg.seed)
-    sharp.share(model, cfg.strategy, cfg.recovery, source=cfg.model)
+    sharp.share(model, strategy, cfg.recovery, source=cfg.model)
     counts = sharp.count_parameters(model)
     perplexity("direct")
 
     # 3. SLW: fit each target's recovery to its original MLP on captured activations
     slw_summary, sft_summary = {}, {}
     if "slw" in stages:
-        n = max(1, round(len(train) * cfg.slw_fraction))
-        sample = [train[i] for i in sorted(random.Random(cfg.seed).sample(range(len(train)), n))]
-        batches = [collate(sample[i : i + cfg.batch_size]) for i in range(0, n, cfg.batch_size)]
+        layer_map = model.sharp_config.base_layers(num_layers(model.config))
         with meter("slw"):
-            layers = run_slw(original, model, batches, cfg.slw_config(), work / "slw", progress=progress)
+            layers = run_slw(original, model, batches, cfg.slw_config(), work / "slw", progress=progress,
+                             layer_map=layer_map)
         if not meter.logged("slw"):
             for layer, res in layers.items():
                 log_event(log_path, {"stage": "slw", "layer": layer, **{k: v for k, v in res.items() if k != "curve"}})
@@ -142,7 +167,7 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
     del original
     # 5. summary and save (atomic: the folder appears complete or not at all)
     summary = {
-        "model": cfg.model, "strategy": cfg.strategy, "recovery": cfg.recovery, "data": cfg.data,
+        "model": cfg.model, "strategy": strategy, "recovery": cfg.recovery, "data": cfg.data, "plan": plan,
         "stages": stages, "train": cfg.train, "params": counts,
         "mlp_reduction": 1 - counts["mlp_stored"] / counts["mlp_original"],
         "perplexity": evals, "eval_examples": len(held), "train_examples": len(train),

@@ -97,6 +97,8 @@ def measure_costs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
 
     def mlp_hook(t: int):
         def hook(module, args, output):
+            if keep.get("inner"):  # the reference's own hook, fired by the call below
+                return
             x, y = args[0][keep["mask"]], output[keep["mask"]]
             mlp_e[t] += float((y.double() ** 2).sum())
             if t >= 1:
@@ -105,9 +107,11 @@ def measure_costs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
                 down = getattr(ref, down_name)
                 captured: list[torch.Tensor] = []
                 handle = down.register_forward_hook(lambda m, a, o: captured.append(a[0]))
+                keep["inner"] = True
                 try:
                     ref(x)
                 finally:
+                    keep["inner"] = False
                     handle.remove()
                 h = captured[0]
                 stats[t].add(h, down(h), _post(adapter, layers[t], y))
@@ -152,10 +156,9 @@ def _post(adapter, layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
     return y
 
 
-def recovery_params(recovery: RecoveryConfig, rank: int, hidden: int, inter: int, projections: int = 3) -> int:
-    """Parameters of one target's recovery at `rank` (the spec's family, every MLP projection)."""
-    spec = RecoveryConfig(recovery.name, rank, recovery.alpha if rank else None) if recovery.rank else recovery
-    shapes = [(hidden, inter)] * (projections - 1) + [(inter, hidden)]
+def recovery_params(recovery: RecoveryConfig, rank: int, shapes: Iterable[tuple[int, int]]) -> int:
+    """Parameters of one target's recovery at `rank` (the spec's family) over its projections' (in, out) shapes."""
+    spec = recovery.with_rank(rank)
     return sum(spec.num_params(i, o) for i, o in shapes)
 
 
@@ -264,3 +267,53 @@ def _solve(costs, need, recovery_cost, actions, protect, unit, penalty) -> Plan 
     plan.mlp_drops.sort()
     plan.block_drops.sort()
     return plan
+
+
+def removal_needed(model: nn.Module, budget: str) -> int:
+    """Parameters a plan must remove for `budget`: `40%` or `0.4` = that share of the MLP parameters (net of
+    recovery: what `next:` strategies report as MLP reduction), `107.5M` / `107500000` = the stored total."""
+    import re
+
+    adapter = get_adapter(model)
+    total = sum(p.numel() for p in model.parameters())
+    mlp = sum(p.numel() for i in range(len(adapter.layers(model))) for p in adapter.mlp(model, i).parameters())
+    text = budget.strip()
+    if m := re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*%", text):
+        fraction = float(m[1]) / 100
+    elif m := re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*([kKmMbB]?)", text):
+        value = float(m[1]) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[m[2].lower()]
+        if value <= 1:
+            fraction = value
+        else:
+            if not value < total:
+                raise SharpError(f"budget '{budget}' keeps {value:,.0f} parameters, not fewer than the model's "
+                                 f"{total:,}")
+            return int(total - value)
+    else:
+        raise SharpError(f"malformed budget '{budget}'; write a share of the MLP parameters (40% or 0.4) or a "
+                         "stored-parameter count (107.5M)")
+    if not 0 < fraction < 1:
+        raise SharpError(f"budget '{budget}' must remove more than 0% and less than 100% of the MLP parameters")
+    return int(round(fraction * mlp))
+
+
+def plan_strategy(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], recovery: RecoveryConfig,
+                  budget: str, actions: Iterable[str] = ACTIONS, min_shared: float = 0.0,
+                  max_tokens: int | None = None) -> tuple[str, Plan, list[LayerCosts]]:
+    """Measure, plan and spell the plan as a `map:` strategy (ranks R/4, R/2, R, 2R of `recovery`'s family)."""
+    need = removal_needed(model, budget)
+    adapter = get_adapter(model)
+    mlp = adapter.mlp(model, 0)
+    shapes = [(getattr(mlp, p).in_features, getattr(mlp, p).out_features) for p in adapter.mlp_projs]
+    if not recovery.rank:
+        raise SharpError(f"the planner allocates recovery ranks; pick a ranked recovery (e.g. lora+gate:64), not "
+                         f"'{recovery.text}'")
+    ranks = sorted({r for r in (recovery.rank // 4, recovery.rank // 2, recovery.rank, 2 * recovery.rank)
+                    if 1 <= r <= min(min(shape) for shape in shapes)})
+    costs = measure_costs(model, batches, ranks, max_tokens=max_tokens)
+    per_rank = {r: recovery_params(recovery, r, shapes) for r in ranks}
+    unit = max(1000, need // 20000)
+    plan = plan_layers(costs, need, per_rank, actions, min_shared, unit=unit)
+    items = [f"{t}={ref}" + (f"@{r}" if r != recovery.rank else "") for t, (ref, r) in plan.shares.items()]
+    items += [f"{t}=drop-mlp" for t in plan.mlp_drops] + [f"{t}=drop-block" for t in plan.block_drops]
+    return "map:" + ",".join(sorted(items, key=lambda i: int(i.split("=")[0]))), plan, costs

@@ -37,6 +37,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from sharp.data import IGNORE
 from sharp.errors import SharpError
+from sharp.recovery.trainable import shared_reference_parameters
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +70,8 @@ class SFTConfig:
     progress: bool = True  # show the Trainer's progress bar
     loss: str = "ce"  # "ce", "kd" or "ce+kd" (see the module docstring); kd needs a teacher
     kd_temperature: float = 1.0
+    shared_lr: float | None = None  # peak lr of trained shared reference weights (None: lr / 10; full weights take
+    # smaller steps than adapters, and they serve two layers at once)
 
     def __post_init__(self) -> None:
         for name in ("steps", "eval_steps"):
@@ -85,6 +88,8 @@ class SFTConfig:
             raise SharpError(f"SFT warmup is a fraction of the steps in [0, 1), got {self.warmup}")
         if self.loss not in LOSSES:
             raise SharpError(f"unknown --loss '{self.loss}'; choose one of: {', '.join(LOSSES)}")
+        if self.shared_lr is not None and not (math.isfinite(self.shared_lr) and self.shared_lr > 0):
+            raise SharpError(f"--shared-lr must be a positive number, got {self.shared_lr}")
         if not (math.isfinite(self.kd_temperature) and self.kd_temperature > 0):
             raise SharpError(f"--kd-temperature must be a positive number, got {self.kd_temperature}")
 
@@ -185,7 +190,10 @@ def run_sft(
 def _train(model, args, train, eval_examples, collate, callbacks, resume, config, teacher) -> dict:
     if teacher is not None and config.loss != "ce":
         teacher.eval().requires_grad_(False)
+    shared = [p for p in shared_reference_parameters(model) if p.requires_grad]
     trainer = SharpTrainer(
+        slow_params=shared,
+        slow_lr=config.shared_lr if config.shared_lr is not None else config.lr / 10,
         loss_kind=config.loss,
         teacher=teacher if config.loss != "ce" else None,
         kd_temperature=config.kd_temperature,
@@ -219,11 +227,25 @@ class SharpTrainer(Trainer):
     """`Trainer` that checkpoints only trainable tensors, stops on a non-finite loss and can distill."""
 
     def __init__(self, *args, loss_kind: str = "ce", teacher: nn.Module | None = None, kd_temperature: float = 1.0,
-                 **kwargs) -> None:
+                 slow_params: Sequence[nn.Parameter] = (), slow_lr: float = 0.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.loss_kind, self.teacher, self.kd_temperature = loss_kind, teacher, kd_temperature
+        self.slow_params, self.slow_lr = list(slow_params), slow_lr
         if loss_kind != "ce":
             self.loss_is_scaled_for_ga = True  # compute_loss divides by the tokens of the whole accumulated batch
+
+    def create_optimizer(self, model=None):
+        """AdamW as the Trainer builds it, with `slow_params` (trained shared weights) in a group of their own at
+        `slow_lr`; the scheduler scales both groups alike."""
+        if self.optimizer is None and self.slow_params:
+            slow = {id(p) for p in self.slow_params}
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            groups = [{"params": [p for p in params if id(p) not in slow], "lr": self.args.learning_rate},
+                      {"params": [p for p in params if id(p) in slow], "lr": self.slow_lr}]
+            self.optimizer = torch.optim.AdamW(groups, lr=self.args.learning_rate, weight_decay=self.args.weight_decay,
+                                               betas=(self.args.adam_beta1, self.args.adam_beta2),
+                                               eps=self.args.adam_epsilon)
+        return super().create_optimizer(model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.loss_kind == "ce":

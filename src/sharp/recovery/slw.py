@@ -143,26 +143,34 @@ def run_slw(
     work_dir: str | Path,
     targets: list[int] | None = None,
     progress: bool = True,
+    layer_map: Mapping[int, int] | None = None,
 ) -> dict[int, dict]:
     """Capture the target MLPs' inputs and outputs on `batches`, then train every target (resumable).
 
-    `targets` defaults to every layer of `shared_model` that shares its MLP. Returns `train_slw`'s results;
-    `shared_model`'s recovery parameters are trained in place. `original_model` is not modified.
+    `targets` defaults to every layer of `shared_model` that shares its MLP. `layer_map` maps a layer of
+    `shared_model` to the same layer of `original_model` where a plan dropped whole blocks (default: the same
+    number). Returns `train_slw`'s results; `shared_model`'s recovery parameters are trained in place;
+    `original_model` is not modified.
     """
     work_dir = Path(work_dir)
     targets = sorted(target_mlps(shared_model)) if targets is None else sorted(targets)
     if not targets:
         raise SharpError("the model shares no MLP, so SLW has nothing to train; pick a --strategy with targets")
     batches = list(batches)
-    adapter = get_adapter(original_model)
-    originals = {t: adapter.mlp(original_model, t) for t in targets}
+    source = {t: (layer_map or {}).get(t, t) for t in targets}
+    originals = {}  # a resumed run whose layers are all done needs no original model (compress passes None)
+    if original_model is not None:
+        originals = {t: get_adapter(original_model).mlp(original_model, source[t]) for t in targets}
+    elif any(not is_done(_layer_dir(work_dir, t)) for t in targets):
+        raise SharpError("SLW needs the original model for the layers it has not finished")
     if config.inputs == "original":
         pending = [t for t in targets if not is_done(_layer_dir(work_dir, t))]
         store = None
         if pending:
-            store = capture_activations(original_model, batches, targets, work_dir / ACTIVATIONS, config.max_tokens,
-                                        config.skip_positions, config.dtype, progress=progress)
-        results = train_slw(shared_model, store, config, work_dir, targets, progress, originals=originals)
+            store = capture_activations(original_model, batches, sorted(source.values()), work_dir / ACTIVATIONS,
+                                        config.max_tokens, config.skip_positions, config.dtype, progress=progress)
+        results = train_slw(shared_model, store, config, work_dir, targets, progress, originals=originals,
+                            store_layers=source)
         _remove_activations(work_dir / ACTIVATIONS, config)
         return results
     results = {}
@@ -186,12 +194,14 @@ def train_slw(
     targets: list[int] | None = None,
     progress: bool = True,
     originals: Mapping[int, nn.Module] | None = None,
+    store_layers: Mapping[int, int] | None = None,
     _stop_after: int | None = None,
 ) -> dict[int, dict]:
     """Train each target's recovery on its captured (x, y); load the results into `shared_model`.
 
     `originals` maps each target to its original MLP, needed by `init="closed-form"` (the input-side projections
-    are fitted towards the target's own). Returns {layer: result} with rel_err_before / rel_err_init /
+    are fitted towards the target's own); `store_layers` maps a target to the layer its rows were captured under
+    (default: the same number). Returns {layer: result} with rel_err_before / rel_err_init /
     rel_err_after (held-out), steps, stopped_early, seconds and the eval curve. `_stop_after` ends each layer
     after that many steps in this call, leaving its state saved as a crash would (tests use it).
     """
@@ -211,14 +221,16 @@ def train_slw(
         if is_done(layer_dir):
             results[t] = json.loads((layer_dir / RESULT).read_text())
             continue
-        if store is None or t not in store.layers:
+        captured = (store_layers or {}).get(t, t)
+        if store is None or captured not in store.layers:
             raise SharpError(f"no captured activations for layer {t}; run SLW with data (capture first)")
         if config.init == "closed-form" and originals is None:
             raise SharpError("SLW init 'closed-form' needs the original target MLPs (originals=...); "
                              "use init='lstsq' or 'zero' without them")
         post_norm = adapter.mlp_post_norm(layers[t])
         jobs.append(LayerJob(
-            layer=t, mlp=copy.deepcopy(mlps[t]).float(), projections=adapter.mlp_projs, store_root=store.root,
+            layer=t, store_layer=captured, mlp=copy.deepcopy(mlps[t]).float(), projections=adapter.mlp_projs,
+            store_root=store.root,
             config=config, layer_dir=str(layer_dir), log_path=str(work_dir / LOG),
             original=copy.deepcopy(originals[t]).float() if originals is not None else None,
             post_norm=copy.deepcopy(post_norm).float() if post_norm is not None else None,

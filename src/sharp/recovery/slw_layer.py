@@ -38,6 +38,7 @@ class LayerJob:
     """One target's SLW: copies of its shared MLP (trained in place) and of what it is fitted to."""
 
     layer: int
+    store_layer: int  # the layer its rows were captured under (differs from `layer` after dropped blocks)
     mlp: nn.Module  # the target's shared MLP (reference weights + recovery), float32
     projections: tuple[str, ...]  # the MLP's projection attributes, output projection last
     store_root: Path
@@ -263,8 +264,8 @@ def train_layer(job: LayerJob, threads: int, report: Callable[..., None] | None 
     for p in params:
         p.requires_grad_(True)
     store = ActivationStore(job.store_root)
-    x, y = (t.to(device) for t in store.load(job.layer))  # (N, hidden) each, stored dtype
-    rows = split_rows(x, y, store.positions(job.layer).to(device), cfg, job.layer)
+    x, y = (t.to(device) for t in store.load(job.store_layer))  # (N, hidden) each, stored dtype
+    rows = split_rows(x, y, store.positions(job.store_layer).to(device), cfg, job.layer)
     del x, y
     start = time.perf_counter()
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay) if params else None

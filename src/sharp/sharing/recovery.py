@@ -57,6 +57,12 @@ class RecoveryConfig:
             if self.alpha == self.rank:  # one spelling per configuration: alpha = rank is the default
                 object.__setattr__(self, "alpha", None)
 
+    def with_rank(self, rank: int) -> RecoveryConfig:
+        """The same family at another rank (a planner's per-target rank)."""
+        if not RECOVERIES[self.name].has_rank:
+            raise SharpError(f"recovery '{self.text}' has no rank, so a per-target rank (T=R@K) cannot apply")
+        return RecoveryConfig(self.name, rank, self.alpha)
+
     @property
     def scaling(self) -> float:
         return (self.alpha if self.alpha is not None else self.rank) / self.rank if self.rank else 1.0
