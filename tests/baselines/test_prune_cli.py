@@ -38,7 +38,7 @@ def test_prune_heal_keeps_the_size(stories_path, tmp_path, capsys):
 
 @pytest.mark.parametrize("args, fragment", [
     (["--method", "drop-everything", "--budget", "40%"], "unknown --method"),
-    (["--method", "width", "--budget", "forty", "--data", C4], "malformed budget"),
+    (["--method", "width", "--budget", "forty", "--data", C4], "malformed --budget"),
     (["--method", "width", "--budget", "40%"], "pass --data"),
     (["--method", "layer-drop", "--data", C4], "needs --budget"),
     (["--method", "mlp-drop", "--budget", "40%", "--data", C4], "needs --strategy"),

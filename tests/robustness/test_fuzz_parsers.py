@@ -1,5 +1,5 @@
-"""Hypothesis against every parser of user text: strategy, recovery, data and task specs, `sharp prune` and
-`sharp analyze` budgets, layer ranges, `sharp_config.json`, data files and the numeric flags of `sharp compress`.
+"""Hypothesis against every parser of user text: strategy, recovery, data and task specs, budgets (`sharp prune`,
+`sharp analyze`), layer ranges, `sharp_config.json`, data files and the numeric flags of `sharp compress`.
 
 The property is always the same: a parser returns a well-formed value or raises a one-line `SharpError`,
 never another exception; what it accepts round-trips through its canonical text.
@@ -121,8 +121,8 @@ budget_texts = st.one_of(
 
 @FAST
 @given(text=budget_texts)
-def test_prune_budget_parser(text):
-    from sharp.baselines.budget import parse_budget
+def test_budget_parser(text):
+    from sharp.budget import SHARE, parse_budget
 
     budget = _user_error(parse_budget, text)
     if budget is None:
@@ -132,17 +132,9 @@ def test_prune_budget_parser(text):
         assert 0 < budget.value < 1
     if budget.kind == "count":
         assert 1 <= budget.value < float("inf")
-    assert parse_budget(budget.text).kind == budget.kind
-
-
-@FAST
-@given(text=budget_texts)
-def test_analyze_budget_parser(text):
-    from sharp.evaluation.suggest import parse_budget
-
-    value = _user_error(parse_budget, text)
-    if value is not None:
-        assert 0 < value <= 1
+    assert parse_budget(budget.text) == budget
+    only_shares = _user_error(parse_budget, text, (SHARE,))  # `sharp analyze`: the same grammar, shares only
+    assert only_shares == (budget if budget.kind == SHARE else None)
 
 
 @FAST
