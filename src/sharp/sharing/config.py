@@ -52,6 +52,11 @@ class SharpConfig:
         d = asdict(self)
         d["sharing"] = {str(t): r for t, r in sorted(self.sharing.items())}
         d["ranks"] = {str(t): r for t, r in sorted(self.ranks.items())}
+        # a plain sharing map writes the same file as before plans existed, so older sharp-llm versions still
+        # read it; a plan's keys make an older version refuse the file with its "newer sharp-llm" line
+        for key in ("ranks", "dropped_mlps", "dropped_blocks", "base_parameters", "base_mlp_parameters"):
+            if not d[key]:
+                del d[key]
         return d
 
     def to_json(self) -> str:
