@@ -98,7 +98,9 @@ def row_settings(args: argparse.Namespace, upto: str, stored: int | None = None)
     raise KeyError(upto)
 
 
-def run_row(key: str, settings: dict, work: Path, args: argparse.Namespace) -> dict:
+def run_row(key: str, settings: dict, work: Path, args: argparse.Namespace, known: dict) -> dict:
+    """One compress run + the three-task evaluation. `known`: scores of the original model (and of Direct Sharing,
+    when strategy and recovery are unchanged) from an earlier row, seeded into compress's work folder."""
     import torch
 
     import sharp
@@ -108,6 +110,13 @@ def run_row(key: str, settings: dict, work: Path, args: argparse.Namespace) -> d
 
     out = work / key
     cfg = CompressConfig(**settings, out=str(out), overwrite=True)
+    if known:  # the same model on the same held-out records: earlier rows' scores, not recomputed
+        from sharp.recipes import prepare_work_dir
+
+        evals = cfg.work_dir / "evals.json"
+        if not evals.is_file():
+            prepare_work_dir(cfg)
+            evals.write_text(json.dumps(known))
     start = time.perf_counter()
     summary = compress(cfg, progress=False)
     seconds = time.perf_counter() - start
@@ -150,7 +159,13 @@ def main() -> None:
             log(f"{key}: cached")
         else:
             log(f"{key}: running {json.dumps(settings)}")
-            hit = run_row(key, settings, work, args)
+            known = {}
+            for earlier in results:
+                prev = earlier[2]
+                known["original"] = prev["summary"]["perplexity"]["original"]
+                if all(prev["settings"][k] == settings[k] for k in ("strategy", "recovery")):
+                    known["direct"] = prev["summary"]["perplexity"]["direct"]
+            hit = run_row(key, settings, work, args, known)
             cache[key] = hit
             cache_path.write_text(json.dumps(cache, indent=2, sort_keys=True, default=str))
             log(f"{key}: done in {hit['seconds'] / 60:.1f} min: "
