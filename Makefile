@@ -28,8 +28,10 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -x -q -rs -m "not gpu"
 
+# ruff, and the import-linter contract in pyproject.toml (data flows one way through sharp's layers)
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/lint-imports --no-cache
 
 clean:
 	rm -rf $(VENV) runs

@@ -16,8 +16,7 @@ import importlib
 import logging
 from typing import TYPE_CHECKING
 
-__version__ = "0.1.0"
-
+from sharp._version import __version__  # noqa: E402
 from sharp.errors import SharpError  # noqa: E402
 
 if TYPE_CHECKING:

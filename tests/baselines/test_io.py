@@ -8,8 +8,8 @@ from transformers import AutoModelForCausalLM
 
 import sharp
 from sharp.baselines import load_pruned, prune, save_pruned
-from sharp.baselines.io import PRUNE_CONFIG
 from sharp.errors import SharpError
+from sharp.io.pruned import PRUNE_CONFIG
 from sharp.sharing import surgery
 from tests.conftest import tiny_model
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sharp.baselines.io import PRUNE_CONFIG
+from sharp.io.pruned import PRUNE_CONFIG
 from tests.conftest import C4 as C4_FILE
 from tests.conftest import run_cli
 

@@ -5,8 +5,8 @@
 """
 
 from sharp.baselines.budget import Budget, parse_budget, spread, stored_parameters, target_stored
-from sharp.baselines.io import is_pruned, load_pruned, save_pruned
 from sharp.baselines.methods import ALLOCATIONS, METHODS, PruneReport, prune
+from sharp.io.pruned import is_pruned, load_pruned, save_pruned  # re-exported: pruned folders are baselines
 
 __all__ = [
     "ALLOCATIONS",

@@ -29,9 +29,9 @@ def checkpoint_stored_parameters(path: str | Path) -> int:
     """Stored parameters of the model in `path` (a sharp checkpoint, a pruned model or a plain HF folder)."""
     from transformers import AutoModelForCausalLM
 
-    from sharp.baselines.io import is_pruned, load_pruned
     from sharp.inspect import describe
     from sharp.io.checkpoint import is_sharp_checkpoint, load
+    from sharp.io.pruned import is_pruned, load_pruned
 
     if is_sharp_checkpoint(path):
         model = load(path)

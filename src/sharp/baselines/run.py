@@ -65,14 +65,13 @@ class PruneOptions:
 def training_examples(data: str, tokenizer, max_len: int, template: str, eval_fraction: float,
                       seed: int) -> tuple[list[dict], list[dict]]:
     """(train, held-out) tokenized examples, built exactly as `sharp compress` builds them: records split
-    first (`split_examples`), then tokenized (`tokenize_examples`, or `text_examples` for plain text)."""
-    from sharp.data import load_records, parse_data_spec, split_examples, tokenize_examples
-    from sharp.recipes import text_examples
+    first (`split_examples`), then tokenized (`tokenize_examples`, or `record_examples` for plain text)."""
+    from sharp.data import load_records, parse_data_spec, record_examples, split_examples, tokenize_examples
 
     spec = parse_data_spec(data)
     parts = split_examples(load_records(spec), eval_fraction, seed)
     if spec.format == "text":
-        return text_examples(parts[0], tokenizer, max_len), text_examples(parts[1], tokenizer, max_len)
+        return record_examples(parts[0], tokenizer, max_len), record_examples(parts[1], tokenizer, max_len)
     tok = [tokenize_examples(p, spec.format, tokenizer, template, max_len) if p else [] for p in parts]
     return tok[0], tok[1]
 
@@ -104,9 +103,9 @@ def prune_loaded(model: nn.Module, tokenizer, options: PruneOptions, log_file: s
 def prune_model(model_spec: str, out: str | os.PathLike, options: PruneOptions, overwrite: bool = False
                 ) -> PruneReport:
     """Load `model_spec`, prune it per `options`, save a pruned model folder to `out`."""
-    from sharp.baselines.io import save_pruned
     from sharp.io.atomic import check_output_dir
     from sharp.io.models import load_model
+    from sharp.io.pruned import save_pruned
 
     check_output_dir(out, overwrite)
     options.validate()

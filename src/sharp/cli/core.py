@@ -120,8 +120,8 @@ def merge(
     config = model.sharp_config
     del model.sharp_config
     if config.dropped_mlps:  # MLPs of width 0: a pruned-model folder, which records the per-layer widths
-        from sharp.baselines.io import save_pruned
         from sharp.baselines.methods import PruneReport
+        from sharp.io.pruned import save_pruned
 
         report = PruneReport(method="plan", strategy=config.strategy, dropped_layers=config.dropped_blocks,
                              dropped_mlps=config.dropped_mlps, params_original=config.base_parameters,

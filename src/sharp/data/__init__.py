@@ -9,7 +9,7 @@ from sharp.data.instruct import (
     tokenize_examples,
 )
 from sharp.data.spec import FORMATS, INSTRUCTION_FORMATS, DataSpec, Format, load_records, parse_data_spec
-from sharp.data.text import text_examples, text_token_stream, text_windows
+from sharp.data.text import record_examples, text_examples, text_token_stream, text_windows
 
 __all__ = [
     "FORMATS",
@@ -21,6 +21,7 @@ __all__ = [
     "collate_examples",
     "load_records",
     "parse_data_spec",
+    "record_examples",
     "render",
     "split_examples",
     "text_examples",

@@ -58,3 +58,12 @@ def text_examples(token_ids: torch.Tensor, max_len: int = 512, stride: int | Non
         window = ids[begin:end].tolist()
         examples.append({"input_ids": window, "labels": [IGNORE] * (first - begin) + window[first - begin:]})
     return examples
+
+
+def record_examples(records: list[dict], tokenizer, max_len: int) -> list[dict]:
+    """Plain-text records joined by blank lines, tokenized once, cut into consecutive `max_len`-token training
+    windows (a language-model loss on every token)."""
+    if not records:
+        return []
+    ids = tokenizer("\n\n".join(r["text"] for r in records), add_special_tokens=True, verbose=False)["input_ids"]
+    return text_examples(ids, max_len)

@@ -90,7 +90,7 @@ def load_model(spec: str, dtype: torch.dtype | str | None = "auto") -> tuple[nn.
 
             model = load_quantized_folder(path)
         elif (Path(path) / "sharp_prune.json").is_file():  # a pruned baseline (`sharp prune`)
-            from sharp.baselines.io import load_pruned
+            from sharp.io.pruned import load_pruned
 
             model = load_pruned(path, dtype=dtype)
         elif "gguf_file" in kwargs:

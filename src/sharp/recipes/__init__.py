@@ -178,16 +178,6 @@ def prepare_work_dir(cfg: CompressConfig) -> Path:
     return work
 
 
-def text_examples(records: list[dict], tokenizer, max_len: int) -> list[dict]:
-    """Plain-text records → consecutive `max_len`-token chunks scored on every token (a language-model loss)."""
-    if not records:
-        return []
-    text = "\n\n".join(r["text"] for r in records)
-    ids = tokenizer(text, add_special_tokens=True, verbose=False)["input_ids"]
-    return [{"input_ids": ids[i : i + max_len], "labels": ids[i : i + max_len]}
-            for i in range(0, len(ids) - 1, max_len) if len(ids[i : i + max_len]) > 1]
-
-
 def log_event(path: Path, row: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row, sort_keys=True, default=str) + "\n")

@@ -21,13 +21,20 @@ from transformers import set_seed
 
 import sharp
 from sharp.arch import num_layers
-from sharp.data import collate_examples, load_records, parse_data_spec, split_examples, tokenize_examples
+from sharp.data import (
+    collate_examples,
+    load_records,
+    parse_data_spec,
+    record_examples,
+    split_examples,
+    tokenize_examples,
+)
 from sharp.evaluation.perplexity import response_perplexity
 from sharp.io.atomic import atomic_dir, write_text_atomic
 from sharp.io.checkpoint import write_manifest
 from sharp.io.lock import output_lock
 from sharp.io.models import load_tokenizer
-from sharp.recipes import CompressConfig, StageMeter, log_event, prepare_work_dir, text_examples
+from sharp.recipes import CompressConfig, StageMeter, log_event, prepare_work_dir
 from sharp.recovery.planner import plan_strategy
 from sharp.recovery.sft import run_sft
 from sharp.recovery.slw import run_slw
@@ -99,7 +106,7 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
         tokenizer = load_tokenizer(cfg.model)  # tokenize first: data that cannot train fails before the weights load
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         if spec.format == "text":
-            train, held = (text_examples(r, tokenizer, cfg.max_len) for r in (train_recs, eval_recs))
+            train, held = (record_examples(r, tokenizer, cfg.max_len) for r in (train_recs, eval_recs))
         else:
             eval_fmt = parse_data_spec(cfg.eval_data).format if cfg.eval_data else spec.format
             train = tokenize_examples(train_recs, spec.format, tokenizer, cfg.template, cfg.max_len)

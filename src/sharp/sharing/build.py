@@ -13,6 +13,7 @@ import json
 import torch
 from torch import nn
 
+from sharp._version import __version__
 from sharp.arch import get_adapter, num_layers
 from sharp.sharing import surgery
 from sharp.sharing.config import BaseIdentity, SharpConfig
@@ -38,8 +39,6 @@ def share(
     new = _renumbering(num_layers(model.config), strategy.block_drops)
     if strategy.block_drops:
         surgery.drop_layers(model, list(strategy.block_drops))
-    from sharp import __version__
-
     model.sharp_config = SharpConfig(
         sharing={new[t]: new[r] for t, r in sharing.items()},
         recovery=recovery.text,
