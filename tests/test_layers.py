@@ -18,7 +18,7 @@ def _lint(src: Path) -> subprocess.CompletedProcess:
     if not tool.is_file():
         pytest.skip("optional: import-linter is not installed (pip install -e '.[dev]')")
     env = {**os.environ, "PYTHONPATH": str(src)}
-    return subprocess.run([str(tool), "--config", str(ROOT / "pyproject.toml"), "--no-cache"], cwd=src, env=env,
+    return subprocess.run([str(tool), str(ROOT / "pyproject.toml"), "--no-cache"], cwd=src, env=env,
                           capture_output=True, text=True, timeout=300)
 
 

@@ -270,31 +270,21 @@ def _solve(costs, need, recovery_cost, actions, protect, unit, penalty) -> Plan 
 
 
 def removal_needed(model: nn.Module, budget: str) -> int:
-    """Parameters a plan must remove for `budget`: `40%` or `0.4` = that share of the MLP parameters (net of
-    recovery: what `next:` strategies report as MLP reduction), `107.5M` / `107500000` = the stored total."""
-    import re
+    """Parameters a plan must remove for `budget` (`sharp.budget`'s grammar): `40%` or `0.4` = that share of the
+    MLP parameters (net of recovery: what `next:` strategies report as MLP reduction), `107.5M` = the stored
+    total to keep."""
+    from sharp.budget import COUNT, SHARE, parse_budget
 
     adapter = get_adapter(model)
     total = sum(p.numel() for p in model.parameters())
     mlp = sum(p.numel() for i in range(len(adapter.layers(model))) for p in adapter.mlp(model, i).parameters())
-    text = budget.strip()
-    if m := re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*%", text):
-        fraction = float(m[1]) / 100
-    elif m := re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*([kKmMbB]?)", text):
-        value = float(m[1]) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[m[2].lower()]
-        if value <= 1:
-            fraction = value
-        else:
-            if not value < total:
-                raise SharpError(f"budget '{budget}' keeps {value:,.0f} parameters, not fewer than the model's "
-                                 f"{total:,}")
-            return int(total - value)
-    else:
-        raise SharpError(f"malformed budget '{budget}'; write a share of the MLP parameters (40% or 0.4) or a "
-                         "stored-parameter count (107.5M)")
-    if not 0 < fraction < 1:
-        raise SharpError(f"budget '{budget}' must remove more than 0% and less than 100% of the MLP parameters")
-    return int(round(fraction * mlp))
+    parsed = parse_budget(budget, (SHARE, COUNT), flag="auto:")
+    if parsed.kind == SHARE:
+        return int(round(parsed.value * mlp))
+    if not parsed.value < total:
+        raise SharpError(f"budget '{budget}' keeps {parsed.value:,.0f} parameters, not fewer than the model's "
+                         f"{total:,}")
+    return int(total - parsed.value)
 
 
 def plan_strategy(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], recovery: RecoveryConfig,

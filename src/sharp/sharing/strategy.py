@@ -106,7 +106,9 @@ def parse_strategy(text: str) -> Strategy:
         _check_range(text, start, end)
         return Strategy("group", start, end, k)
     if m := re.fullmatch(r"auto:(.+)", s):
-        return Strategy("auto", budget=m[1])
+        from sharp.budget import COUNT, SHARE, parse_budget
+
+        return Strategy("auto", budget=parse_budget(m[1], (SHARE, COUNT), flag="auto:").text)
     if s.startswith("map:") and s[4:] and all(_ITEM.fullmatch(item) for item in s[4:].split(",")):
         items = [_ITEM.fullmatch(item) for item in s[4:].split(",")]
         pairs = [(int(i[1]), int(i[2])) for i in items if i[2]]
