@@ -169,6 +169,22 @@ def test_analyze_cli_on_stories260k(stories_path, tmp_path, capsys):
         assert (out / name).stat().st_size > 0
 
 
+def test_analyze_plan_prints_a_mixed_strategy_compress_accepts(stories_path, tmp_path, capsys):
+    out = tmp_path / "an"
+    code, stdout, err = run_cli(["analyze", stories_path, "--data", C4, "--out", out, "--max-tokens", 600,
+                                 "--ppl-examples", 0, "--max-len", 64, "--budget", "40%", "--plan", "lora+gate:4",
+                                 "--plan-min-shared", "0.5"], capsys)
+    assert code == 0, err
+    plan = json.loads((out / "analysis.json").read_text())["plan"]
+    assert plan["strategy"] in stdout and plan["shared_fraction"] >= 0.5
+    model, _ = sharp.load_model(str(stories_path))
+    mlp = sum(p.numel() for layer in model.model.layers for p in layer.mlp.parameters())
+    assert plan["removed"] >= 0.4 * mlp  # the budget, net of recovery parameters
+    total = sum(p.numel() for p in model.parameters())
+    shared = sharp.share(model, plan["strategy"], "lora+gate:4")  # what the user pastes into compress
+    assert sharp.count_parameters(shared)["stored"] == total - plan["removed"]
+
+
 def test_analyze_instruction_data_scores_responses_only(stories_path, tmp_path):
     model, tok = sharp.load_model(str(stories_path))
     data = f"alpaca:{ALPACA}[:3]"
@@ -191,6 +207,8 @@ def test_analyze_instruction_data_scores_responses_only(stories_path, tmp_path):
     (["--data", C4, "--max-tokens", "0"], "--max-tokens"),
     (["--data", C4, "--replace-layers", "0-9"], "must lie within 1-4"),
     (["--data", C4, "--replace-layers", "3-4", "--budget", "40%"], "at most 1"),
+    (["--data", C4, "--plan", "lora+gate:4"], "--plan needs --budget"),
+    (["--data", C4, "--plan", "lora+gate:x", "--budget", "40%"], "recovery"),
 ])
 def test_analyze_cli_bad_input_exits_2_with_one_line(stories_path, tmp_path, capsys, extra, fragment):
     args = ["analyze", stories_path, "--out", tmp_path / "o", "--max-tokens", 64, "--ppl-examples", 1,

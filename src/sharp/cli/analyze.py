@@ -24,6 +24,12 @@ def analyze(
                                        "for targets A-B (saves time; --budget then picks among them)."),
     budget: str = typer.Option(None, "--budget", help="Also suggest a strategy removing this share of the MLP "
                                "parameters: 40% or 0.4."),
+    plan: str = typer.Option(None, "--plan", help="With --budget: also run the planner for this recovery (e.g. "
+                             "lora+gate:64): per layer share (rank R/4..2R), drop the MLP, drop the block or keep, "
+                             "from closed-form costs; prints the plan as a map: strategy for compress."),
+    plan_actions: str = typer.Option("share,drop-mlp,drop-block", "--plan-actions", help="What --plan may choose."),
+    plan_min_shared: float = typer.Option(0.0, "--plan-min-shared", help="Shared MLPs remove at least this share "
+                                          "of what the plan removes."),
     max_len: int = typer.Option(512, "--max-len", help="Tokens per example / text window."),
     batch_size: int = typer.Option(4, "--batch-size", help="Sequences per forward pass."),
     template: str = typer.Option("plain", "--template", help="plain (### Instruction/### Response) or chat."),
@@ -45,6 +51,12 @@ def analyze(
     check_output_dir(out, overwrite)
     # a share is all a layer-by-layer suggestion can meet: counts and match:DIR fail here, in one line
     fraction = parse_budget(budget, forms=(SHARE,)).value if budget is not None else None
+    if plan is not None:
+        from sharp.sharing.recovery import parse_recovery
+
+        if budget is None:
+            raise SharpError("--plan needs --budget (the share of MLP parameters the plan removes)")
+        recovery = parse_recovery(plan)
     if template not in TEMPLATES:
         raise SharpError(f"unknown --template '{template}'; choose one of {', '.join(TEMPLATES)}")
     for flag, value, least in (("--max-tokens", max_tokens, 1), ("--ppl-examples", ppl_examples, 0),
@@ -72,9 +84,28 @@ def analyze(
     if fraction is not None:
         costs, source = cost_table(analysis)
         analysis["suggestion"] = suggest_strategy(costs, analysis["layers"], fraction, source).to_dict()
+    if plan is not None:
+        analysis["plan"] = _plan(loaded, tokenizer, data, recovery, budget, plan_actions, plan_min_shared,
+                                 max_tokens, max_len, batch_size, template)
     with atomic_dir(out, overwrite) as tmp:
         write_analysis(analysis, tmp)
     _print_summary(analysis, out)
+
+
+def _plan(model, tokenizer, data: str, recovery, budget: str, actions: str, min_shared: float, max_tokens: int,
+          max_len: int, batch_size: int, template: str) -> dict:
+    """The planner's mixed strategy for `budget`, measured on up to `max_tokens` tokens of `data`."""
+    from sharp.baselines.calibration import calibration_examples
+    from sharp.data import collate_examples
+    from sharp.recovery.planner import plan_strategy
+
+    examples = calibration_examples(data, tokenizer, max(1, max_tokens // max_len + 1), max_len, template)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = [collate_examples(examples[i : i + batch_size], pad) for i in range(0, len(examples), batch_size)]
+    with err_console.status("planning"):
+        text, chosen, _ = plan_strategy(model, batches, recovery, budget, [a.strip() for a in actions.split(",")],
+                                        min_shared, max_tokens=max_tokens)
+    return {"strategy": text, "recovery": recovery.text, "budget": budget, **chosen.to_dict()}
 
 
 def _print_summary(analysis: dict, out: Path) -> None:
@@ -97,6 +128,10 @@ def _print_summary(analysis: dict, out: Path) -> None:
         console.print(f"suggested strategy for {sug['budget']:.0%}: [bold]{sug['strategy']}[/]", highlight=False)
         for reason in sug["reasons"]:
             console.print(f"  - {reason}", highlight=False)
+    if plan := analysis.get("plan"):
+        console.print(f"planned strategy for {plan['budget']} with {plan['recovery']}: [bold]{plan['strategy']}[/] "
+                      f"({len(plan['shares'])} shared, {len(plan['mlp_drops'])} MLPs and {len(plan['block_drops'])} "
+                      f"blocks dropped; sharing removes {plan['shared_fraction']:.0%})", highlight=False)
     console.print(f"wrote {out}/analysis.md, analysis.json and plots")
 
 
