@@ -9,9 +9,9 @@ GPT4-Alpaca training records, with the same SLW and SFT budget; each row changes
     today          lora:64, SLW init = lstsq (down projection only), original inputs, CE loss, recovery trained
     closed-form    + every shared projection fitted in closed form before SLW
     gate           + recovery lora+gate:64 (a per-channel gate on the reference's output)
-    sequential     + SLW in layer order on the partly shared model's inputs
     distillation   + SFT loss kd (the original model as teacher)
     shared weights + SFT also trains the shared reference weights (no storage cost)
+    sequential     + SLW in layer order on the partly shared model's inputs
     planner        + `--strategy auto:N` with N = the stored parameters of the rows above: per layer, share (with
                    a rank of R/4…2R), drop the MLP, drop the block or keep, from closed-form costs; shared MLPs
                    must account for at least half of the removed parameters
@@ -45,9 +45,9 @@ LEVERS = [  # (key, what the row adds, settings changed from the row above)
     ("today", "today's recipe", {"recovery": "lora:64", "slw_init": "lstsq"}),
     ("closed-form", "+ closed-form init of every projection", {"slw_init": "closed-form"}),
     ("gate", "+ gate on the reference (lora+gate:64)", {"recovery": "lora+gate:64"}),
-    ("sequential", "+ sequential SLW inputs", {"slw_inputs": "sequential"}),
     ("distillation", "+ distillation (SFT loss kd)", {"loss": "kd"}),
     ("shared", "+ shared reference weights trained", {"train": "recovery+shared"}),
+    ("sequential", "+ sequential SLW inputs", {"slw_inputs": "sequential"}),
     ("planner", "+ planner (auto: at the stored size above, shared ≥ 50% of the removal)",
      {"strategy": "auto:{stored}", "plan_min_shared": 0.5}),
 ]
