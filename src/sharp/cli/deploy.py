@@ -73,18 +73,38 @@ def bench(
 
 @app.command()
 def export(
-    model: str = typer.Argument(..., help="A 16-bit sharp checkpoint (or a plain Llama-style model folder)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder for the .gguf files."),
-    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp)."),
-    outtype: str = typer.Option("f16", "--outtype", help="f16 or f32 (quantize further with llama-quantize)."),
+    model: str = typer.Argument(..., help="A 16-bit sharp checkpoint (or a plain model folder / alias)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
+    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp) or executorch (.pte, XNNPACK)."),
+    outtype: str = typer.Option("f16", "--outtype", help="gguf: f16 or f32 (quantize further with llama-quantize)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="executorch: fp32 or bf16."),
+    quant: str = typer.Option("none", "--quant", help="executorch: none or 8da4w (4-bit weights, 8-bit dynamic "
+                                                      "activations; LM head and tied embedding 8-bit)."),
+    group_size: int = typer.Option(32, "--group-size", help="executorch 8da4w: weights per scale (multiple of 32)."),
+    recovery_bits: int = typer.Option(8, "--recovery-bits", help="executorch 8da4w: LoRA recovery bits (8, 4, 16)."),
+    max_cache_len: int = typer.Option(256, "--max-cache-len", help="executorch: KV cache positions."),
+    fuse: bool = typer.Option(True, "--fuse/--no-fuse", help="executorch: one matmul for a target MLP's gate and "
+                                                             "up recovery A matrices."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
 ) -> None:
-    """Write llama.cpp GGUF files: the merged model, plus a Direct-Sharing base and a LoRA adapter for lora:R."""
+    """Write on-device files: llama.cpp GGUF (merged model, plus a Direct-Sharing base and a LoRA adapter for
+    lora:R), or an ExecuTorch program that stores every unique weight once."""
     from sharp.errors import SharpError
+
+    if fmt == "executorch":
+        from sharp.io.executorch import ExportConfig, export_executorch
+
+        config = ExportConfig(dtype=dtype, quant=quant, group_size=group_size, recovery_bits=recovery_bits,
+                              max_cache_len=max_cache_len, fuse=fuse)
+        with err_console.status(f"exporting {model} to ExecuTorch (a few minutes)"):
+            files = export_executorch(model, out, config, overwrite=overwrite)
+        for kind, path in files.items():
+            console.print(f"{kind:>7}: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+        return
+    if fmt != "gguf":
+        raise SharpError(f"unknown --format '{fmt}'; choose gguf or executorch")
     from sharp.io.export import export_gguf
 
-    if fmt != "gguf":
-        raise SharpError(f"unknown --format '{fmt}'; choose gguf")
     with err_console.status(f"exporting {model}"):
         files = export_gguf(model, out, outtype=outtype, overwrite=overwrite)
     for kind, path in files.items():
