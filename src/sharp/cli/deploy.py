@@ -16,16 +16,23 @@ def quantize(
     bits: int = typer.Option(4, "--bits", help="Weight bits (4)."),
     method: str = typer.Option("quanto", "--method", help="quanto (optimum-quanto int4) or nf4 (bitsandbytes NF4)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: a quantized sharp checkpoint."),
+    recovery_bits: int = typer.Option(16, "--recovery-bits", help="Store the recovery (LoRA) matrices in 8 or 4 "
+                                                                  "bits (dequantized at load), or 16: as they are."),
+    embedding_bits: int = typer.Option(16, "--embedding-bits", help="Store the input embedding (and a tied LM head) "
+                                                                    "in 8 or 4 bits (dequantized at load), or 16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
 ) -> None:
-    """Quantize each unique weight once (shared weights stay shared); recovery parameters stay 16-bit."""
+    """Quantize each unique weight once (shared weights stay shared); recovery matrices and the embedding stay
+    16-bit unless --recovery-bits / --embedding-bits say 8 or 4."""
     from sharp.io.models import folder_bytes
     from sharp.io.quantize import quantize_checkpoint, quantized_linears
 
     with err_console.status(f"quantizing {model}"):
-        q = quantize_checkpoint(model, out, bits=bits, method=method, overwrite=overwrite)
-    console.print(f"{len(quantized_linears(q))} unique linear layers quantized to {bits}-bit ({method}); "
-                  f"{folder_bytes(out) / 2**20:.1f} MiB written to [bold]{out}[/]")
+        q = quantize_checkpoint(model, out, bits=bits, method=method, overwrite=overwrite,
+                                recovery_bits=recovery_bits, embedding_bits=embedding_bits)
+    console.print(f"{len(quantized_linears(q))} unique linear layers quantized to {bits}-bit ({method}), recovery "
+                  f"{recovery_bits}-bit, embedding {embedding_bits}-bit; {folder_bytes(out) / 2**20:.1f} MiB "
+                  f"written to [bold]{out}[/]")
 
 
 @app.command()
