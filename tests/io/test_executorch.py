@@ -167,3 +167,24 @@ def test_8da4w_program_matches_quantized_pytorch_and_keeps_tied_int8_once(export
     fp32_bytes = sum(f.stat().st_size for f in folders["fp32"].iterdir() if f.suffix in (".pte", ".ptd"))
     q_bytes = sum(f.stat().st_size for f in folders["8da4w"].iterdir() if f.suffix in (".pte", ".ptd"))
     assert q_bytes < 0.4 * fp32_bytes
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_program_perplexity_and_greedy_tokens_match_pytorch(exported):
+    from sharp.evaluation.perplexity import _nll_sum
+    from sharp.io.pte import PteModel, pte_nll
+
+    folders, model = exported
+    pte = PteModel(folders["fp32"])
+    labels = IDS.clone()
+    labels[0, :4] = -100  # a prompt of 4 tokens, then the scored response
+    examples = [{"input_ids": IDS[0], "labels": labels[0]}, {"input_ids": IDS[0, :7], "labels": IDS[0, :7]}]
+    got, n = pte_nll(pte, examples)
+    want, m = _nll_sum(model, examples, batch_size=1)
+    assert n == m == 6 + 6
+    assert abs(got - want) < 1e-4 * abs(want)
+    ids = IDS[:, :3]
+    for _ in range(4):  # PyTorch greedy, recomputing the whole sequence each time
+        ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=-1)
+    assert torch.equal(pte.generate(IDS[:, :3], 4), ids[:, 3:])

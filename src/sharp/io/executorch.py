@@ -41,7 +41,7 @@ from sharp.errors import SharpError
 
 PTE, PTD_TAG, META = "model.pte", "weights", "sharp_export.json"
 PTD = PTD_TAG + ".ptd"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 QUANTS = ("none", "8da4w")
 RECOVERY_BITS = (4, 8, 16)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -59,7 +59,7 @@ def require_executorch() -> None:
 class ExportConfig:
     """How a model is exported (`sharp_export.json` records it next to the program)."""
 
-    dtype: str = "fp32"  # fp32 | bf16: the dtype of everything not quantized
+    dtype: str = "fp32"  # fp32 | fp16 | bf16: the dtype of everything not quantized
     quant: str = "none"  # none | 8da4w
     group_size: int = 32  # 8da4w weight group along the input
     recovery_bits: int = 8  # LoRA A/B under --quant 8da4w: 8 (8da8w per row), 4 (8da4w) or 16 (not quantized)
@@ -156,7 +156,7 @@ _GATED = ("gate_proj", "up_proj", "down_proj")
 
 
 ATTENTION = "sharp_executorch"  # transformers attention implementation registered by `_register_attention`
-SUPPORTED = ("llama", "mistral", "qwen2", "phi3")
+SUPPORTED = ("llama", "mistral", "qwen2")  # one attention layout; others are untested
 
 
 def _register_attention() -> None:
@@ -209,7 +209,7 @@ class RMSNorm(nn.Module):
         return self.weight * (h * torch.rsqrt(var.reshape(*h.shape[:-1], 1) + self.eps)).to(dtype)
 
 
-_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Phi3RMSNorm")
+_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
 
 
 def delegated_norms(model: nn.Module) -> int:
@@ -270,7 +270,7 @@ def _tag_constants(ep) -> None:
             node.meta.setdefault("custom", {})["delegate_constant_tag"] = PTD_TAG
 
 
-def lower(model: nn.Module, max_cache_len: int):
+def lower(model: nn.Module, max_cache_len: int, bf16: bool = False):
     """torch.export (one token per call) -> XNNPACK -> an ExecuTorch program manager."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -281,7 +281,7 @@ def lower(model: nn.Module, max_cache_len: int):
         ep = torch.export.export(wrapper, args=(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, dtype=torch.long)),
                                  strict=True)
     _tag_constants(ep)
-    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner()],
+    edge = to_edge_transform_and_lower(ep, partitioner=[XnnpackPartitioner(enable_bf16=bf16)],
                                        compile_config=EdgeCompileConfig(_check_ir_validity=False))
     return edge.to_executorch(ExecutorchBackendConfig(
         extract_delegate_segments=True,
@@ -316,7 +316,7 @@ def export_executorch(source: str | os.PathLike, out: str | os.PathLike, config:
     check_output_dir(out, overwrite)
     model, path = load_source(source, DTYPES[config.dtype])
     fused = prepare(model, config)
-    program = lower(model, config.max_cache_len)
+    program = lower(model, config.max_cache_len, bf16=config.dtype == "bf16")
     with atomic_dir(out, overwrite) as tmp:
         with open(tmp / PTE, "wb") as f:
             program.write_to_file(f)

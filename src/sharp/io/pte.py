@@ -36,7 +36,8 @@ def load_runtime():
     """ExecuTorch's runtime with the operator libraries exported programs may use (quantized embedding,
     llama custom ops) registered."""
     require_executorch()
-    import executorch.kernels.quantized  # noqa: F401  (registers quantized_decomposed::embedding_byte & co.)
+    import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (llama::custom_sdpa, llama::update_cache)
+    import executorch.kernels.quantized  # noqa: F401  (quantized_decomposed::embedding_byte & co.)
     from executorch.runtime import Runtime
 
     return Runtime.get()
@@ -80,3 +81,29 @@ class PteModel:
             logits = self(nxt, pos)
             pos += 1
         return torch.cat(out, dim=-1)
+
+
+@torch.no_grad()
+def pte_nll(model: PteModel, examples: list[dict]) -> tuple[float, int]:
+    """(sum of negative log-likelihoods, number of tokens) of the scored tokens of {input_ids, labels} examples
+    (labels aligned with input_ids, -100 = not scored, as `sharp.data` builds them), the same sum
+    `sharp.evaluation.perplexity` takes in PyTorch. Each example starts a new sequence at position 0; the tokens
+    before its first scored one go in without reading logits."""
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    for ex in examples:
+        ids = torch.as_tensor(ex["input_ids"]).reshape(-1)
+        labels = torch.as_tensor(ex["labels"]).reshape(-1)
+        scored = (labels[1:] != -100).nonzero().flatten() + 1  # positions predicted from the one before
+        if len(scored) == 0:
+            continue
+        first, last = int(scored[0]), int(scored[-1])
+        logits = model(ids[:first], 0)  # (1, vocab): predicts token `first`
+        for i in range(first, last + 1):
+            if labels[i] != -100:
+                total += float(F.cross_entropy(logits.double(), labels[i:i + 1]))
+                count += 1
+            if i < last:
+                logits = model(ids[i:i + 1], i)
+    return total, count
