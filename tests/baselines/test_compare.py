@@ -5,9 +5,8 @@ import json
 import pytest
 
 from sharp.baselines.table import Row, compressed_spread, short_label, to_markdown
-from tests.conftest import ASSETS, run_cli
+from tests.conftest import C4, run_cli
 
-C4 = ASSETS / "text" / "c4_demo.jsonl"
 ROWS = ["original", "direct", "layer-drop", "layer-drop+heal", "layer-drop-adapted", "layer-drop-adapted+heal",
         "mlp-drop", "mlp-drop+heal", "width", "width+heal", "sharp-slw", "sharp", "reference"]
 

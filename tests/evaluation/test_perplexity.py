@@ -11,20 +11,13 @@ from hypothesis import strategies as st
 from sharp.data import IGNORE, load_records, text_token_stream, tokenize_examples
 from sharp.errors import SharpError
 from sharp.evaluation import evaluate_tasks, parse_tasks, response_perplexity, text_perplexity, text_windows
-from tests.conftest import ASSETS
-
-WIKI = ASSETS / "text" / "wikitext2_test.txt"
-ALPACA = ASSETS / "instruct" / "alpaca_en_demo.json"
+from tests.conftest import ALPACA, STORIES, WIKI
 
 
 @pytest.fixture(scope="module")
 def stories():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tests.conftest import STORIES
-
-    if not STORIES.is_dir():
-        pytest.skip("stories260K is not available")
     return AutoModelForCausalLM.from_pretrained(STORIES).eval(), AutoTokenizer.from_pretrained(STORIES)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,14 +14,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import sharp  # noqa: E402
 from sharp.errors import SharpError  # noqa: E402
 from sharp.recovery import ActivationStore, SLWConfig, capture_activations, run_slw, train_slw  # noqa: E402
+from tests.conftest import C4 as TEXT  # noqa: E402
+from tests.conftest import STORIES as MODEL  # noqa: E402
 
-ASSETS = Path(__file__).resolve().parents[2] / ".." / "shared" / "assets"
-MODEL = ASSETS / "models" / "stories260K"
-TEXT = ASSETS / "text" / "c4_demo.jsonl"
 STRATEGY = "next:1-4"  # targets 2 and 4
 TARGETS = [2, 4]
-
-pytestmark = pytest.mark.skipif(not MODEL.is_dir() or not TEXT.is_file(), reason="shared assets not present")
 
 
 def tiny_config(**kw) -> SLWConfig:

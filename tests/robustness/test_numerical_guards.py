@@ -17,10 +17,8 @@ from sharp.recovery.activations import capture_activations
 from sharp.recovery.sft import TRAINABLE, NonFiniteLossError, SFTConfig, last_checkpoint, run_sft
 from sharp.recovery.trainable import mark_trainable
 from sharp.sharing.shared import recoveries
-from tests.conftest import STORIES, run_cli
-from tests.robustness.conftest import C4, needs_assets
+from tests.conftest import C4, STORIES, run_cli
 
-pytestmark = needs_assets
 torch.set_num_threads(1)
 
 

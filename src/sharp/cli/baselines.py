@@ -21,8 +21,8 @@ def _sft(steps: int, lr: float, batch_size: int, grad_accum: int) -> dict:
 def prune(
     model: str = typer.Argument(..., help="Model folder, .gguf file, alias (smollm2-135m) or hub id."),
     method: str = typer.Option(..., "--method", "-m", help="layer-drop, layer-drop-adapted, mlp-drop or width."),
-    budget: str = typer.Option(None, "--budget", "-b", help="Stored-parameter budget: 40% (of MLP weights), "
-                               "an absolute count (107.5M) or match:DIR (a sharp checkpoint's size)."),
+    budget: str = typer.Option(None, "--budget", "-b", help="Stored-parameter budget: 40% or 0.4 (a share of the "
+                               "MLP weights to remove), a count to keep (107.5M) or match:DIR (a checkpoint's size)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
     strategy: str = typer.Option(None, "--strategy", "-s", help="SHARP targets for layer-drop-adapted / mlp-drop."),
     allocation: str = typer.Option("even", "--allocation", help="width: even (same channels per layer) or global."),

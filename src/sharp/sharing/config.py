@@ -61,7 +61,7 @@ class SharpConfig:
         try:
             d["sharing"] = {int(t): int(r) for t, r in d["sharing"].items()}
             d["base"] = BaseIdentity(**d.get("base", {"model_type": ""}))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:  # Overflow: int(Infinity)
             raise SharpError(f"sharp_config.json is malformed ({e}); re-create the checkpoint") from None
         texts = [(k, d.get(k, "")) for k in ("recovery", "modules", "strategy", "sharp_version")]
         texts += [(f"base.{k}", v) for k, v in asdict(d["base"]).items()]
