@@ -13,7 +13,7 @@ from tests.conftest import run_cli
 
 @pytest.fixture(scope="module")
 def pte_folder(tmp_path_factory):
-    pytest.importorskip("executorch", reason="ExecuTorch not installed (pip install -e '.[executorch]')")
+    pytest.importorskip("executorch", reason="optional extra executorch is not installed")
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     from sharp.io.executorch import ExportConfig, export_executorch

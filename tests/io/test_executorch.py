@@ -20,6 +20,7 @@ from sharp.errors import SharpError
 from sharp.io.executorch import ExportConfig, FusedLoRAMLP, LoRALinear, lora_modules
 from tests.conftest import randomize_recovery, run_cli
 
+SKIP = "optional extra executorch is not installed (pip install -e '.[executorch]')"
 IDS = torch.tensor([[5, 301, 44, 90, 7, 400, 12, 3, 77, 2]])
 
 
@@ -72,10 +73,23 @@ def test_cli_refuses_an_unknown_format(tmp_path, capsys):
     assert code != 0 and "executorch" in err
 
 
+def test_export_without_executorch_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    """What a user without the extra sees, forced here whether or not ExecuTorch is installed."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name.split(".")[0] == "executorch" else find_spec(name, *a))
+    ckpt = sharp.save(small_shared_model(), tmp_path / "ckpt")
+    code, _, err = run_cli(["export", ckpt, "--format", "executorch", "--out", tmp_path / "o"], capsys)
+    assert code != 0 and "'.[executorch]'" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+
+
 # --- with ExecuTorch ---------------------------------------------------------------------------------------------
 
 def _executorch():
-    return pytest.importorskip("executorch", reason="ExecuTorch not installed (pip install -e '.[executorch]')")
+    return pytest.importorskip("executorch", reason=SKIP)
 
 
 @pytest.fixture(scope="module")

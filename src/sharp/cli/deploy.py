@@ -84,7 +84,7 @@ def export(
     out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
     fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp) or executorch (.pte, XNNPACK)."),
     outtype: str = typer.Option("f16", "--outtype", help="gguf: f16 or f32 (quantize further with llama-quantize)."),
-    dtype: str = typer.Option("fp32", "--dtype", help="executorch: fp32 or bf16."),
+    dtype: str = typer.Option("fp32", "--dtype", help="executorch: fp32, fp16 or bf16."),
     quant: str = typer.Option("none", "--quant", help="executorch: none or 8da4w (4-bit weights, 8-bit dynamic "
                                                       "activations; LM head and tied embedding 8-bit)."),
     group_size: int = typer.Option(32, "--group-size", help="executorch 8da4w: weights per scale (multiple of 32)."),
