@@ -6,7 +6,8 @@ at a temporary asset cache laid out as `sharp assets fetch` lays it out, whose `
 Llama with SmolLM2-135M's 30 layers (so the README's strategies resolve as written) and stories260K's tokenizer,
 and whose `alpaca-demo` / `c4-demo` are the vendored fixture records. Relative paths (`runs/...`, `wiki.txt`,
 `my_tasks/`) live in a temporary working folder; the files a user brings (`wiki.txt`, `my_tasks/my_task.yaml`)
-are written there first. A README command whose comment says `needs: X` (the Hub, PyPI) is skipped as optional.
+are written there first. A README command whose comment says `needs: X` (the Hub, PyPI) is skipped as optional;
+`needs: the [E] extra` only where that extra is not installed.
 
 Each command is its own test, but they share one workspace and depend on each other's outputs, so asking for
 one command runs every command before it (once per session).
@@ -39,6 +40,14 @@ class Command:
     line: str  # as written (continuation lines joined)
     argv: tuple[str, ...]
     needs: str  # what a `needs:` comment names; "" when it runs here
+
+    @property
+    def runnable(self) -> bool:
+        """Runs here: needs nothing, or an installed optional extra (`needs: the [executorch] extra`)."""
+        import importlib.util
+
+        extra = re.fullmatch(r"the \[(\w+)\] extra", self.needs)
+        return not self.needs or bool(extra and importlib.util.find_spec(extra[1]))
 
 
 
@@ -157,7 +166,7 @@ class Workspace:
     def through(self, index: int) -> subprocess.CompletedProcess:
         """Run every runnable command up to `index` (those not run yet); the result of command `index`."""
         for i, cmd in enumerate(SHARP_COMMANDS[: index + 1]):
-            if i not in self.results and not cmd.needs:
+            if i not in self.results and cmd.runnable:
                 self.results[i] = self.run([sys.executable, "-m", "sharp.cli", *cmd.argv[1:]], name=cmd.line)
         return self.results[index]
 
@@ -231,6 +240,8 @@ def _check(cmd: Command, proc: subprocess.CompletedProcess, cwd: Path) -> None:
     elif verb == "bench":
         for flag in ("--json", "--plot"):
             assert (cwd / _arg(cmd, flag)).stat().st_size > 0
+    elif verb == "export" and "executorch" in cmd.argv:  # the program and its one copy of each constant
+        assert all((out / f).stat().st_size > 0 for f in ("model.pte", "weights.ptd"))
     elif verb == "export":  # merged, and base + adapter for the LoRA recovery
         assert all((out / f).stat().st_size > 0 for f in ("model.gguf", "base.gguf", "recovery.lora.gguf"))
     else:
@@ -253,7 +264,7 @@ def test_readme_has_commands_to_run() -> None:
                          ids=[f"{i:02d}-{' '.join(c.argv[1:3])}" for i, c in enumerate(SHARP_COMMANDS)])
 def test_readme_command(workspace: Workspace, index: int) -> None:
     cmd = SHARP_COMMANDS[index]
-    if cmd.needs:
+    if not cmd.runnable:
         pytest.skip(f"optional: `{cmd.line}` needs {cmd.needs}")
     proc = workspace.through(index)
     assert proc.returncode == 0, f"`{cmd.line}` exited {proc.returncode}: {proc.stderr[-3000:]}"

@@ -8,6 +8,9 @@ timed decodes (prefill + first token = TTFT, then N single-token greedy steps, b
 of this model) -> R-1 more cold loads and R warm loads. Times are medians.
 
     python -m sharp.bench.measure SPEC [--mode shared|merged] [--tokens 64] [--repeats 5]   # prints JSON
+
+SPEC may also be an ExecuTorch program folder (`sharp export --format executorch`): `sharp.bench.pte` measures it
+with ExecuTorch's runtime, same fields.
 """
 
 from __future__ import annotations
@@ -175,12 +178,17 @@ def decode(model: nn.Module, prompt: torch.Tensor, tokens: int) -> tuple[float, 
 
 
 def measure(spec: str, mode: str = "shared", tokens: int = 64, repeats: int = 5, prompt_tokens: int = 32,
-            compile: bool = False, load_repeats: int | None = None) -> dict:
+            compile: bool = False, load_repeats: int | None = None, threads: int = 0) -> dict:
     """Every per-model field of `sharp bench` (see `sharp.bench.runner.FIELDS`); loads are timed
     `load_repeats` times each (default: `repeats`)."""
     load_repeats = load_repeats or repeats
     from sharp.io.models import folder_bytes, resolve_model_path
+    from sharp.io.pte import is_pte_folder
 
+    if is_pte_folder(spec):  # an ExecuTorch program (`sharp export --format executorch`)
+        from sharp.bench.pte import measure_pte
+
+        return measure_pte(spec, tokens, repeats, prompt_tokens, load_repeats, threads)
     path = resolve_model_path(spec)
     files = weight_files(path)
     _import_model_class(spec)
@@ -262,7 +270,7 @@ def main(argv: list[str] | None = None) -> None:
 
     try:
         result = measure(args.spec, args.mode, args.tokens, args.repeats, args.prompt_tokens, args.compile,
-                         args.load_repeats or None)
+                         args.load_repeats or None, args.threads)
     except SharpError as e:
         print(json.dumps({"error": str(e)}))
         raise SystemExit(2) from None

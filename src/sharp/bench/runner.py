@@ -10,7 +10,8 @@ peak RSS is per model and no model warms another's caches. Floors:
                    its shared weights once per use: in-cache re-reads are the locality bonus)
 
 A model spec is a model folder, sharp checkpoint, .gguf file or alias, optionally suffixed with the runtime mode
-of a sharp checkpoint: `runs/ckpt@merged` (default `@shared`).
+of a sharp checkpoint: `runs/ckpt@merged` (default `@shared`), or an ExecuTorch program folder written by
+`sharp export --format executorch` (measured with ExecuTorch's runtime: compare it against another program).
 """
 
 from __future__ import annotations
@@ -151,9 +152,17 @@ def bench(
     load_repeats = load_repeats or repeats
     from sharp.io.checkpoint import is_sharp_checkpoint
     from sharp.io.models import resolve_model_path
+    from sharp.io.pte import is_pte_folder
 
     parsed = [parse_spec(s) for s in specs]
     for model, mode in parsed:  # fail on a typo before minutes of measuring
+        if is_pte_folder(model):
+            if mode != "shared":
+                raise SharpError(f"'{model}' is an ExecuTorch program: @{mode} does not apply to it")
+            from sharp.io.executorch import require_executorch
+
+            require_executorch()
+            continue
         path = resolve_model_path(model)  # a missing model too, not only a wrong @mode
         if mode != "shared" and not is_sharp_checkpoint(path):
             raise SharpError(f"'{model}' is a plain model: @{mode} only applies to sharp checkpoints")

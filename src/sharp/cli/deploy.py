@@ -16,16 +16,23 @@ def quantize(
     bits: int = typer.Option(4, "--bits", help="Weight bits (4)."),
     method: str = typer.Option("quanto", "--method", help="quanto (optimum-quanto int4) or nf4 (bitsandbytes NF4)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: a quantized sharp checkpoint."),
+    recovery_bits: int = typer.Option(16, "--recovery-bits", help="Store the recovery (LoRA) matrices in 8 or 4 "
+                                                                  "bits (dequantized at load), or 16: as they are."),
+    embedding_bits: int = typer.Option(16, "--embedding-bits", help="Store the input embedding (and a tied LM head) "
+                                                                    "in 8 or 4 bits (dequantized at load), or 16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
 ) -> None:
-    """Quantize each unique weight once (shared weights stay shared); recovery parameters stay 16-bit."""
+    """Quantize each unique weight once (shared weights stay shared); recovery matrices and the embedding stay
+    16-bit unless --recovery-bits / --embedding-bits say 8 or 4."""
     from sharp.io.models import folder_bytes
     from sharp.io.quantize import quantize_checkpoint, quantized_linears
 
     with err_console.status(f"quantizing {model}"):
-        q = quantize_checkpoint(model, out, bits=bits, method=method, overwrite=overwrite)
-    console.print(f"{len(quantized_linears(q))} unique linear layers quantized to {bits}-bit ({method}); "
-                  f"{folder_bytes(out) / 2**20:.1f} MiB written to [bold]{out}[/]")
+        q = quantize_checkpoint(model, out, bits=bits, method=method, overwrite=overwrite,
+                                recovery_bits=recovery_bits, embedding_bits=embedding_bits)
+    console.print(f"{len(quantized_linears(q))} unique linear layers quantized to {bits}-bit ({method}), recovery "
+                  f"{recovery_bits}-bit, embedding {embedding_bits}-bit; {folder_bytes(out) / 2**20:.1f} MiB "
+                  f"written to [bold]{out}[/]")
 
 
 @app.command()
@@ -73,18 +80,38 @@ def bench(
 
 @app.command()
 def export(
-    model: str = typer.Argument(..., help="A 16-bit sharp checkpoint (or a plain Llama-style model folder)."),
-    out: Path = typer.Option(..., "--out", "-o", help="Output folder for the .gguf files."),
-    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp)."),
-    outtype: str = typer.Option("f16", "--outtype", help="f16 or f32 (quantize further with llama-quantize)."),
+    model: str = typer.Argument(..., help="A 16-bit sharp checkpoint (or a plain model folder / alias)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder."),
+    fmt: str = typer.Option("gguf", "--format", help="gguf (llama.cpp) or executorch (.pte, XNNPACK)."),
+    outtype: str = typer.Option("f16", "--outtype", help="gguf: f16 or f32 (quantize further with llama-quantize)."),
+    dtype: str = typer.Option("fp32", "--dtype", help="executorch: fp32, fp16 or bf16."),
+    quant: str = typer.Option("none", "--quant", help="executorch: none or 8da4w (4-bit weights, 8-bit dynamic "
+                                                      "activations; LM head and tied embedding 8-bit)."),
+    group_size: int = typer.Option(32, "--group-size", help="executorch 8da4w: weights per scale (multiple of 32)."),
+    recovery_bits: int = typer.Option(8, "--recovery-bits", help="executorch 8da4w: LoRA recovery bits (8, 4, 16)."),
+    max_cache_len: int = typer.Option(256, "--max-cache-len", help="executorch: KV cache positions."),
+    fuse: bool = typer.Option(True, "--fuse/--no-fuse", help="executorch: one matmul for a target MLP's gate and "
+                                                             "up recovery A matrices."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
 ) -> None:
-    """Write llama.cpp GGUF files: the merged model, plus a Direct-Sharing base and a LoRA adapter for lora:R."""
+    """Write on-device files: llama.cpp GGUF (merged model, plus a Direct-Sharing base and a LoRA adapter for
+    lora:R), or an ExecuTorch program that stores every unique weight once."""
     from sharp.errors import SharpError
+
+    if fmt == "executorch":
+        from sharp.io.executorch import ExportConfig, export_executorch
+
+        config = ExportConfig(dtype=dtype, quant=quant, group_size=group_size, recovery_bits=recovery_bits,
+                              max_cache_len=max_cache_len, fuse=fuse)
+        with err_console.status(f"exporting {model} to ExecuTorch (a few minutes)"):
+            files = export_executorch(model, out, config, overwrite=overwrite)
+        for kind, path in files.items():
+            console.print(f"{kind:>7}: {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+        return
+    if fmt != "gguf":
+        raise SharpError(f"unknown --format '{fmt}'; choose gguf or executorch")
     from sharp.io.export import export_gguf
 
-    if fmt != "gguf":
-        raise SharpError(f"unknown --format '{fmt}'; choose gguf")
     with err_console.status(f"exporting {model}"):
         files = export_gguf(model, out, outtype=outtype, overwrite=overwrite)
     for kind, path in files.items():

@@ -91,6 +91,10 @@ def save(
         raise SharpError("this model records no base weights hash, so an adapter-only checkpoint could not be "
                          "checked against its base; save it whole")
     base, recovery = split_state_dict(model)
+    if quantized:  # recovery / embedding may be stored in 8 or 4 bits (`sharp.io.stored_quant`)
+        from sharp.io.quantize import stored_tensors
+
+        base, recovery = stored_tensors(model, base), stored_tensors(model, recovery)
     meta = {"format": "pt"}
     if adapter_only:
         meta[KEPT_SHA] = tensors_sha256(base)

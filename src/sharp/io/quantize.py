@@ -2,7 +2,9 @@
 
 Each *unique* weight is quantized once: a target's `SharedLinear.base_layer` is re-pointed at the reference's
 quantized module (`relink_shared`), so sharing survives quantization in memory and on disk. Recovery parameters
-(LoRA, scales) are not `nn.Linear`s and stay in 16-bit; so do embeddings, norms and the (usually tied) LM head.
+(LoRA, scales) are not `nn.Linear`s and stay in 16-bit; so do embeddings, norms and the (usually tied) LM head,
+unless `recovery_bits` / `embedding_bits` store the recovery matrices / the embedding in 8 or 4 bits on disk
+(`sharp.io.stored_quant`; dequantized at load).
 
 Methods (one small class each, `METHODS` maps the CLI name to it):
     quanto   optimum-quanto qint4, asymmetric, groups of up to 128 along the input; bf16 models whose input
@@ -126,8 +128,14 @@ class QuantConfig:
     bits: int = 4
     dtype: str = "bfloat16"  # the dtype of everything that is not quantized (and of quantization scales)
     modules: list[str] = field(default_factory=list)  # quantized modules, under their first (reference) name
+    recovery_bits: int = 16  # LoRA matrices stored in 8 or 4 bits (`sharp.io.stored_quant`), or 16: as they are
+    embedding_bits: int = 16  # the input embedding (and a tied LM head) stored in 8 or 4 bits, or 16
 
     def __post_init__(self) -> None:
+        from sharp.io.stored_quant import check_bits
+
+        check_bits(self.recovery_bits, "--recovery-bits")
+        check_bits(self.embedding_bits, "--embedding-bits")
         if self.method not in METHODS:
             raise SharpError(f"unknown quantization method '{self.method}'; choose one of: {', '.join(METHODS)}")
         if self.bits not in BITS:
@@ -168,15 +176,22 @@ def quantizable_modules(model: nn.Module) -> list[str]:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, bits: int = 4, method: str = "quanto") -> nn.Module:
-    """Quantize every unique linear weight of `model` in place; shared weights stay shared."""
+def quantize_model(model: nn.Module, bits: int = 4, method: str = "quanto", recovery_bits: int = 16,
+                   embedding_bits: int = 16) -> nn.Module:
+    """Quantize every unique linear weight of `model` in place; shared weights stay shared. With
+    `recovery_bits` / `embedding_bits` < 16 the recovery matrices / the embedding are rounded to what the
+    checkpoint will store (`sharp.io.stored_quant`)."""
+    from sharp.io.stored_quant import round_stored, stored_bits
+
     if is_quantized(model):
         raise SharpError("this model is already quantized; quantize the 16-bit checkpoint instead")
     dtype = _float_dtype(model)
     names = quantizable_modules(model)
-    config = QuantConfig(method=method, bits=bits, dtype=str(dtype).removeprefix("torch."), modules=names)
+    config = QuantConfig(method=method, bits=bits, dtype=str(dtype).removeprefix("torch."), modules=names,
+                         recovery_bits=recovery_bits, embedding_bits=embedding_bits)
     _replace_modules(model, names, config.backend.quantize, dtype)
     config.backend.freeze(model)
+    round_stored(model, stored_bits(model, recovery_bits, embedding_bits))
     model.sharp_quantization = config
     return model
 
@@ -235,6 +250,9 @@ def load_quantized(path: Path, config: QuantConfig, build) -> nn.Module:
             state.update(load_file(path / RECOVERY))
     except (OSError, SafetensorError) as e:
         raise SharpError(f"cannot read the weights of '{path}': {e}") from None
+    from sharp.io.stored_quant import unpack
+
+    packs = unpack(state, dtype)  # tensors stored in 8 or 4 bits, if any
     assigned = {key for name in config.modules for key in backend.assign(model.get_submodule(name), name, state)}
     result = model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
@@ -247,6 +265,10 @@ def load_quantized(path: Path, config: QuantConfig, build) -> nn.Module:
         what = (missing or result.unexpected_keys or on_meta)[0]
         raise SharpError(f"quantized checkpoint '{path}' does not match its config ({what}); re-create it")
     model.sharp_quantization = config
+    if packs:
+        from sharp.io.stored_quant import PACKS
+
+        setattr(model, PACKS, packs)  # saved again as loaded
     return model.eval()
 
 
@@ -264,13 +286,23 @@ def merge_quantized(model: nn.Module) -> nn.Module:
     return model
 
 
+def stored_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Called by `sharp.io.checkpoint.save` (and `save_plain`) for quantized models: `tensors` as stored."""
+    from sharp.io.stored_quant import PACKS, pack, stored_bits
+
+    config: QuantConfig = model.sharp_quantization
+    bits = stored_bits(model, config.recovery_bits, config.embedding_bits)
+    return pack(tensors, bits, getattr(model, PACKS, None))
+
+
 def write_quant_config(model: nn.Module, folder: str | os.PathLike) -> None:
     """Called by `sharp.io.checkpoint.save` for quantized models."""
     (Path(folder) / QUANT_CONFIG).write_text(model.sharp_quantization.to_json())
 
 
 def quantize_checkpoint(
-    source: str, out: str | os.PathLike, bits: int = 4, method: str = "quanto", overwrite: bool = False
+    source: str, out: str | os.PathLike, bits: int = 4, method: str = "quanto", overwrite: bool = False,
+    recovery_bits: int = 16, embedding_bits: int = 16,
 ) -> nn.Module:
     """`sharp quantize`: load a sharp checkpoint (or a plain model), quantize each unique weight once and save.
     A plain model is saved as a plain quantized folder (no sharp_config.json; `load_quantized_folder` reads it).
@@ -279,10 +311,11 @@ def quantize_checkpoint(
     from sharp.io.checkpoint import save
     from sharp.io.models import load_model
 
-    QuantConfig(method=method, bits=bits)  # validate before loading anything
+    # validate before loading anything
+    QuantConfig(method=method, bits=bits, recovery_bits=recovery_bits, embedding_bits=embedding_bits)
     check_output_dir(out, overwrite)
     model, tokenizer = load_model(source)
-    quantize_model(model, bits=bits, method=method)
+    quantize_model(model, bits=bits, method=method, recovery_bits=recovery_bits, embedding_bits=embedding_bits)
     if getattr(model, "sharp_config", None) is not None:
         save(model, out, tokenizer=tokenizer, overwrite=overwrite)
     else:
@@ -298,6 +331,7 @@ def save_plain(model: nn.Module, out: str | os.PathLike, tokenizer=None, overwri
     from sharp.io.checkpoint import WEIGHTS, split_state_dict, write_manifest
 
     base, _ = split_state_dict(model)
+    base = stored_tensors(model, base)
     with atomic_dir(out, overwrite) as tmp:
         save_file(base, tmp / WEIGHTS, metadata={"format": "pt"})
         model.config.save_pretrained(tmp)

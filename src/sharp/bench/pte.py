@@ -1,0 +1,102 @@
+"""`sharp bench` numbers for an ExecuTorch program folder (`sharp export --format executorch`), measured with
+ExecuTorch's Python runtime in the current process, in the same order and with the same fields as
+`sharp.bench.measure.measure` (which calls this for such folders).
+
+Load = `Runtime.load_program(model.pte, data_path=weights.ptd)` + `load_method("forward")`: the XNNPACK delegate
+reads and packs its weights there. Import time of the runtime is excluded (paid once before the untimed load).
+Decode: prefill of the prompt in one call (TTFT = that call + argmax), then single-token greedy steps.
+`bytes_in_memory` and `bytes_per_token` are the program's file bytes: the runtime keeps no other weight copy the
+file does not have, and a decode step reads every weight (the tied embedding is the LM head's matrix).
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+
+def decode_pte(model, prompt: torch.Tensor, tokens: int) -> tuple[float, float]:
+    """(time to first token in s, decode tokens/s) for a `sharp.io.pte.PteModel`."""
+    t0 = time.perf_counter()
+    nxt = model(prompt, 0).argmax(-1, keepdim=True)
+    ttft = time.perf_counter() - t0
+    pos = prompt.shape[-1]
+    t1 = time.perf_counter()
+    for _ in range(tokens):
+        nxt = model(nxt, pos).argmax(-1, keepdim=True)
+        pos += 1
+    return ttft, tokens / (time.perf_counter() - t1)
+
+
+def measure_pte(path: str, tokens: int = 64, repeats: int = 5, prompt_tokens: int = 32,
+                load_repeats: int | None = None, threads: int = 0) -> dict:
+    from sharp.bench.measure import evict, peak_rss_bytes, prompt_ids, rss_bytes
+    from sharp.errors import SharpError
+    from sharp.io.models import folder_bytes
+    from sharp.io.pte import PteModel, load_runtime, pte_files
+
+    load_repeats = load_repeats or repeats
+    runtime = load_runtime()
+    if threads:
+        from executorch.extension.pybindings import portable_lib
+
+        portable_lib._unsafe_reset_threadpool(threads)
+    files = pte_files(path)
+    first = PteModel(path, runtime)  # untimed: one-time costs must not count as the first cold load
+    if prompt_tokens + tokens + 1 > first.max_cache_len:
+        raise SharpError(f"--prompt-tokens + --tokens ({prompt_tokens + tokens}) exceed the program's cache of "
+                         f"{first.max_cache_len}; export with a larger --max-cache-len")
+    del first
+    gc.collect()
+    baseline = rss_bytes()
+
+    resident = [evict(files)]
+    t0 = time.perf_counter()
+    model = PteModel(path, runtime)
+    cold = [time.perf_counter() - t0]
+    prompt = prompt_ids(model.vocab_size, prompt_tokens)
+    t0 = time.perf_counter()
+    decode_pte(model, prompt, min(tokens, 8))
+    first_decode = time.perf_counter() - t0
+    runs = [decode_pte(model, prompt, tokens) for _ in range(repeats)]
+    peak = peak_rss_bytes()
+    del model
+    gc.collect()
+    for _ in range(load_repeats - 1):
+        resident.append(evict(files))
+        t0 = time.perf_counter()
+        model = PteModel(path, runtime)
+        cold.append(time.perf_counter() - t0)
+        del model
+        gc.collect()
+    warm = []
+    for _ in range(load_repeats):
+        t0 = time.perf_counter()
+        model = PteModel(path, runtime)
+        warm.append(time.perf_counter() - t0)
+        del model
+        gc.collect()
+    stored = sum(f.stat().st_size for f in files)
+    return {
+        "model": str(path),
+        "mode": "executorch",
+        "path": str(Path(path)),
+        "bytes_on_disk": stored,
+        "bytes_folder": folder_bytes(path),
+        "bytes_in_memory": stored,
+        "bytes_per_token": stored,
+        "cold_load_s": statistics.median(cold),
+        "warm_load_s": statistics.median(warm),
+        "first_decode_s": first_decode,
+        "ttft_s": statistics.median(r[0] for r in runs),
+        "decode_tok_s": statistics.median(r[1] for r in runs),
+        "peak_rss_mib": peak / 2**20,
+        "model_rss_mib": (peak - baseline) / 2**20,
+        "resident_after_evict": max(resident),
+        "runs": {"cold_load_s": cold, "warm_load_s": warm, "ttft_s": [r[0] for r in runs],
+                 "decode_tok_s": [r[1] for r in runs]},
+    }
