@@ -37,10 +37,16 @@ def test_merged_gguf_matches_pytorch(lora_ckpt, tmp_path):
     assert files16["merged"].stat().st_size < 0.6 * files["merged"].stat().st_size
 
 
-def test_base_plus_lora_adapter_rebuilds_the_model(lora_ckpt, tmp_path):
+@pytest.mark.parametrize("spec", ["lora:4", "lora:4,alpha=8"])  # alpha = 2R: PEFT's scaling 2, folded into B
+def test_base_plus_lora_adapter_rebuilds_the_model(stories_path, tmp_path, spec):
     import gguf
     from transformers import AutoModelForCausalLM
 
+    model, tok = sharp.load_model(str(stories_path), dtype=torch.float32)
+    sharp.share(model, "next:1-4", spec)
+    randomize_recovery(model)
+    lora_ckpt = tmp_path / "s"
+    sharp.save(model, lora_ckpt, tokenizer=tok)
     files = export_gguf(lora_ckpt, tmp_path / "g", outtype="f32")
     shared = sharp.load(lora_ckpt, dtype=torch.float32)
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "g", gguf_file="base.gguf", dtype=torch.float32).eval()

@@ -118,9 +118,14 @@ def _linear(weight: nn.Parameter | torch.Tensor) -> nn.Linear:
     return linear
 
 
+def _lora_b(rec) -> nn.Linear:
+    """B as a linear; PEFT's scaling s = alpha/R folded in (a copy only when s != 1)."""
+    return _linear(rec.lora_B if rec.scaling == 1.0 else rec.lora_B.detach() * rec.scaling)
+
+
 def _lora_linear(shared) -> LoRALinear:
     rec = shared.recovery
-    return LoRALinear(shared.base_layer, _linear(rec.lora_A), _linear(rec.lora_B))
+    return LoRALinear(shared.base_layer, _linear(rec.lora_A), _lora_b(rec))
 
 
 def lora_modules(model: nn.Module, fuse: bool = True) -> int:
@@ -142,8 +147,8 @@ def lora_modules(model: nn.Module, fuse: bool = True) -> int:
         a = torch.cat([gate.recovery.lora_A.detach(), up.recovery.lora_A.detach()])  # (2r, in)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent), attr, FusedLoRAMLP(
-            gate.base_layer, up.base_layer, _lora_linear(down), _linear(a), _linear(gate.recovery.lora_B),
-            _linear(up.recovery.lora_B), mlp.act_fn))
+            gate.base_layer, up.base_layer, _lora_linear(down), _linear(a), _lora_b(gate.recovery),
+            _lora_b(up.recovery), mlp.act_fn))
         fused += 1
     for name, shared in shared_linears(model):
         if is_lora(shared):

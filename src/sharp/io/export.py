@@ -146,7 +146,8 @@ def _finish(w) -> None:
 
 
 def _write_lora(model: nn.Module, path: Path, name: str) -> int:
-    """llama.cpp LoRA adapter with every target's B A (scale 1: alpha = rank). Returns the number of pairs."""
+    """llama.cpp LoRA adapter with every target's s·B A (s folded into B, adapter scale 1: alpha = rank). Returns
+    the number of pairs."""
     import gguf
 
     from sharp.sharing.recovery import LoRARecovery
@@ -166,7 +167,7 @@ def _write_lora(model: nn.Module, path: Path, name: str) -> int:
         rank = rec.rank
         gname = tmap.get_name(sname + ".weight", try_suffixes=(".weight",))
         a = rec.lora_A.detach().float().numpy()  # (r, in)
-        b = rec.lora_B.detach().float().numpy()  # (out, r)
+        b = (rec.lora_B.detach().float() * rec.scaling).numpy()  # (out, r); PEFT's alpha/R folded into B
         if sname.endswith("q_proj"):
             b = _permute(b, config.num_attention_heads, config.num_attention_heads)
         elif sname.endswith("k_proj"):
