@@ -218,6 +218,22 @@ def write_doc(path: Path, args: argparse.Namespace, results: list) -> None:
                      + f" | {s['params']['stored']:,} | {sft.get('trainable') or 0:,} | "
                      f"{sft.get('train_tokens') or 0:,} | {timing.get('slw', {}).get('seconds', 0) / 60:.1f} min | "
                      f"{timing.get('sft', {}).get('seconds', 0) / 60:.1f} min | {peak:,.0f} MiB |")
+    best = min(results, key=lambda r: r[2]["summary"]["perplexity"].get("slw", float("inf")))
+    best_err = min(results, key=lambda r: statistics.median(_slw_errors(r[2]["summary"]) or [float("inf")]))
+    median = statistics.median(_slw_errors(best_err[2]["summary"]))
+    slw_ppl = best[2]["summary"]["perplexity"]["slw"]
+    done = {k for k, _, _ in results}
+    lines += ["", "## Against the targets", "",
+              f"- median post-SLW relative error ≤ 0.7: best row '{best_err[1]}' reaches {median:.3f} — "
+              f"{'met' if median <= 0.7 else 'NOT met'};",
+              f"- SLW-only GPT4-Alpaca perplexity ≤ 25: best row '{best[1]}' reaches {slw_ppl:.2f} — "
+              f"{'met' if slw_ppl <= 25 else 'NOT met'}."]
+    missing = [label for key, label, _ in LEVERS if key not in done]
+    if missing:
+        lines += ["- Levers not measured in this file (not run at this budget on this machine): "
+                  + "; ".join(missing) + "."]
+    lines += ["", "Each row's Original and Direct Sharing scores (the same model on the same records in every row) "
+              "are computed once and reused by later rows."]
     lines += ["", "## Per-target SLW relative error (held-out; 1.0 = the MLP deleted)", ""]
     layers = sorted({int(t) for _, _, r in results for t in (r["summary"].get("slw") or {})})
     lines += ["| row | " + " | ".join(map(str, layers)) + " |", "|---|" + "---:|" * len(layers)]
