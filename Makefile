@@ -17,14 +17,14 @@ setup: $(BIN)/sharp
 
 # demo: 7 of 30 MLPs shared (15,17,...,27 reuse their predecessor; layers 28-29 are fragile, see RESEARCH.md),
 # with the recipe docs/results/recovery_ablation_smollm2.md found best (a gate on the reference + rank-32 LoRA,
-# closed-form init), a small CPU budget (~15 min on 2 cores): train on the first 600 GPT4-Alpaca examples,
+# closed-form init, SFT distilled from the original model), a small CPU budget (~15 min on 2 cores): train on the first 600 GPT4-Alpaca examples,
 # score the last 40.
 demo: setup
 	$(BIN)/sharp assets fetch
 	$(BIN)/sharp compress smollm2-135m --strategy next:14-27 --recovery lora+gate:32 \
 		--data 'alpaca-demo[:600]' --eval-data 'alpaca-demo[-40:]' --eval-fraction 0 --max-len 256 \
 		--slw-fraction 0.05 --slw-steps 50 --slw-workers 2 --sft-steps 12 --lr 1e-3 --batch-size 4 \
-		--eval-steps 0 --save-steps 6 --out runs/demo --overwrite
+		--loss kd --eval-steps 0 --save-steps 6 --out runs/demo --overwrite
 
 # -rs lists every skip with its reason; tests/skip_guard.py fails the run on any skip not declared optional.
 test: setup
