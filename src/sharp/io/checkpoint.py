@@ -90,6 +90,9 @@ def save(
         raise SharpError("this model records no base weights hash, so an adapter-only checkpoint could not be "
                          "checked against its base; save it whole")
     base, recovery = split_state_dict(model)
+    stored = next((t.dtype for t in base.values() if t.is_floating_point()), None)
+    if stored is not None and not quantized:
+        model.config.dtype = stored  # config.json states the dtype the weights are stored in (a cast model's too)
     meta = {"format": "pt"}
     if adapter_only:
         meta[KEPT_SHA] = tensors_sha256(base)
