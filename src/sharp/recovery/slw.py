@@ -24,8 +24,10 @@ solves min ||(W_ref + dW) h - y||^2 over rank-r dW (ridge + reduced-rank regress
 optimum for the output projection given the reference gate/up, fitted on real activations (not on the
 weights, which RESEARCH.md found useless), and is a much better start than zero.
 
-Targets are independent: with `workers > 1` each layer trains in its own spawned process with
-cores/workers torch threads (spawned children re-import the calling script, so a script calling this with
+Each layer trains on `device` (default: the shared model's), in float32 whatever the model's dtype; the result
+is cast back to it. Targets are independent: with `workers > 1` each layer trains in its own spawned process with
+cores/workers torch threads, and with `device="cuda"` (no index) and several GPUs visible the layers go to them
+round-robin (spawned children re-import the calling script, so a script calling this with
 workers > 1 needs the usual `if __name__ == "__main__":` guard).
 Every layer keeps its state in `work_dir/layer_NNN/`: `state.pt` every
 `checkpoint_every` steps (recovery + optimizer + early-stopping state; batches are a pure function of
@@ -51,6 +53,7 @@ from torch import nn
 from sharp.arch import get_adapter
 from sharp.errors import SharpError
 from sharp.io.atomic import replaced_file, write_text_atomic
+from sharp.io.device import worker_devices
 from sharp.recovery.activations import DTYPES, ActivationStore, capture_activations
 from sharp.recovery.slw_parallel import LayerProgress, train_parallel
 from sharp.sharing.recovery import LoRARecovery, Recovery
@@ -134,8 +137,10 @@ def run_slw(
     work_dir: str | Path,
     targets: list[int] | None = None,
     progress: bool = True,
+    device: torch.device | str | None = None,
 ) -> dict[int, dict]:
-    """Capture the original model's target MLPs on `batches`, then train every target (resumable).
+    """Capture the original model's target MLPs on `batches` (where the original model is), then train every
+    target on `device` (resumable).
 
     `targets` defaults to every layer of `shared_model` that shares its MLP. Returns `train_slw`'s results;
     `shared_model`'s recovery parameters are trained in place.
@@ -149,7 +154,7 @@ def run_slw(
     if pending:
         store = capture_activations(original_model, batches, targets, work_dir / ACTIVATIONS, config.max_tokens,
                                     config.skip_positions, config.dtype, progress=progress)
-    results = train_slw(shared_model, store, config, work_dir, targets=targets, progress=progress)
+    results = train_slw(shared_model, store, config, work_dir, targets=targets, progress=progress, device=device)
     if not config.keep_activations and (work_dir / ACTIVATIONS).exists():
         import shutil
 
@@ -165,6 +170,7 @@ def train_slw(
     targets: list[int] | None = None,
     progress: bool = True,
     _stop_after: int | None = None,
+    device: torch.device | str | None = None,
 ) -> dict[int, dict]:
     """Train each target's recovery on its captured (x, y); load the results into `shared_model`.
 
@@ -180,6 +186,7 @@ def train_slw(
         if t not in mlps:
             raise SharpError(f"layer {t} does not share its MLP, so SLW cannot train it; targets: {sorted(mlps)}")
     adapter = get_adapter(shared_model)
+    device = torch.device(device) if device is not None else next(shared_model.parameters()).device
     results: dict[int, dict] = {}
     jobs = []
     for t in targets:
@@ -189,12 +196,16 @@ def train_slw(
             continue
         if store is None or t not in store.layers:
             raise SharpError(f"no captured activations for layer {t}; run SLW with data (capture first)")
-        jobs.append(_Job(t, copy.deepcopy(mlps[t]).float(), store.root, store.shards(t), adapter.mlp_projs[-1],
-                         asdict(config), str(layer_dir), str(work_dir / LOG), _stop_after))
+        # a float32 CPU copy: it crosses to worker processes, and the fit runs in float32 whatever the storage
+        mlp = copy.deepcopy(mlps[t]).to("cpu", torch.float32)
+        jobs.append(_Job(t, mlp, store.root, store.shards(t), adapter.mlp_projs[-1], asdict(config), str(layer_dir),
+                         str(work_dir / LOG), _stop_after))
     if jobs:
         cpus = config.threads or len(os.sched_getaffinity(0))
         workers = min(config.workers, len(jobs))
         threads = max(1, cpus // workers)
+        for job in jobs:
+            job.device = str(device)  # a parallel worker may put it on its own GPU (`worker_devices`)
         with LayerProgress(progress, [j.layer for j in jobs], config.steps) as bar:
             if workers == 1:
                 previous = torch.get_num_threads()
@@ -204,7 +215,8 @@ def train_slw(
                 finally:
                     torch.set_num_threads(previous)
             else:
-                results.update(train_parallel(_train_layer, jobs, workers, threads, bar))
+                devices = [str(d) for d in worker_devices(device, workers)]
+                results.update(train_parallel(_train_layer, jobs, workers, threads, bar, devices))
     for t in targets:
         layer_dir = _layer_dir(work_dir, t)
         if _done(layer_dir):
@@ -226,6 +238,7 @@ class _Job:
     layer_dir: str
     log_path: str
     stop_after: int | None
+    device: str = "cpu"  # where this layer trains
 
 
 def _train_layer(job: _Job, threads: int, report: Callable[..., None] | None = None) -> dict:
@@ -234,7 +247,8 @@ def _train_layer(job: _Job, threads: int, report: Callable[..., None] | None = N
     cfg = SLWConfig.from_dict(job.config)
     layer_dir = Path(job.layer_dir)
     layer_dir.mkdir(parents=True, exist_ok=True)
-    mlp = job.mlp.train()
+    device = torch.device(job.device)
+    mlp = job.mlp.to(device).train()
     for p in mlp.parameters():
         p.requires_grad_(False)
     rec_modules = [m for m in mlp.modules() if isinstance(m, Recovery)]
@@ -242,7 +256,6 @@ def _train_layer(job: _Job, threads: int, report: Callable[..., None] | None = N
     for p in params:
         p.requires_grad_(True)
     store = ActivationStore(job.store_root)
-    device = next(mlp.parameters()).device
     x, y = (t.to(device) for t in store.load(job.layer))  # (N, hidden) each, stored dtype
     pos = store.positions(job.layer).to(device)
     is_sink = (pos >= 0) & (pos < cfg.sink_positions)  # e.g. position 0: massive activations, own loss term
@@ -267,7 +280,7 @@ def _train_layer(job: _Job, threads: int, report: Callable[..., None] | None = N
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _schedule(cfg)) if optimizer else None
     state_path = layer_dir / "state.pt"
     if state_path.is_file():  # resume
-        st = torch.load(state_path, weights_only=False)
+        st = torch.load(state_path, weights_only=False, map_location=device)
         mlp.load_state_dict(st["mlp"], strict=False)
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
@@ -403,8 +416,8 @@ def _lstsq_init(mlp: nn.Module, out_proj: nn.Module, x: torch.Tensor, y: torch.T
             yc = y[i : i + chunk].float()
             residual = yc - mlp(x[i : i + chunk].float())  # (n, out): what the recovery must add
             h = captured[0].reshape(-1, m_in)  # (n, in)
-            hh += (h.T @ h).double()
-            rh += (residual.T @ h).double()
+            hh += (h.T @ h).cpu().double()  # the solve runs on the CPU in float64 (MPS has no float64)
+            rh += (residual.T @ h).cpu().double()
     finally:
         handle.remove()
     lam = ridge * hh.diagonal().mean().clamp_min(1e-12)
