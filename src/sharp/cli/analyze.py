@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from sharp.cli import options as opt
 from sharp.cli.app import app, console, err_console
 from sharp.errors import SharpError
 
@@ -30,6 +31,8 @@ def analyze(
     include_first_token: bool = typer.Option(False, "--include-first-token", help="Count position 0 in the "
                                              "statistics (left out by default: attention sinks dominate it)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    device: str = opt.DEVICE,
+    dtype: str = opt.DTYPE,
 ) -> None:
     """How alike adjacent layers are (MLP outputs, residual stream) and what sharing each single layer costs."""
     from sharp.arch import get_adapter, num_layers
@@ -38,10 +41,13 @@ def analyze(
     from sharp.evaluation.similarity import analyze_model, parse_layer_range
     from sharp.evaluation.suggest import check_budget, cost_table, parse_budget, suggest_strategy
     from sharp.io.atomic import atomic_dir, check_output_dir
-    from sharp.io.models import check_max_len, load_config, load_model
+    from sharp.io.device import load_on_device, parse_dtype, resolve_device
+    from sharp.io.models import check_max_len, load_config
 
     # Everything the user typed is checked before the (slow) model load.
     check_output_dir(out, overwrite)
+    resolve_device(device)
+    parse_dtype(dtype)
     fraction = parse_budget(budget) if budget is not None else None
     if template not in TEMPLATES:
         raise SharpError(f"unknown --template '{template}'; choose one of {', '.join(TEMPLATES)}")
@@ -62,7 +68,7 @@ def analyze(
         check_budget(fraction, num_layers(config), candidates)
 
     with err_console.status(f"loading {model}"):
-        loaded, tokenizer = load_model(model, dtype="float32")
+        loaded, tokenizer, _ = load_on_device(model, device, dtype)
     analysis = analyze_model(loaded, tokenizer, data, max_tokens=max_tokens, ppl_examples=ppl_examples,
                              max_len=max_len, batch_size=batch_size, skip_first=0 if include_first_token else 1,
                              template=template, replace_layers=span, progress=True)

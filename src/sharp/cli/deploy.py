@@ -17,13 +17,17 @@ def quantize(
     method: str = typer.Option("quanto", "--method", help="quanto (optimum-quanto int4) or nf4 (bitsandbytes NF4)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: a quantized sharp checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    dtype: str = typer.Option("auto", "--dtype", help="Dtype of what stays unquantized (norms, embeddings, "
+                              "recovery): auto (the source's; bf16 for a GGUF), bf16, fp16 or fp32."),
 ) -> None:
     """Quantize each unique weight once (shared weights stay shared); recovery parameters stay 16-bit."""
+    from sharp.io.device import parse_dtype
     from sharp.io.models import folder_bytes
     from sharp.io.quantize import quantize_checkpoint, quantized_linears
 
+    storage = parse_dtype(dtype) or "auto"
     with err_console.status(f"quantizing {model}"):
-        q = quantize_checkpoint(model, out, bits=bits, method=method, overwrite=overwrite)
+        q = quantize_checkpoint(model, out, bits=bits, method=method, overwrite=overwrite, dtype=storage)
     console.print(f"{len(quantized_linears(q))} unique linear layers quantized to {bits}-bit ({method}); "
                   f"{folder_bytes(out) / 2**20:.1f} MiB written to [bold]{out}[/]")
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from sharp.cli import options as opt
 from sharp.cli.app import app, console
 from sharp.errors import SharpError
 
@@ -70,14 +71,19 @@ def evaluate(
     eval_fraction: float = typer.Option(None, "--eval-fraction", help="Score only the held-out part of "
                                         "instruction data, split as training splits it."),
     seed: int = typer.Option(0, "--seed", help="Seed of the held-out split (with --eval-fraction)."),
+    device: str = opt.DEVICE,
+    dtype: str = opt.DTYPE,
 ) -> None:
     """Perplexity (response-only for instruction data, sliding windows for text) and zero-shot accuracy."""
     from sharp.data import TEMPLATES, load_records, split_examples, text_windows
     from sharp.evaluation.perplexity import evaluate_tasks, parse_tasks
+    from sharp.io.device import load_on_device, parse_dtype, resolve_device
 
     # Everything the user typed is checked before the (slow) model load.
     if not tasks and not lm_eval:
         raise SharpError("nothing to evaluate; give --tasks ppl:FORMAT=PATH,... and/or --lm-eval TASK,...")
+    resolve_device(device)
+    parse_dtype(dtype)
     if template not in TEMPLATES:
         raise SharpError(f"unknown --template '{template}'; choose one of {', '.join(TEMPLATES)}")
     for flag, value in (("--batch-size", batch_size), ("--limit", limit)):
@@ -100,10 +106,10 @@ def evaluate(
     if json_out is not None:
         _check_json_out(json_out)
 
-    from sharp.io.models import check_max_len, load_config, load_model
+    from sharp.io.models import check_max_len, load_config
 
     check_max_len(load_config(model), max_len)
-    loaded, tokenizer = load_model(model)
+    loaded, tokenizer, _ = load_on_device(model, device, dtype)
     results = evaluate_tasks(loaded, tokenizer, ppl_tasks, max_len=max_len, stride=stride, batch_size=batch_size,
                              limit=limit, template=template, eval_fraction=eval_fraction, seed=seed,
                              progress=True)

@@ -206,3 +206,16 @@ def cast_to(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 def _float_dtype(model: nn.Module) -> torch.dtype | None:
     return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+
+
+def load_on_device(spec: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto"
+                   ) -> tuple[nn.Module, object, torch.dtype]:
+    """(model, tokenizer, storage dtype): `spec` loaded in its storage dtype (`dtype`; `auto`: the source's),
+    then placed on `device` in the compute dtype there (`place`)."""
+    from sharp.io.models import load_model, resolve_model_path
+
+    where = resolve_device(device)
+    requested = parse_dtype(dtype)
+    storage = requested if requested is not None else resolve_dtype("auto", source_dtype(resolve_model_path(spec)))
+    model, tokenizer = load_model(spec, dtype=storage)
+    return place(model, where, storage), tokenizer, storage
