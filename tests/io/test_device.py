@@ -157,3 +157,19 @@ def test_round_to_rounds_in_place_and_cast_to_keeps_buffers():
     cast_to(model, torch.bfloat16)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert {n: b.dtype for n, b in model.named_buffers()} == buffers
+
+
+def test_loading_a_checkpoint_in_another_dtype_keeps_the_rotary_table_float32(tmp_path):
+    import sharp
+
+    model = tiny_model()
+    exact = model.model.rotary_emb.inv_freq.clone()
+    sharp.share(model, "next:1-4", "lora:4")
+    sharp.save(model, tmp_path / "ck")
+    low = sharp.load(tmp_path / "ck", dtype=torch.bfloat16)
+    assert {p.dtype for p in low.parameters()} == {torch.bfloat16}
+    # `model.to(bf16)` would round it (0.1 -> 0.10009765625): every position's angle drifts
+    assert low.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert torch.equal(low.model.rotary_emb.inv_freq, exact)
+    place(low, torch.device("cpu"), torch.bfloat16)
+    assert torch.equal(low.model.rotary_emb.inv_freq, exact)

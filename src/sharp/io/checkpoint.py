@@ -295,7 +295,10 @@ def _load_full(path: Path, config: SharpConfig, dtype) -> nn.Module:
                if not k.startswith(shared) and ".recovery." not in k and not is_tied_key(model, k)]
     _check_keys(model, {"missing_keys": missing, "unexpected_keys": result.unexpected_keys}, path)
     if dtype not in (None, "auto"):
-        model.to(dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        from sharp.io.device import cast_to
+
+        # parameters only: `model.to(bf16)` would round the float32 rotary tables too (positions drift)
+        cast_to(model, getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     return model
 
 

@@ -177,13 +177,10 @@ def is_quantized(model: nn.Module) -> bool:
 
 
 def place(model: nn.Module, device: torch.device, storage: torch.dtype) -> nn.Module:
-    """Move a model loaded in its storage dtype to `device`, in the compute dtype for that device (in place;
-    shared weights stay shared: `nn.Module.to` keeps every module object)."""
+    """Move a model loaded in its storage dtype to `device`, its parameters in the compute dtype for that device
+    (in place; shared weights stay shared: `nn.Module.to` keeps every module object)."""
     model.to(device)
-    compute = compute_dtype(storage, device)
-    if not is_quantized(model) and _float_dtype(model) != compute:
-        model.to(compute)
-    return model
+    return cast_to(model, compute_dtype(storage, device))
 
 
 def round_to(model: nn.Module, dtype: torch.dtype) -> None:
@@ -196,16 +193,14 @@ def round_to(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def cast_to(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """The model's floating parameters in `dtype` (before saving), buffers untouched (rotary tables stay fp32)."""
+    """The model's floating parameters in `dtype`, in place; buffers untouched (`model.to(bf16)` would round the
+    float32 rotary tables too, which shifts every position's angle). Quantized models are left as they are."""
     if not is_quantized(model):
         for p in model.parameters():  # each tensor once, however many modules share it
             if p.is_floating_point() and p.dtype != dtype:
                 p.data = p.data.to(dtype)
     return model
 
-
-def _float_dtype(model: nn.Module) -> torch.dtype | None:
-    return next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
 
 
 def load_on_device(spec: str, device: str | torch.device = "auto", dtype: str | torch.dtype = "auto"
