@@ -104,3 +104,14 @@ def test_eval_on_a_missing_gpu_is_one_line_before_loading(bf16_source, capsys, m
 def test_bad_dtype_or_device_is_one_line(stories_path, tmp_path, capsys, flag, fragment):
     code, _, err = run_cli(["eval", stories_path, "--tasks", "ppl:text=x.txt", *flag], capsys)
     assert code == 2 and fragment in err and len(err.strip().splitlines()) == 1
+
+
+def test_share_of_a_gguf_writes_bf16(stories_path, tmp_path, capsys):
+    from sharp.io.export import export_gguf
+
+    gguf = export_gguf(stories_path, tmp_path / "g", outtype="f32")["merged"]
+    out = tmp_path / "from-gguf"
+    code, _, err = run_cli(["share", gguf, *SHARE, "--out", out], capsys)
+    assert code == 0, err
+    assert _stored_dtypes(out) == {torch.bfloat16}
+    assert _info(gguf, capsys)["dtype"] == "bfloat16"

@@ -45,6 +45,9 @@ def bench(
     compile: bool = typer.Option(False, "--compile", help="Run the models under torch.compile."),
     load_repeats: int = typer.Option(0, "--load-repeats", help="Cold and warm loads per model (0: --repeats)."),
     rounds: int = typer.Option(1, "--rounds", help="Measure the whole list this many times in turn (pooled)."),
+    device: str = typer.Option("cpu", "--device", help="Where the models decode: cpu (the default: the floors "
+                               "assume a CPU's memory-bound decode), auto, cuda, cuda:N or mps. Models run in "
+                               "their stored dtype."),
 ) -> None:
     """Bytes on disk, cold/warm load, time to first token, decode tokens/s and peak RSS, side by side."""
     from rich.progress import Progress
@@ -62,7 +65,7 @@ def bench(
             done[0] += 1
 
         report = run_bench(models, tokens, repeats, prompt_tokens, threads, compile, progress=step,
-                           load_repeats=load_repeats, rounds=rounds)
+                           load_repeats=load_repeats, rounds=rounds, device=device)
     console.print(rich_table(report))
     if json_out:
         from sharp.io.atomic import write_text_atomic

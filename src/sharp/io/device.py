@@ -172,8 +172,10 @@ def worker_devices(device: torch.device, workers: int, visible: int | None = Non
 
 
 def is_quantized(model: nn.Module) -> bool:
-    """Weights of `sharp quantize` (quanto, NF4) or a transformers quantizer: never cast those."""
-    return getattr(model, "sharp_quantization", None) is not None or getattr(model, "hf_quantizer", None) is not None
+    """Weights of `sharp quantize` (quanto, NF4) or packed integer weights: never cast those. (A GGUF loaded in
+    a float dtype carries transformers' GGUF quantizer but plain dequantized weights: those cast.)"""
+    return getattr(model, "sharp_quantization", None) is not None or any(
+        not p.is_floating_point() for p in model.parameters())
 
 
 def place(model: nn.Module, device: torch.device, storage: torch.dtype) -> nn.Module:
