@@ -14,6 +14,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 import sharp
+from sharp.io.device import cast_to, load_on_device
 from sharp.recovery import slw, slw_parallel
 from sharp.recovery.activations import capture_activations
 from sharp.recovery.sft import SFTConfig, run_sft
@@ -53,8 +54,8 @@ def _collate(batch: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def _shared(original, dtype=torch.float32, device="cpu"):
-    torch.manual_seed(0)
-    return sharp.share(copy.deepcopy(original).to(device, dtype), "next:1-4", "lora:8")
+    torch.manual_seed(0)  # cast_to, not .to(dtype): the rotary table stays float32 as from_pretrained keeps it
+    return sharp.share(cast_to(copy.deepcopy(original).to(device), dtype), "next:1-4", "lora:8")
 
 
 def _slw_config(**kw) -> SLWConfig:
@@ -196,6 +197,9 @@ def test_perplexity_on_cuda_matches_cpu(original, examples):
 
     cpu = response_perplexity(original, examples[:16], 4)["ppl"]
     gpu = response_perplexity(copy.deepcopy(original).cuda(), examples[:16], 4)["ppl"]
-    low = response_perplexity(copy.deepcopy(original).to("cuda", torch.bfloat16), examples[:16], 4)["ppl"]
+    low, _, storage = load_on_device(str(MODEL), "cuda", "bf16")  # what `sharp eval --device cuda --dtype bf16` runs
+    assert storage == torch.bfloat16 and {p.dtype for p in low.parameters()} == {torch.bfloat16}
+    assert next(low.parameters()).device.type == "cuda"
+    low_ppl = response_perplexity(low, examples[:16], 4)["ppl"]
     assert abs(gpu - cpu) < 1e-3 * cpu
-    assert abs(low - cpu) < 0.03 * cpu
+    assert abs(low_ppl - cpu) < 0.03 * cpu
