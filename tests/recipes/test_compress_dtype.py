@@ -50,3 +50,26 @@ def test_compress_of_a_bf16_source_stores_bf16_and_scores_what_it_stores(bf16_so
     sharp.save(sharp.load(out), tmp_path / "adapter", adapter_only=True)
     rebuilt = sharp.load(tmp_path / "adapter", base=str(bf16_source))
     assert {p.dtype for p in rebuilt.parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize(("change", "message"), [({"device": "gpu"}, "unknown --device 'gpu'"),
+                                                 ({"dtype": "int8"}, "unknown --dtype 'int8'")])
+def test_bad_device_or_dtype_fails_before_loading(stories_path, tmp_path, change, message):
+    from sharp.errors import SharpError
+
+    cfg = CompressConfig(model=str(stories_path), out=str(tmp_path / "o"), **{**SETTINGS, **change})
+    with pytest.raises(SharpError, match=message):
+        cfg.validate()
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_device_is_not_part_of_a_run_s_identity(stories_path, tmp_path):
+    """A run started on one device resumes on another (same work folder); a new dtype starts over."""
+    from sharp.recipes import prepare_work_dir
+
+    base = dict(model=str(stories_path), out=str(tmp_path / "o"), **SETTINGS)
+    work = prepare_work_dir(CompressConfig(**base))
+    (work / "marker").write_text("kept")
+    assert (prepare_work_dir(CompressConfig(**{**base, "device": "auto"})) / "marker").is_file()
+    with pytest.warns(UserWarning, match="other settings"):
+        assert not (prepare_work_dir(CompressConfig(**{**base, "dtype": "fp32"})) / "marker").exists()
