@@ -11,9 +11,8 @@ import sharp
 from sharp.evaluation.perplexity import response_perplexity
 from sharp.io.device import load_on_device
 from sharp.recipes import CompressConfig, compress, text_examples
-from tests.conftest import ASSETS
+from tests.conftest import C4
 
-C4 = ASSETS / "text" / "c4_demo.jsonl"
 SETTINGS = dict(strategy="next:1-4", recovery="lora:8", data=f"text:{C4}[:12]", max_len=96, batch_size=8,
                 slw_steps=12, sft_steps=8, lr=5e-3, eval_steps=4, save_steps=4, eval_fraction=0.15, seed=0,
                 device="cpu")

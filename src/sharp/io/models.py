@@ -95,11 +95,14 @@ def load_model(spec: str, dtype: torch.dtype | str | None = "auto") -> tuple[nn.
 
             model = load_pruned(path, dtype=dtype)
         else:
-            if dtype == "auto":  # transformers' "auto" would read a GGUF as float32
+            if dtype == "auto":  # the source's (transformers' "auto" would read a GGUF as float32)
                 from sharp.io.device import source_dtype
 
                 dtype = source_dtype(resolve_model_path(spec))
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+            if "gguf_file" in kwargs:
+                model = load_gguf(Path(path) / kwargs["gguf_file"], dtype=dtype)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except SharpError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as e:
@@ -107,6 +110,32 @@ def load_model(spec: str, dtype: torch.dtype | str | None = "auto") -> tuple[nn.
     model.eval()
     model.sharp_source = spec
     return model, tokenizer
+
+
+def load_gguf(path: str | os.PathLike, dtype: torch.dtype | str | None = "auto") -> nn.Module:
+    """A plain dense model from a .gguf file, whatever its quantization (no tokenizer: see `load_model`).
+
+    Without `dequantize=True` transformers keeps its GGUF quantizer attached (`hf_quantizer`, `is_quantized`,
+    `config.quantization_config`) even when the weights are unpacked to dense tensors, and then the Trainer
+    refuses to fine-tune ("purely quantized models"), `save_pretrained` refuses to save, and with the optional
+    `kernels` package quantized blocks would stay packed in `GgufLinear` modules that sharing cannot reuse.
+    """
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    path = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=dtype, quantization_config=GgufConfig(dequantize=True)
+    )
+    left = [what for what, value in (("hf_quantizer", getattr(model, "hf_quantizer", None)),
+                                     ("is_quantized", getattr(model, "is_quantized", False)),
+                                     ("config.quantization_config", getattr(model.config, "quantization_config", None)),
+                                     ("packed modules", any(type(m).__name__.startswith("Gguf")
+                                                            for m in model.modules())))
+            if value]
+    if left:  # a transformers upgrade changed what dequantize=True does: fail here, not deep inside the Trainer
+        raise RuntimeError(f"loading '{path.name}' left GGUF quantization in place ({', '.join(left)}); "
+                           "this transformers version changed how GGUF files load")
+    return model
 
 
 def _path_and_kwargs(spec: str) -> tuple[str, dict]:
