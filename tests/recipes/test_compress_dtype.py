@@ -72,3 +72,19 @@ def test_the_device_is_not_part_of_a_run_s_identity(stories_path, tmp_path):
     assert (prepare_work_dir(CompressConfig(**{**base, "device": "auto"})) / "marker").is_file()
     with pytest.warns(UserWarning, match="other settings"):
         assert not (prepare_work_dir(CompressConfig(**{**base, "dtype": "fp32"})) / "marker").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compress_on_cuda_in_bf16_with_a_kd_teacher_stores_bf16(stories_path, tmp_path):
+    """Every stage on the GPU in bf16 (capture, closed-form SLW, SFT with the teacher beside the student)."""
+    out = tmp_path / "out"
+    cfg = CompressConfig(model=str(stories_path), out=str(out), **{**SETTINGS, "device": "cuda", "dtype": "bf16",
+                                                                   "loss": "ce+kd"})
+    summary = compress(cfg, progress=False)
+    assert summary["dtype"] == "bf16" and summary["device"].startswith("cuda")
+    stored = {t.dtype for f in ("model.safetensors", "recovery.safetensors")
+              for t in load_file(out / f).values() if t.is_floating_point()}
+    assert stored == {torch.bfloat16}
+    ppl = summary["perplexity"]
+    assert ppl["sft"] < ppl["direct"]  # the recovery trained

@@ -218,3 +218,18 @@ def test_perplexity_on_cuda_matches_cpu(original, examples):
     low_ppl = response_perplexity(low, examples[:16], 4)["ppl"]
     assert abs(gpu - cpu) < 1e-3 * cpu
     assert abs(low_ppl - cpu) < 0.03 * cpu
+
+
+@pytest.mark.gpu
+@cuda
+def test_planner_costs_on_cuda_match_cpu(original, examples):
+    """The planner runs the model where it is: CPU batches go to the GPU, statistics accumulate in float64."""
+    from sharp.recovery.planner import measure_costs
+
+    cpu = measure_costs(original, _batches(examples), [4, 8])
+    gpu = measure_costs(copy.deepcopy(original).cuda(), _batches(examples), [4, 8])
+    for c, g in zip(cpu, gpu, strict=True):
+        assert g.drop_mlp == pytest.approx(c.drop_mlp, rel=1e-3) and g.drop_block == pytest.approx(c.drop_block,
+                                                                                                    rel=1e-3)
+        for r in c.share:
+            assert g.share[r] == pytest.approx(c.share[r], rel=1e-2)
