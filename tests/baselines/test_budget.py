@@ -1,5 +1,5 @@
 """Budgets against a model: the stored-parameter target of each form, match:DIR against a sharp checkpoint.
-(The grammar itself: tests/test_budget.py.)"""
+(The grammar itself: tests/test_budget_grammar.py.)"""
 
 import pytest
 

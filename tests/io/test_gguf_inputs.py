@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import sharp
+from sharp.io.device import load_on_device
 from sharp.io.models import load_model, load_tokenizer
 from tests.conftest import STORIES, run_cli
 
@@ -144,8 +145,12 @@ def test_compress_from_gguf_saves_a_checkpoint_that_reproduces_its_perplexity(fi
     assert json.loads((out / "sharp_config.json").read_text())["base"]["source"] == gguf
     held = text_examples(HELD_RECORDS, load_tokenizer(gguf), 64)
     assert len(held) == summary["eval_examples"] >= 2
+    # a GGUF's weights are stored in bf16 (`--dtype auto`); `sharp eval` on the CPU computes in fp32, as compress did
+    assert summary["dtype"] == "bf16"
+    stored, _, storage = load_on_device(str(out), "cpu")
+    assert storage == torch.bfloat16
     with torch.no_grad():
-        ppl = response_perplexity(sharp.load(out), held)["ppl"]
+        ppl = response_perplexity(stored, held)["ppl"]
         assert ppl == pytest.approx(summary["perplexity"]["sft"], rel=1e-5)  # the saved model is the trained one
         assert ppl != pytest.approx(summary["perplexity"]["direct"], rel=1e-3)  # and training changed it
         source = response_perplexity(load_model(str(STORIES))[0], held)["ppl"]

@@ -34,12 +34,17 @@ class PruneOptions:
     eval_fraction: float = 0.1
     seed: int = 0
     sft: dict = field(default_factory=dict)  # SFTConfig fields
+    device: str = "auto"  # where calibration and healing run (`sharp.io.device`)
+    dtype: str = "auto"  # storage dtype of the pruned model: auto (the source's), bf16, fp16 or fp32
 
     def validate(self) -> Budget | None:
         """Check every option before a model is loaded; returns the parsed budget."""
         from sharp.data import parse_data_spec
+        from sharp.io.device import parse_dtype, resolve_device
         from sharp.sharing.strategy import parse_strategy
 
+        resolve_device(self.device)
+        parse_dtype(self.dtype)
         if self.method not in METHODS:
             raise SharpError(f"unknown --method '{self.method}'; choose one of: {', '.join(METHODS)}")
         budget = parse_budget(self.budget) if self.budget else None
@@ -104,14 +109,14 @@ def prune_model(model_spec: str, out: str | os.PathLike, options: PruneOptions, 
                 ) -> PruneReport:
     """Load `model_spec`, prune it per `options`, save a pruned model folder to `out`."""
     from sharp.io.atomic import check_output_dir
-    from sharp.io.models import load_model
+    from sharp.io.device import cast_to, load_on_device
     from sharp.io.pruned import save_pruned
 
     check_output_dir(out, overwrite)
     options.validate()
-    model, tokenizer = load_model(model_spec)
+    model, tokenizer, storage = load_on_device(model_spec, options.device, options.dtype)
     if getattr(model, "sharp_config", None) is not None:
         raise SharpError(f"'{model_spec}' is a sharp checkpoint; prune the original model instead")
     report = prune_loaded(model, tokenizer, options)
-    save_pruned(model, out, report, tokenizer, overwrite=overwrite)
+    save_pruned(cast_to(model, storage), out, report, tokenizer, overwrite=overwrite)
     return report

@@ -7,10 +7,11 @@ cache (`posix_fadvise(POSIX_FADV_DONTNEED)`, checked with `mincore`) -> cold loa
 timed decodes (prefill + first token = TTFT, then N single-token greedy steps, batch 1) -> peak RSS (load + decode
 of this model) -> R-1 more cold loads and R warm loads. Times are medians.
 
-    python -m sharp.bench.measure SPEC [--mode shared|merged] [--tokens 64] [--repeats 5]   # prints JSON
+    python -m sharp.bench.measure SPEC [--mode shared|merged] [--tokens 64] [--repeats 5] [--device cpu]  # JSON
 
 SPEC may also be an ExecuTorch program folder (`sharp export --format executorch`): `sharp.bench.pte` measures it
-with ExecuTorch's runtime, same fields.
+with ExecuTorch's runtime, same fields. On another device than the CPU (`--device cuda`), a load is timed until the
+weights are there, and every timing waits for the device to finish (`synchronize`); RSS stays the host's.
 """
 
 from __future__ import annotations
@@ -161,12 +162,23 @@ def prompt_ids(vocab_size: int, length: int) -> torch.Tensor:
     return (torch.arange(1, length + 1) * 7919 % (vocab_size - 3) + 3)[None, :]
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for queued GPU work, so a clock read after it measures the work (a no-op on the CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    elif device.type == "mps":
+        torch.mps.synchronize()
+
+
 @torch.no_grad()  # not inference_mode: quanto's tensors reject it
 def decode(model: nn.Module, prompt: torch.Tensor, tokens: int) -> tuple[float, float]:
-    """(time to first token in s, decode tokens/s): greedy, batch 1, KV cache, no `generate()` overhead."""
+    """(time to first token in s, decode tokens/s): greedy, batch 1, KV cache, no `generate()` overhead; on the
+    prompt's device."""
+    device = prompt.device
     t0 = time.perf_counter()
     out = model(input_ids=prompt, use_cache=True)
     nxt = out.logits[:, -1:].argmax(-1)
+    synchronize(device)
     ttft = time.perf_counter() - t0
     cache = out.cache
     t1 = time.perf_counter()
@@ -174,14 +186,22 @@ def decode(model: nn.Module, prompt: torch.Tensor, tokens: int) -> tuple[float, 
         out = model(input_ids=nxt, cache=cache, use_cache=True)
         cache = out.cache
         nxt = out.logits[:, -1:].argmax(-1)
+    synchronize(device)
     return ttft, tokens / (time.perf_counter() - t1)
 
 
 def measure(spec: str, mode: str = "shared", tokens: int = 64, repeats: int = 5, prompt_tokens: int = 32,
-            compile: bool = False, load_repeats: int | None = None, threads: int = 0) -> dict:
+            compile: bool = False, load_repeats: int | None = None, device: str = "cpu", threads: int = 0) -> dict:
     """Every per-model field of `sharp bench` (see `sharp.bench.runner.FIELDS`); loads are timed
-    `load_repeats` times each (default: `repeats`)."""
+    `load_repeats` times each (default: `repeats`). The model runs on `device`."""
     load_repeats = load_repeats or repeats
+    where = torch.device(device)
+
+    def load() -> nn.Module:  # onto the device, timed until it is there
+        loaded = load_for_bench(spec, mode).to(where)
+        synchronize(where)
+        return loaded
+
     from sharp.io.models import folder_bytes, resolve_model_path
     from sharp.io.pte import is_pte_folder
 
@@ -192,19 +212,19 @@ def measure(spec: str, mode: str = "shared", tokens: int = 64, repeats: int = 5,
     path = resolve_model_path(spec)
     files = weight_files(path)
     _import_model_class(spec)
-    del_me = load_for_bench(spec, mode)  # untimed: one-time costs must not count as the first cold load
+    del_me = load()  # untimed: one-time costs must not count as the first cold load
     del del_me
     gc.collect()
     baseline = rss_bytes()
 
     resident = [evict(files)]
     t0 = time.perf_counter()
-    model = load_for_bench(spec, mode)
+    model = load()
     cold = [time.perf_counter() - t0]
     if compile:
         model.forward = torch.compile(model.forward, dynamic=True)
     stored, per_token = unique_bytes(model)
-    prompt = prompt_ids(model.config.vocab_size, prompt_tokens)
+    prompt = prompt_ids(model.config.vocab_size, prompt_tokens).to(where)
     t0 = time.perf_counter()
     decode(model, prompt, min(tokens, 8))  # warm-up (with --compile: where compilation happens)
     first_decode = time.perf_counter() - t0
@@ -216,14 +236,14 @@ def measure(spec: str, mode: str = "shared", tokens: int = 64, repeats: int = 5,
     for _ in range(load_repeats - 1):
         resident.append(evict(files))
         t0 = time.perf_counter()
-        model = load_for_bench(spec, mode)
+        model = load()
         cold.append(time.perf_counter() - t0)
         del model
         gc.collect()
     warm = []
     for _ in range(load_repeats):
         t0 = time.perf_counter()
-        model = load_for_bench(spec, mode)
+        model = load()
         warm.append(time.perf_counter() - t0)
         del model
         gc.collect()
@@ -258,6 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--load-repeats", type=int, default=0)
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -269,8 +290,10 @@ def main(argv: list[str] | None = None) -> None:
     from sharp.errors import SharpError
 
     try:
+        from sharp.io.device import resolve_device
+
         result = measure(args.spec, args.mode, args.tokens, args.repeats, args.prompt_tokens, args.compile,
-                         args.load_repeats or None, args.threads)
+                         args.load_repeats or None, str(resolve_device(args.device)), args.threads)
     except SharpError as e:
         print(json.dumps({"error": str(e)}))
         raise SystemExit(2) from None

@@ -59,7 +59,7 @@ def parse_spec(spec: str) -> tuple[str, str]:
     return spec, "shared"
 
 
-def machine_info(threads: int = 0) -> dict:
+def machine_info(threads: int = 0, device: str = "cpu") -> dict:
     """What the numbers were measured on."""
     import torch
 
@@ -80,14 +80,16 @@ def machine_info(threads: int = 0) -> dict:
         "load_average_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
         "torch": torch.__version__,
         "python": platform.python_version(),
+        "device": device,
+        **({"gpu": torch.cuda.get_device_name(torch.device(device))} if device.startswith("cuda") else {}),
     }
 
 
 def measure_in_subprocess(spec: str, mode: str, tokens: int, repeats: int, prompt_tokens: int, threads: int,
-                          compile: bool = False, load_repeats: int = 0) -> dict:
+                          compile: bool = False, load_repeats: int = 0, device: str = "cpu") -> dict:
     cmd = [sys.executable, "-m", "sharp.bench.measure", spec, "--mode", mode, "--tokens", str(tokens),
            "--repeats", str(repeats), "--prompt-tokens", str(prompt_tokens), "--threads", str(threads),
-           "--load-repeats", str(load_repeats)]
+           "--load-repeats", str(load_repeats), "--device", device]
     if compile:
         cmd.append("--compile")
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
@@ -138,21 +140,25 @@ def bench(
     progress: Callable[[str], None] | None = None,
     load_repeats: int = 0,
     rounds: int = 1,
+    device: str = "cpu",
 ) -> dict:
     """Measure every model (in order, each in a fresh subprocess) and return the report `sharp bench --json`
     writes: machine, settings, and one entry per model with ratios against the first.
 
     With `rounds > 1` the whole list is measured that many times in turn (A B C A B C ...), and each model's
     medians are taken over all its runs: a machine whose speed drifts over minutes then shifts every model alike
-    instead of whichever one it happened to be measuring."""
+    instead of whichever one it happened to be measuring. `device` is where the models decode (`--device`)."""
     if not specs:
         raise SharpError("give at least one model to benchmark")
     if repeats < 1 or tokens < 1 or prompt_tokens < 1 or load_repeats < 0 or rounds < 1:
         raise SharpError("--repeats, --tokens, --prompt-tokens and --rounds must be at least 1")
     load_repeats = load_repeats or repeats
     from sharp.io.checkpoint import is_sharp_checkpoint
+    from sharp.io.device import resolve_device
     from sharp.io.models import resolve_model_path
     from sharp.io.pte import is_pte_folder
+
+    device = str(resolve_device(device))
 
     parsed = [parse_spec(s) for s in specs]
     for model, mode in parsed:  # fail on a typo before minutes of measuring
@@ -171,13 +177,14 @@ def bench(
         for i, (spec, (model, mode)) in enumerate(zip(specs, parsed, strict=True)):
             if progress:
                 progress(spec)
-            r = measure_in_subprocess(model, mode, tokens, repeats, prompt_tokens, threads, compile, load_repeats)
+            r = measure_in_subprocess(model, mode, tokens, repeats, prompt_tokens, threads, compile, load_repeats,
+                                      device)
             r["model"] = spec
             per_model[i].append(r)
     results = [combine_rounds(rs) for rs in per_model]
     add_ratios(results)
     return {
-        "machine": machine_info(threads),
+        "machine": machine_info(threads, device),
         "settings": {"tokens": tokens, "repeats": repeats, "load_repeats": load_repeats,
                      "prompt_tokens": prompt_tokens, "batch": 1, "rounds": rounds,
                      "decoding": "greedy, KV cache, single-token steps", "statistic": "median",

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from sharp.cli import options as opt
 from sharp.cli.app import app, console, err_console
 from sharp.errors import SharpError
 
@@ -36,6 +37,8 @@ def analyze(
     include_first_token: bool = typer.Option(False, "--include-first-token", help="Count position 0 in the "
                                              "statistics (left out by default: attention sinks dominate it)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    device: str = opt.DEVICE,
+    dtype: str = opt.DTYPE,
 ) -> None:
     """How alike adjacent layers are (MLP outputs, residual stream) and what sharing each single layer costs."""
     from sharp.arch import get_adapter, num_layers
@@ -45,10 +48,13 @@ def analyze(
     from sharp.evaluation.similarity import analyze_model, parse_layer_range
     from sharp.evaluation.suggest import check_budget, cost_table, suggest_strategy
     from sharp.io.atomic import atomic_dir, check_output_dir
-    from sharp.io.models import check_max_len, load_config, load_model
+    from sharp.io.device import load_on_device, parse_dtype, resolve_device
+    from sharp.io.models import check_max_len, load_config
 
     # Everything the user typed is checked before the (slow) model load.
     check_output_dir(out, overwrite)
+    resolve_device(device)
+    parse_dtype(dtype)
     # a share is all a layer-by-layer suggestion can meet: counts and match:DIR fail here, in one line
     fraction = parse_budget(budget, forms=(SHARE,)).value if budget is not None else None
     if plan is not None:
@@ -76,7 +82,7 @@ def analyze(
         check_budget(fraction, num_layers(config), candidates)
 
     with err_console.status(f"loading {model}"):
-        loaded, tokenizer = load_model(model, dtype="float32")
+        loaded, tokenizer, _ = load_on_device(model, device, dtype)
     analysis = analyze_model(loaded, tokenizer, data, max_tokens=max_tokens, ppl_examples=ppl_examples,
                              max_len=max_len, batch_size=batch_size, skip_first=0 if include_first_token else 1,
                              template=template, replace_layers=span, progress=True)

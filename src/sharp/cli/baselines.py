@@ -38,6 +38,8 @@ def prune(
     grad_accum: int = typer.Option(1, "--grad-accum", help=_SFT_HELP),
     eval_fraction: float = typer.Option(0.1, "--eval-fraction", help="Held-out fraction of --data (healing)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the held-out split and of training."),
+    device: str = opt.DEVICE,
+    dtype: str = opt.DTYPE,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
 ) -> None:
     """Prune a model to a stored-parameter budget with a baseline method; save a smaller HF model folder."""
@@ -48,7 +50,7 @@ def prune(
     options = PruneOptions(method=method, budget=budget, strategy=strategy, allocation=allocation, data=data,
                            calib_samples=calib_samples, max_len=max_len, template=template, heal=heal,
                            lora_rank=lora_rank, eval_fraction=eval_fraction, seed=seed,
-                           sft=dict(_sft(steps, lr, batch_size, grad_accum), seed=seed))
+                           sft=dict(_sft(steps, lr, batch_size, grad_accum), seed=seed), device=device, dtype=dtype)
     options.validate()
     if data:
         from sharp.io.models import check_max_len, load_config
@@ -121,6 +123,8 @@ def compare(
                                          "whose trainable parameter count is nearest SHARP's."),
     planned: bool = typer.Option(False, "--planned", help="Add a row planned by --strategy auto:BUDGET (share, drop "
                                  "MLPs or blocks per layer) at SHARP's stored size; see --plan-min-shared."),
+    device: str = opt.DEVICE,
+    dtype: str = opt.DTYPE,
     overwrite: bool = opt.OVERWRITE,
 ) -> None:
     """Every baseline, Direct Sharing and SHARP at the same stored size, evaluated on the same tasks."""

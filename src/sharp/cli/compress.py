@@ -102,6 +102,8 @@ def compress(
     full_lora_rank: int = opt.FULL_LORA_RANK,
     eval_steps: int = typer.Option(50, "--eval-steps", help="SFT eval loss every N steps (0: at the end)."),
     save_steps: int = typer.Option(50, "--save-steps", help="SFT checkpoint every N steps."),
+    device: str = opt.DEVICE,
+    dtype: str = opt.DTYPE,
     overwrite: bool = opt.OVERWRITE,
 ) -> None:
     """Share layers, train the recovery (SLW then SFT), evaluate, save. Rerun the same command to resume."""

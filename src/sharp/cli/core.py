@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from sharp.cli import options as opt
 from sharp.cli.app import app, console, err_console
 
 
@@ -82,16 +83,19 @@ def share(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
     adapter_only: bool = typer.Option(False, "--adapter-only", help="Write only the recovery parameters and "
                                       "configs (load with sharp.load(DIR, base=MODEL))."),
+    dtype: str = opt.OUT_DTYPE,
 ) -> None:
     """Build and save an untrained SHARP model (recovery initialized to Direct Sharing)."""
     import sharp
     from sharp.inspect import describe
     from sharp.io.atomic import check_output_dir
+    from sharp.io.device import parse_dtype
 
     check_output_dir(out, overwrite)
+    storage = parse_dtype(dtype) or "auto"
     _validate_share(model, strategy, recovery, modules)
     with err_console.status(f"loading {model}"):
-        loaded, tokenizer = sharp.load_model(model)
+        loaded, tokenizer = sharp.load_model(model, dtype=storage)
     sharp.share(loaded, strategy, recovery, modules, source=model)
     with err_console.status(f"saving {out}"):
         sharp.save(loaded, out, tokenizer=tokenizer, overwrite=overwrite, adapter_only=adapter_only)
@@ -103,19 +107,22 @@ def merge(
     checkpoint: Path = typer.Argument(..., help="A sharp checkpoint folder."),
     out: Path = typer.Option(..., "--out", "-o", help="Output: a plain Hugging Face model folder."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    dtype: str = opt.OUT_DTYPE,
 ) -> None:
     """Materialize every target weight and write a plain HF folder that vanilla transformers loads."""
     from sharp.io.atomic import atomic_dir, check_output_dir
     from sharp.io.checkpoint import is_sharp_checkpoint
+    from sharp.io.device import parse_dtype
     from sharp.io.models import load_model
     from sharp.sharing.shared import merge_sharing
 
     check_output_dir(out, overwrite)
+    storage = parse_dtype(dtype) or "auto"
     if not is_sharp_checkpoint(checkpoint):
         from sharp.errors import SharpError
 
         raise SharpError(f"'{checkpoint}' is not a sharp checkpoint (no sharp_config.json)")
-    model, tokenizer = load_model(str(checkpoint))
+    model, tokenizer = load_model(str(checkpoint), dtype=storage)
     merge_sharing(model)
     config = model.sharp_config
     del model.sharp_config

@@ -21,14 +21,18 @@ def quantize(
     embedding_bits: int = typer.Option(16, "--embedding-bits", help="Store the input embedding (and a tied LM head) "
                                                                     "in 8 or 4 bits (dequantized at load), or 16."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    dtype: str = typer.Option("auto", "--dtype", help="Dtype of what stays unquantized (norms, embeddings, "
+                              "recovery): auto (the source's; bf16 for a GGUF), bf16, fp16 or fp32."),
 ) -> None:
     """Quantize each unique weight once (shared weights stay shared); recovery matrices and the embedding stay
     16-bit unless --recovery-bits / --embedding-bits say 8 or 4."""
+    from sharp.io.device import parse_dtype
     from sharp.io.models import folder_bytes
     from sharp.io.quantize import quantize_checkpoint, quantized_linears
 
+    storage = parse_dtype(dtype) or "auto"
     with err_console.status(f"quantizing {model}"):
-        q = quantize_checkpoint(model, out, bits=bits, method=method, overwrite=overwrite,
+        q = quantize_checkpoint(model, out, bits=bits, method=method, overwrite=overwrite, dtype=storage,
                                 recovery_bits=recovery_bits, embedding_bits=embedding_bits)
     console.print(f"{len(quantized_linears(q))} unique linear layers quantized to {bits}-bit ({method}), recovery "
                   f"{recovery_bits}-bit, embedding {embedding_bits}-bit; {folder_bytes(out) / 2**20:.1f} MiB "
@@ -48,6 +52,9 @@ def bench(
     compile: bool = typer.Option(False, "--compile", help="Run the models under torch.compile."),
     load_repeats: int = typer.Option(0, "--load-repeats", help="Cold and warm loads per model (0: --repeats)."),
     rounds: int = typer.Option(1, "--rounds", help="Measure the whole list this many times in turn (pooled)."),
+    device: str = typer.Option("cpu", "--device", help="Where the models decode: cpu (the default: the floors "
+                               "assume a CPU's memory-bound decode), auto, cuda, cuda:N or mps. Models run in "
+                               "their stored dtype."),
 ) -> None:
     """Bytes on disk, cold/warm load, time to first token, decode tokens/s and peak RSS, side by side."""
     from rich.progress import Progress
@@ -65,7 +72,7 @@ def bench(
             done[0] += 1
 
         report = run_bench(models, tokens, repeats, prompt_tokens, threads, compile, progress=step,
-                           load_repeats=load_repeats, rounds=rounds)
+                           load_repeats=load_repeats, rounds=rounds, device=device)
     console.print(rich_table(report))
     if json_out:
         from sharp.io.atomic import write_text_atomic

@@ -9,6 +9,7 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from sharp.cli import options as opt
 from sharp.cli.app import app, console
 from sharp.errors import SharpError
 
@@ -79,14 +80,19 @@ def evaluate(
     eval_fraction: float = typer.Option(None, "--eval-fraction", help="Score only the held-out part of "
                                         "instruction data, split as training splits it."),
     seed: int = typer.Option(0, "--seed", help="Seed of the held-out split (with --eval-fraction)."),
+    device: str = opt.DEVICE,
+    dtype: str = opt.DTYPE,
 ) -> None:
     """Perplexity (response-only for instruction data, sliding windows for text) and lm-eval task scores."""
     from sharp.data import TEMPLATES, load_records, split_examples, text_windows
     from sharp.evaluation.perplexity import evaluate_tasks, parse_tasks
+    from sharp.io.device import load_on_device, parse_dtype, resolve_device
 
     # Everything the user typed is checked before the (slow) model load.
     if not tasks and not lm_eval:
         raise SharpError("nothing to evaluate; give --tasks ppl:FORMAT=PATH,... and/or --lm-eval TASK,...")
+    resolve_device(device)
+    parse_dtype(dtype)
     bench = [t.strip() for t in lm_eval.split(",") if t.strip()] if lm_eval else []
     if lm_eval is not None and not bench:
         raise SharpError("--lm-eval needs a task name, e.g. --lm-eval mmlu or --lm-eval arc_easy,piqa")
@@ -113,10 +119,10 @@ def evaluate(
         with console.status("loading lm-eval tasks"):
             loaded_tasks = load_tasks(bench, data_dir, include_path or None)
 
-    from sharp.io.models import check_max_len, load_config, load_model
+    from sharp.io.models import check_max_len, load_config
 
     check_max_len(load_config(model), max_len)
-    loaded, tokenizer = load_model(model)
+    loaded, tokenizer, _ = load_on_device(model, device, dtype)
     results = evaluate_tasks(loaded, tokenizer, ppl_tasks, max_len=max_len, stride=stride, batch_size=batch_size,
                              limit=limit, template=template, eval_fraction=eval_fraction, seed=seed,
                              progress=True)

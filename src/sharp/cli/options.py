@@ -49,6 +49,14 @@ MAX_LEN = typer.Option(512, "--max-len", help="Tokens per training example (long
 EVAL_FRACTION = typer.Option(0.1, "--eval-fraction", help="Share of --data held out for evaluation.")
 FULL_LORA_RANK = typer.Option(8, "--full-lora-rank", help="LoRA rank on every other linear (--train full-lora).")
 
+DEVICE = typer.Option("auto", "--device", help="Where it runs: auto (a CUDA GPU, else Apple MPS, else the CPU), "
+                      "cpu, cuda, cuda:N or mps.")
+DTYPE = typer.Option("auto", "--dtype", help="Storage dtype, what the weights are loaded and written as: auto (the "
+                     "source's; bf16 for a GGUF), bf16, fp16 or fp32. GPUs compute in it; CPUs compute in fp32 "
+                     "(bf16 math is slow on most CPUs); trained tensors are fp32 while they train.")
+OUT_DTYPE = typer.Option("auto", "--dtype", help="Dtype of the weights written: auto (the source's; bf16 for a "
+                         "GGUF), bf16, fp16 or fp32.")
+
 
 def settings_from(cls: type, arguments: dict[str, Any], **overrides: Any) -> Any:
     """`cls(...)` from a command's `locals()`: every dataclass field found there (Paths as strings)."""

@@ -63,7 +63,12 @@ def _first_tensor(value) -> torch.Tensor:
 
 def _cos_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-row cosine of (N, d) tensors, in float64."""
-    return torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=-1, eps=1e-12)
+    return torch.nn.functional.cosine_similarity(_wide(a), _wide(b), dim=-1, eps=1e-12)
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """`t` in float64, on its device where that has float64 (MPS has none: then on the CPU)."""
+    return t.cpu().double() if t.device.type == "mps" else t.double()
 
 
 @torch.no_grad()
@@ -91,14 +96,14 @@ def layer_similarity(
             x = args[0] if args else next(iter(kwargs.values()))
             keep, first = state["keep"], state["first"]
             out = _first_tensor(output)
-            sums.mlp_norm[index] += float(out[keep].double().norm(dim=-1).sum())
-            sums.mlp_norm_first[index] += float(out[first].double().norm(dim=-1).sum())
+            sums.mlp_norm[index] += float(_wide(out[keep]).norm(dim=-1).sum())
+            sums.mlp_norm_first[index] += float(_wide(out[first]).norm(dim=-1).sum())
             if index == 0:
                 return
             target = out[keep]  # (N, d): what layer `index` itself writes
             shared = mlps[index - 1].forward(x[keep])  # .forward: the previous MLP, without firing its hook
-            sums.diff_sq[index - 1] += float((shared.double() - target.double()).pow(2).sum())
-            sums.target_sq[index - 1] += float(target.double().pow(2).sum())
+            sums.diff_sq[index - 1] += float((_wide(shared) - _wide(target)).pow(2).sum())
+            sums.target_sq[index - 1] += float(_wide(target).pow(2).sum())
             sums.mlp_cos[index - 1] += float(_cos_rows(shared, target).sum())
         return hook
 
@@ -112,7 +117,7 @@ def layer_similarity(
     def layer_hook(index: int):
         def hook(module, args, kwargs, output):
             h = _first_tensor(output)
-            sums.resid_norm_first[index] += float(h[state["first"]].double().norm(dim=-1).sum())
+            sums.resid_norm_first[index] += float(_wide(h[state["first"]]).norm(dim=-1).sum())
             state["streams"].append(_unit(h[state["keep"]]))
         return hook
 
@@ -136,7 +141,7 @@ def layer_similarity(
                 body(input_ids=ids, attention_mask=mask, use_cache=False)
                 streams = torch.stack(state.pop("streams"))  # (L+1, N, d), unit rows
                 # sum over tokens of cos(h_a, h_b) for every pair of residual streams
-                sums.resid_cos += torch.einsum("and,bnd->ab", streams, streams).double()
+                sums.resid_cos += torch.einsum("and,bnd->ab", streams, streams).cpu().double()
                 sums.tokens += int(state["keep"].sum())
                 sums.first_tokens += int(state["first"].sum())
         finally:

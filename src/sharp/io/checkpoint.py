@@ -91,6 +91,9 @@ def save(
         raise SharpError("this model records no base weights hash, so an adapter-only checkpoint could not be "
                          "checked against its base; save it whole")
     base, recovery = split_state_dict(model)
+    stored = next((t.dtype for t in base.values() if t.is_floating_point()), None)
+    if stored is not None and not quantized:
+        model.config.dtype = stored  # config.json states the dtype the weights are stored in (a cast model's too)
     if quantized:  # recovery / embedding may be stored in 8 or 4 bits (`sharp.io.stored_quant`)
         from sharp.io.quantize import stored_tensors
 
@@ -306,7 +309,10 @@ def _load_full(path: Path, config: SharpConfig, dtype) -> nn.Module:
                if not k.startswith(shared) and ".recovery." not in k and not is_tied_key(model, k)]
     _check_keys(model, {"missing_keys": missing, "unexpected_keys": result.unexpected_keys}, path)
     if dtype not in (None, "auto"):
-        model.to(dtype=getattr(torch, dtype) if isinstance(dtype, str) else dtype)
+        from sharp.io.device import cast_to
+
+        # parameters only: `model.to(bf16)` would round the float32 rotary tables too (positions drift)
+        cast_to(model, getattr(torch, dtype) if isinstance(dtype, str) else dtype)
     return model
 
 

@@ -75,7 +75,8 @@ def load_tokenizer(spec: str):
 
 
 def load_model(spec: str, dtype: torch.dtype | str | None = "auto") -> tuple[nn.Module, object]:
-    """(model, tokenizer) for any supported spec; sharp checkpoints load with their sharing."""
+    """(model, tokenizer) for any supported spec; sharp checkpoints load with their sharing. `dtype="auto"`
+    keeps the source's dtype (`sharp.io.device.source_dtype`: bf16 for a GGUF file)."""
     from transformers import AutoModelForCausalLM
 
     from sharp.io.checkpoint import is_sharp_checkpoint, load
@@ -93,10 +94,15 @@ def load_model(spec: str, dtype: torch.dtype | str | None = "auto") -> tuple[nn.
             from sharp.io.pruned import load_pruned
 
             model = load_pruned(path, dtype=dtype)
-        elif "gguf_file" in kwargs:
-            model = load_gguf(Path(path) / kwargs["gguf_file"], dtype=dtype)
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
+            if dtype == "auto":  # the source's (transformers' "auto" would read a GGUF as float32)
+                from sharp.io.device import source_dtype
+
+                dtype = source_dtype(resolve_model_path(spec))
+            if "gguf_file" in kwargs:
+                model = load_gguf(Path(path) / kwargs["gguf_file"], dtype=dtype)
+            else:
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except SharpError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as e:

@@ -302,11 +302,12 @@ def write_quant_config(model: nn.Module, folder: str | os.PathLike) -> None:
 
 def quantize_checkpoint(
     source: str, out: str | os.PathLike, bits: int = 4, method: str = "quanto", overwrite: bool = False,
-    recovery_bits: int = 16, embedding_bits: int = 16,
+    recovery_bits: int = 16, embedding_bits: int = 16, dtype: torch.dtype | str = "auto",
 ) -> nn.Module:
     """`sharp quantize`: load a sharp checkpoint (or a plain model), quantize each unique weight once and save.
     A plain model is saved as a plain quantized folder (no sharp_config.json; `load_quantized_folder` reads it).
-    Returns the quantized model."""
+    `dtype` is what stays unquantized (norms, embeddings, recovery); `auto` keeps the source's. Returns the
+    quantized model."""
     from sharp.io.atomic import check_output_dir
     from sharp.io.checkpoint import save
     from sharp.io.models import load_model
@@ -314,7 +315,7 @@ def quantize_checkpoint(
     # validate before loading anything
     QuantConfig(method=method, bits=bits, recovery_bits=recovery_bits, embedding_bits=embedding_bits)
     check_output_dir(out, overwrite)
-    model, tokenizer = load_model(source)
+    model, tokenizer = load_model(source, dtype=dtype)
     quantize_model(model, bits=bits, method=method, recovery_bits=recovery_bits, embedding_bits=embedding_bits)
     if getattr(model, "sharp_config", None) is not None:
         save(model, out, tokenizer=tokenizer, overwrite=overwrite)

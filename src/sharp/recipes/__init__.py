@@ -21,6 +21,7 @@ from sharp.errors import SharpError
 from sharp.io.atomic import write_text_atomic
 
 STAGES = ("slw", "sft")
+RUNTIME_ONLY = ("overwrite", "device")  # settings that do not change the result: a resumed run may differ in them
 
 
 @dataclass(kw_only=True)
@@ -56,6 +57,8 @@ class RecoverySettings:
     seed: int = 0
     template: str = "plain"
     full_lora_rank: int = 8
+    device: str = "auto"  # where it runs: auto, cpu, cuda, cuda:N or mps (`sharp.io.device`)
+    dtype: str = "auto"  # storage dtype of the checkpoint: auto (the source's), bf16, fp16 or fp32
     overwrite: bool = False
 
     @property
@@ -99,6 +102,7 @@ class CompressConfig(RecoverySettings):
         from sharp.data import TEMPLATES, parse_data_spec
         from sharp.io.atomic import check_output_dir
         from sharp.io.checkpoint import is_sharp_checkpoint
+        from sharp.io.device import parse_dtype, resolve_device
         from sharp.io.models import resolve_model_path
         from sharp.recovery.trainable import TRAIN_CHOICES
 
@@ -119,6 +123,8 @@ class CompressConfig(RecoverySettings):
             raise SharpError(f"--eval-fraction must be in (0, 1) (or 0 with --eval-data), got {self.eval_fraction}")
         if self.full_lora_rank < 1:
             raise SharpError(f"--full-lora-rank must be at least 1, got {self.full_lora_rank}")
+        resolve_device(self.device)
+        parse_dtype(self.dtype)
         self.slw_config()
         self.sft_config()
         parse_data_spec(self.data)
@@ -162,7 +168,7 @@ def _validate_model(model: str, strategy: str, recovery: str, max_len: int) -> N
 def prepare_work_dir(cfg: CompressConfig) -> Path:
     """`OUT.work/`, kept from an earlier run with the same settings (to resume), else started afresh."""
     work = cfg.work_dir
-    settings = {k: v for k, v in asdict(cfg).items() if k != "overwrite"}
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_ONLY}
     run_file = work / "run.json"
     if work.exists():
         try:
@@ -242,4 +248,4 @@ def _children_peak_mib() -> float:
 
 from sharp.recipes.compress import compress  # noqa: E402  (compress.py imports the names above)
 
-__all__ = ["STAGES", "CompressConfig", "StageMeter", "compress", "prepare_work_dir"]
+__all__ = ["RUNTIME_ONLY", "STAGES", "CompressConfig", "StageMeter", "compress", "prepare_work_dir"]

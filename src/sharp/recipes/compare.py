@@ -81,8 +81,6 @@ class CompareConfig(RecoverySettings):
 
 def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], None] = print) -> dict:
     """Build and evaluate every row; write `comparison.md` / `comparison.json` to `cfg.out`."""
-    import torch
-
     import sharp
     from sharp.baselines import prune, spread
     from sharp.baselines.heal import heal
@@ -90,6 +88,7 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
     from sharp.baselines.table import Row, compressed_spread, to_json, to_markdown
     from sharp.evaluation.perplexity import evaluate_tasks, parse_tasks
     from sharp.io.atomic import atomic_dir, write_text_atomic
+    from sharp.io.device import load_on_device
     from sharp.recipes import compress
 
     cfg.validate()
@@ -125,7 +124,7 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
         log(f"{name}: {r.stored:,} stored, " + ", ".join(f"{k} {v:.2f}" for k, v in r.ppl.items())
             + f" ({r.seconds:.0f} s)")
 
-    original, tokenizer = sharp.load_model(cfg.model, dtype=torch.float32)
+    original, tokenizer, _ = load_on_device(cfg.model, cfg.device, cfg.dtype)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     train, held = training_examples(cfg.data, tokenizer, cfg.max_len, cfg.template, cfg.eval_fraction, cfg.seed)
     calib = train[: cfg.calib_samples]
@@ -167,14 +166,14 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
     for key, name, stages, strategy in sharp_rows:
         def build_sharp(key=key, stages=stages, strategy=strategy):
             summary = compress(cfg.compress_config(key, stages, strategy), progress=progress)
-            model, _ = sharp.load_model(str(cfg.work_dir / key))
+            model, _, _ = load_on_device(str(cfg.work_dir / key), cfg.device, cfg.dtype)
             keep = ("perplexity", "timing", "params", "slw", "sft", "plan", "strategy")
             return model, {"compress": {k: summary.get(k) for k in keep}}
 
         row(key, name, build_sharp)
     if cfg.reference_model:
         row("reference", f"Native smaller model ({cfg.reference_model})",
-            lambda: (sharp.load_model(cfg.reference_model, dtype=torch.float32)[0], {}), compressed=False)
+            lambda: (load_on_device(cfg.reference_model, cfg.device, cfg.dtype)[0], {}), compressed=False)
 
     names = [t.name for t in tasks]
     header = {"model": cfg.model, "strategy": cfg.strategy, "recovery": cfg.recovery, "data": cfg.data,
@@ -205,7 +204,7 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
     return result
 
 
-_NOT_ROW_SETTINGS = ("overwrite", "methods", "heal", "reference_model", "tolerance", "planned")
+_NOT_ROW_SETTINGS = ("overwrite", "device", "methods", "heal", "reference_model", "tolerance", "planned")
 _SLW_SETTINGS = tuple(f.name for f in fields(RecoverySettings) if f.name.startswith(("slw_", "plan_")))
 _BASELINE_SETTINGS = ("allocation", "calib_samples")
 

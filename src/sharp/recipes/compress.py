@@ -16,7 +16,6 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
 from transformers import set_seed
 
 import sharp
@@ -32,13 +31,15 @@ from sharp.data import (
 from sharp.evaluation.perplexity import response_perplexity
 from sharp.io.atomic import atomic_dir, write_text_atomic
 from sharp.io.checkpoint import write_manifest
+from sharp.io.device import cast_to, dtype_name, place, resolve_device, resolve_dtype, round_to, source_dtype
 from sharp.io.lock import output_lock
-from sharp.io.models import load_tokenizer
-from sharp.recipes import CompressConfig, StageMeter, log_event, prepare_work_dir
+from sharp.io.models import load_tokenizer, resolve_model_path
+from sharp.recipes import RUNTIME_ONLY, CompressConfig, StageMeter, log_event, prepare_work_dir
 from sharp.recovery.planner import plan_strategy
 from sharp.recovery.sft import run_sft
 from sharp.recovery.slw import run_slw
 from sharp.recovery.trainable import add_full_lora, mark_trainable, merge_full_lora
+from sharp.sharing.build import base_identity
 from sharp.sharing.recovery import parse_recovery
 from sharp.sharing.strategy import parse_strategy
 
@@ -79,8 +80,8 @@ def _finished(cfg: CompressConfig) -> dict | None:
         return None
     try:
         summary = json.loads((out / "summary.json").read_text())
-        same = {k: v for k, v in summary["config"].items() if k != "overwrite"} == \
-            {k: v for k, v in asdict(cfg).items() if k != "overwrite"}
+        same = {k: v for k, v in summary["config"].items() if k not in RUNTIME_ONLY} == \
+            {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_ONLY}
     except (OSError, json.JSONDecodeError, KeyError, AttributeError):
         return None
     if not same or verify_manifest(out):
@@ -113,7 +114,13 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
             held = tokenize_examples(eval_recs, eval_fmt, tokenizer, cfg.template, cfg.max_len) if eval_recs else []
         if not held:
             raise sharp.SharpError("no held-out examples to score; raise --eval-fraction or pass --eval-data")
-        model, _ = sharp.load_model(cfg.model, dtype=torch.float32)
+        # the weights in their storage dtype (bf16 for a bf16 or GGUF source), then on the device in the compute
+        # dtype (fp32 on a CPU): every stage then sees exactly the base weights the checkpoint stores
+        device = resolve_device(cfg.device)
+        storage = resolve_dtype(cfg.dtype, source_dtype(resolve_model_path(cfg.model)))
+        model, _ = sharp.load_model(cfg.model, dtype=storage)
+        identity = base_identity(model, cfg.model)  # hashed as stored, so an adapter-only save checks on the base
+        place(model, device, storage)
 
     collate = functools.partial(collate_examples, pad_id=pad_id)
 
@@ -140,6 +147,7 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
         strategy = plan["strategy"]
     set_seed(cfg.seed)
     sharp.share(model, strategy, cfg.recovery, source=cfg.model)
+    model.sharp_config.base = identity
     counts = sharp.count_parameters(model)
     perplexity("direct")
 
@@ -150,6 +158,7 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
         with meter("slw"):
             layers = run_slw(original, model, batches, cfg.slw_config(), work / "slw", progress=progress,
                              layer_map=layer_map)
+        round_to(model, storage)  # the fit is float32; score what the checkpoint will store
         if not meter.logged("slw"):
             for layer, res in layers.items():
                 log_event(log_path, {"stage": "slw", "layer": layer, **{k: v for k, v in res.items() if k != "curve"}})
@@ -169,6 +178,7 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
         if cfg.train.startswith("full-lora"):
             merge_full_lora(model)
         model.requires_grad_(False)
+        round_to(model, storage)
         perplexity("sft")
 
     del original
@@ -179,11 +189,11 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
         "mlp_reduction": 1 - counts["mlp_stored"] / counts["mlp_original"],
         "perplexity": evals, "eval_examples": len(held), "train_examples": len(train),
         "slw": slw_summary, "sft": {k: sft_summary.get(k) for k in ("steps", "train_tokens", "trainable", "eval_loss")},
-        "timing": meter.stages, "config": asdict(cfg),
+        "timing": meter.stages, "config": asdict(cfg), "dtype": dtype_name(storage), "device": str(device),
     }
     start = time.perf_counter()
     with atomic_dir(cfg.out, cfg.overwrite) as tmp:
-        sharp.save(model, tmp, tokenizer=tokenizer, overwrite=True)
+        sharp.save(cast_to(model, storage), tmp, tokenizer=tokenizer, overwrite=True)
         summary["timing"]["save"] = {"seconds": time.perf_counter() - start, "peak_rss_mib": None}
         shutil.copy(log_path, tmp / "train_log.jsonl")  # exists: the first evaluation logged to it
         (tmp / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")

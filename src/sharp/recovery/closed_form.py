@@ -52,13 +52,14 @@ class ProjectionStats:
                    torch.zeros(out, **z), torch.zeros(out, **z), torch.zeros(out, **z))
 
     def add(self, h: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> None:
-        h, p, y = h.double().cpu(), p.double().cpu(), y.double().cpu()
-        self.hh += h.T @ h
-        self.hy += h.T @ y
-        self.hp += h.T @ p
-        self.pp += (p * p).sum(0)
-        self.py += (p * y).sum(0)
-        self.yy += (y * y).sum(0)
+        """Add rows (on any device, in any dtype): products in float64 where the rows are, sums on the CPU."""
+        h, p, y = float64(h), float64(p), float64(y)
+        self.hh += (h.T @ h).cpu()
+        self.hy += (h.T @ y).cpu()
+        self.hp += (h.T @ p).cpu()
+        self.pp += (p * p).sum(0).cpu()
+        self.py += (p * y).sum(0).cpu()
+        self.yy += (y * y).sum(0).cpu()
 
     @classmethod
     def linear(cls, xx: torch.Tensor, w_ref: torch.Tensor, w_target: torch.Tensor) -> ProjectionStats:
@@ -67,6 +68,11 @@ class ProjectionStats:
         xx, w_ref, w_target = xx.double(), w_ref.double().cpu(), w_target.double().cpu()
         hp, hy = xx @ w_ref.T, xx @ w_target.T
         return cls(xx, hy, hp, (w_ref * hp.T).sum(1), (w_ref * hy.T).sum(1), (w_target * hy.T).sum(1))
+
+
+def float64(t: torch.Tensor) -> torch.Tensor:
+    """`t` in float64, on its device where that has float64 (CUDA, CPU), else (Apple MPS) on the CPU."""
+    return t.double() if t.device.type != "mps" else t.cpu().double()
 
 
 @dataclass
@@ -165,8 +171,8 @@ def fit_mlp(mlp: nn.Module, original: nn.Module, projections: tuple[str, ...], c
     chunks = list(chunks) if not isinstance(chunks, list | tuple) else chunks
     xx = None
     for x, _ in chunks:
-        x = x.double()
-        xx = x.T @ x if xx is None else xx + x.T @ x
+        x = float64(x)
+        xx = (x.T @ x).cpu() if xx is None else xx + (x.T @ x).cpu()
     for name in inputs:
         shared = getattr(mlp, name)
         if not isinstance(shared, SharedLinear):

@@ -32,7 +32,7 @@ from torch import nn
 
 from sharp.arch import get_adapter
 from sharp.errors import SharpError
-from sharp.recovery.closed_form import ProjectionStats, fit_projection
+from sharp.recovery.closed_form import ProjectionStats, fit_projection, float64
 from sharp.sharing.recovery import RecoveryConfig
 
 ACTIONS = ("keep", "share", "drop-mlp", "drop-block")
@@ -75,7 +75,8 @@ class Plan:
 @torch.no_grad()
 def measure_costs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], ranks: Iterable[int],
                   damping: float = 1e-4, max_tokens: int | None = None) -> list[LayerCosts]:
-    """One pass of `model` over `batches` (padding excluded, position 0 included): every layer's costs."""
+    """One pass of `model` over `batches` (on the model's device; padding excluded, position 0 included): every
+    layer's costs, accumulated in float64."""
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     n = len(layers)
@@ -88,9 +89,9 @@ def measure_costs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
 
     def layer_hook(t: int):
         def hook(module, args, kwargs, output):
-            h_in = (args[0] if args else kwargs["hidden_states"])[keep["mask"]].double()
+            h_in = float64((args[0] if args else kwargs["hidden_states"])[keep["mask"]])
             out = output[0] if isinstance(output, tuple) else output
-            h_out = out[keep["mask"]].double()
+            h_out = float64(out[keep["mask"]])
             block_e[t] += float(((h_out - h_in) ** 2).sum())
             resid_e[t] += float((h_out**2).sum())
         return hook
@@ -100,7 +101,7 @@ def measure_costs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
             if keep.get("inner"):  # the reference's own hook, fired by the call below
                 return
             x, y = args[0][keep["mask"]], output[keep["mask"]]
-            mlp_e[t] += float((y.double() ** 2).sum())
+            mlp_e[t] += float((float64(y) ** 2).sum())
             if t >= 1:
                 ref = adapter.mlp(model, t - 1)
                 *_, down_name = adapter.mlp_projs
@@ -121,12 +122,13 @@ def measure_costs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
     handles += [adapter.mlp(model, t).register_forward_hook(mlp_hook(t)) for t in range(n)]
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     try:
         for batch in batches:
-            ids = batch["input_ids"]
+            ids = batch["input_ids"].to(device)
             mask = batch.get("attention_mask")
-            mask = torch.ones_like(ids) if mask is None else mask
-            keep["mask"] = mask.bool().to(ids.device)
+            mask = torch.ones_like(ids) if mask is None else mask.to(device)
+            keep["mask"] = mask.bool()
             model(input_ids=ids, attention_mask=mask, use_cache=False)
             seen["tokens"] += int(mask.sum())
             if max_tokens is not None and seen["tokens"] >= max_tokens:

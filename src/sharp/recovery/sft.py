@@ -1,8 +1,14 @@
 """Stage 2, supervised fine-tuning: end-to-end next-token loss on the response tokens, transformers `Trainer`.
 
 Only what `mark_trainable` unfroze is trained (the recovery parameters by default), with AdamW, linear warmup then
-cosine decay, gradient accumulation, bf16 autocast on a GPU that supports it, an eval loss every `eval_steps` and a
-checkpoint every `save_steps`.
+cosine decay, gradient accumulation, an eval loss every `eval_steps` and a checkpoint every `save_steps`.
+
+Training runs on the model's device (or `device`). The trainable tensors are float32 during training whatever the
+model's dtype, and go back to it afterwards; the frozen base weights stay as they are (bf16 on a GPU), with
+autocast in the model's 16-bit dtype on CUDA. Why float32 masters: AdamW's steps (lr 2e-4 of a LoRA entry) are
+mostly below bf16's resolution (8 bits of mantissa), so bf16 trainable tensors barely move; float32 copies cost
+nothing next to the base weights (the recovery is ~1% of them). Measured on stories260K
+(`docs/results/dtype_cpu.md`).
 
 Loss (`loss`), over the response tokens:
     ce      next-token cross-entropy on the data
@@ -28,6 +34,7 @@ import math
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -122,9 +129,11 @@ def run_sft(
     collate: Callable[[list[dict]], dict[str, torch.Tensor]],
     log_file: str | Path | None = None,
     callbacks: Sequence = (),
+    device: torch.device | str | None = None,
     teacher: nn.Module | None = None,
 ) -> dict:
-    """Train `model`'s trainable parameters in place; resume from `work_dir` if it holds a checkpoint.
+    """Train `model`'s trainable parameters in place, on `device` (default: where the model is); resume from
+    `work_dir` if it holds a checkpoint.
 
     `train`/`eval_examples` are tokenized examples ({"input_ids", "labels"}, labels -100 off the response);
     `collate` pads a list of them into a batch; `teacher` (frozen, same tokenizer) is needed by the kd losses.
@@ -146,8 +155,11 @@ def run_sft(
     if resume is not None:
         log.info("SFT resumes from %s", resume)
 
-    cuda = torch.cuda.is_available()
-    args = TrainingArguments(
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    autocast = device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)
+    args = _OneDeviceArguments(
+        sharp_device=str(device),
         output_dir=str(work_dir),
         max_steps=config.steps or -1,
         num_train_epochs=config.epochs,
@@ -169,8 +181,9 @@ def run_sft(
         logging_first_step=True,
         seed=config.seed,
         data_seed=config.seed,
-        bf16=cuda and torch.cuda.is_bf16_supported(),
-        use_cpu=not cuda,
+        bf16=autocast and dtype == torch.bfloat16,
+        fp16=autocast and dtype == torch.float16,
+        use_cpu=device.type == "cpu",
         report_to="none",
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
@@ -180,11 +193,42 @@ def run_sft(
     )
     cbs = [JsonlLogCallback(log_file)] if log_file is not None else []
     use_cache = getattr(model.config, "use_cache", None)  # Trainer turns it off; the saved config must not change
+    masters = _float32_masters(model)
     try:
         return _train(model, args, train, eval_examples, collate, [*cbs, *callbacks], resume, config, teacher)
     finally:
+        for p, original in masters:
+            p.data = p.data.to(original)
         if use_cache is not None:
             model.config.use_cache = use_cache
+
+
+def _float32_masters(model: nn.Module) -> list[tuple[nn.Parameter, torch.dtype]]:
+    """Turn every trainable 16-bit tensor into float32 (see the module docstring); returns what to turn back."""
+    changed = []
+    for p in model.parameters():
+        if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
+            changed.append((p, p.dtype))
+            p.data = p.data.float()
+    return changed
+
+
+@dataclass
+class _OneDeviceArguments(TrainingArguments):
+    """`TrainingArguments` on exactly `sharp_device`. The Trainer alone would take cuda:0 (or MPS) whatever the
+    user chose, and wrap the model in DataParallel over every visible GPU."""
+
+    sharp_device: str = "cpu"
+
+    @cached_property
+    def _setup_devices(self) -> torch.device:
+        TrainingArguments._setup_devices.func(self)  # accelerate's state, as the Trainer expects it
+        device = torch.device(self.sharp_device)
+        if device.type == "cuda":
+            device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
+            torch.cuda.set_device(device)  # accelerate places the model on the *current* GPU
+            self._n_gpu = 1
+        return device
 
 
 def _train(model, args, train, eval_examples, collate, callbacks, resume, config, teacher) -> dict:

@@ -38,6 +38,12 @@ Every layer keeps its state in `work_dir/layer_NNN/` (`slw_layer.py`): `state.pt
 steps, then `recovery.safetensors` + `result.json` when done. A rerun skips finished layers and resumes
 unfinished ones, ending where an uninterrupted run ends. With `workers > 1` each layer trains in its own spawned
 process (a script calling this needs the usual `if __name__ == "__main__":` guard).
+
+Devices and dtypes: the capture runs where the model it runs is (in its compute dtype). Each layer then trains on
+`device` (default: `config.device`, else the shared model's), in float32 whatever the model's dtype: a job carries
+float32 CPU copies of the MLPs (they cross to worker processes), the closed-form fit accumulates its statistics in
+float64 and solves on the CPU, and the result is cast back to the model's dtype when loaded into it. With
+`device` a CUDA device without an index and several GPUs visible, parallel workers take them round-robin.
 """
 
 from __future__ import annotations
@@ -55,6 +61,7 @@ from torch import nn
 
 from sharp.arch import get_adapter
 from sharp.errors import SharpError
+from sharp.io.device import worker_devices
 from sharp.recovery.activations import DTYPES, ActivationStore, capture_activations
 from sharp.recovery.slw_layer import RESULT, LayerJob, is_done, load_result, train_layer
 from sharp.recovery.slw_parallel import LayerProgress, train_parallel
@@ -97,7 +104,7 @@ class SLWConfig:
     sink_batch: int = 32  # sink rows per step
     dtype: str = "float16"  # stored activations (float16/bfloat16 halve the disk of float32)
     keep_activations: bool = False  # keep the captured shards once every layer is trained
-    device: str = "cpu"  # where the fits run
+    device: str | None = None  # where the fits run (None: where the shared model is); see the module docstring
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_tokens", "eval_every", "eval_tokens", "checkpoint_every", "workers", "patience",
@@ -144,8 +151,10 @@ def run_slw(
     targets: list[int] | None = None,
     progress: bool = True,
     layer_map: Mapping[int, int] | None = None,
+    device: torch.device | str | None = None,
 ) -> dict[int, dict]:
-    """Capture the target MLPs' inputs and outputs on `batches`, then train every target (resumable).
+    """Capture the target MLPs' inputs and outputs on `batches` (where the models are), then train every target
+    on `device` (resumable; see the module docstring for the default).
 
     `targets` defaults to every layer of `shared_model` that shares its MLP. `layer_map` maps a layer of
     `shared_model` to the same layer of `original_model` where a plan dropped whole blocks (default: the same
@@ -170,7 +179,7 @@ def run_slw(
             store = capture_activations(original_model, batches, sorted(source.values()), work_dir / ACTIVATIONS,
                                         config.max_tokens, config.skip_positions, config.dtype, progress=progress)
         results = train_slw(shared_model, store, config, work_dir, targets, progress, originals=originals,
-                            store_layers=source)
+                            store_layers=source, device=device)
         _remove_activations(work_dir / ACTIVATIONS, config)
         return results
     results = {}
@@ -180,7 +189,8 @@ def run_slw(
         if not is_done(_layer_dir(work_dir, t)):
             store = capture_activations(shared_model, batches, [t], root, config.max_tokens, config.skip_positions,
                                         config.dtype, progress=progress, outputs={t: originals[t]})
-        results.update(train_slw(shared_model, store, config, work_dir, [t], progress, originals=originals))
+        results.update(train_slw(shared_model, store, config, work_dir, [t], progress, originals=originals,
+                                 device=device))
         _remove_activations(root, config)
     _remove_activations(work_dir / ACTIVATIONS, config)
     return results
@@ -196,6 +206,7 @@ def train_slw(
     originals: Mapping[int, nn.Module] | None = None,
     store_layers: Mapping[int, int] | None = None,
     _stop_after: int | None = None,
+    device: torch.device | str | None = None,
 ) -> dict[int, dict]:
     """Train each target's recovery on its captured (x, y); load the results into `shared_model`.
 
@@ -203,7 +214,8 @@ def train_slw(
     are fitted towards the target's own); `store_layers` maps a target to the layer its rows were captured under
     (default: the same number). Returns {layer: result} with rel_err_before / rel_err_init /
     rel_err_after (held-out), steps, stopped_early, seconds and the eval curve. `_stop_after` ends each layer
-    after that many steps in this call, leaving its state saved as a crash would (tests use it).
+    after that many steps in this call, leaving its state saved as a crash would (tests use it). Each layer
+    trains on `device` (default: `config.device`, else where `shared_model` is), in float32.
     """
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
@@ -214,6 +226,7 @@ def train_slw(
             raise SharpError(f"layer {t} does not share its MLP, so SLW cannot train it; targets: {sorted(mlps)}")
     adapter = get_adapter(shared_model)
     layers = adapter.layers(shared_model)
+    device = torch.device(device or config.device or next(shared_model.parameters()).device)
     results: dict[int, dict] = {}
     jobs = []
     for t in targets:
@@ -229,12 +242,12 @@ def train_slw(
                              "use init='lstsq' or 'zero' without them")
         post_norm = adapter.mlp_post_norm(layers[t])
         jobs.append(LayerJob(
-            layer=t, store_layer=captured, mlp=copy.deepcopy(mlps[t]).float(), projections=adapter.mlp_projs,
+            layer=t, store_layer=captured, mlp=_fp32_cpu(mlps[t]), projections=adapter.mlp_projs,
             store_root=store.root,
             config=config, layer_dir=str(layer_dir), log_path=str(work_dir / LOG),
-            original=copy.deepcopy(originals[t]).float() if originals is not None else None,
-            post_norm=copy.deepcopy(post_norm).float() if post_norm is not None else None,
-            device=config.device, stop_after=_stop_after))
+            original=_fp32_cpu(originals[t]) if originals is not None else None,
+            post_norm=_fp32_cpu(post_norm) if post_norm is not None else None,
+            device=str(device), stop_after=_stop_after))
     if jobs:
         cpus = config.threads or len(os.sched_getaffinity(0))
         workers = min(config.workers, len(jobs))
@@ -248,11 +261,18 @@ def train_slw(
                 finally:
                     torch.set_num_threads(previous)
             else:
-                results.update(train_parallel(train_layer, jobs, workers, threads, bar))
+                devices = [str(d) for d in worker_devices(device, workers)]  # a worker may take its own GPU
+                results.update(train_parallel(train_layer, jobs, workers, threads, bar, devices))
     for t in targets:
         if is_done(_layer_dir(work_dir, t)):
             load_result(mlps[t], _layer_dir(work_dir, t))
     return {t: results[t] for t in targets if t in results and is_done(_layer_dir(work_dir, t))}
+
+
+def _fp32_cpu(module: nn.Module) -> nn.Module:
+    """A float32 CPU copy of `module`: jobs cross to worker processes, and the fit runs in float32 whatever the
+    model's dtype (`train_layer` moves the copy to the job's device)."""
+    return copy.deepcopy(module).to("cpu", torch.float32)
 
 
 def _layer_dir(work_dir: Path, layer: int) -> Path:

@@ -272,7 +272,7 @@ def train_layer(job: LayerJob, threads: int, report: Callable[..., None] | None 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule(cfg)) if optimizer else None
     state_path = layer_dir / STATE
     if state_path.is_file():  # resume
-        st = torch.load(state_path, weights_only=False)
+        st = torch.load(state_path, weights_only=False, map_location=device)  # saved on any device
         load_recovery_state(mlp, st["mlp"])
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
