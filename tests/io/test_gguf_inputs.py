@@ -131,7 +131,7 @@ def test_info_share_verify_load(files, tmp_path, capsys):
 
 def test_compress_from_gguf_saves_a_checkpoint_that_reproduces_its_perplexity(files, tmp_path, capsys):
     from sharp.evaluation.perplexity import response_perplexity
-    from sharp.recipes import text_examples
+    from sharp.data import record_examples
 
     gguf, out = str(files["gguf"]), tmp_path / "c"
     code, _, err = run_cli(["compress", gguf, "--strategy", "next:1-4", "--recovery", "lora:4",
@@ -143,7 +143,7 @@ def test_compress_from_gguf_saves_a_checkpoint_that_reproduces_its_perplexity(fi
     assert code == 0, err
     summary = json.loads((out / "summary.json").read_text())
     assert json.loads((out / "sharp_config.json").read_text())["base"]["source"] == gguf
-    held = text_examples(HELD_RECORDS, load_tokenizer(gguf), 64)
+    held = record_examples(HELD_RECORDS, load_tokenizer(gguf), 64)
     assert len(held) == summary["eval_examples"] >= 2
     # a GGUF's weights are stored in bf16 (`--dtype auto`); `sharp eval` on the CPU computes in fp32, as compress did
     assert summary["dtype"] == "bf16"

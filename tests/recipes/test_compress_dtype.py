@@ -8,9 +8,10 @@ import torch
 from safetensors.torch import load_file
 
 import sharp
+from sharp.data import record_examples
 from sharp.evaluation.perplexity import response_perplexity
 from sharp.io.device import load_on_device
-from sharp.recipes import CompressConfig, compress, text_examples
+from sharp.recipes import CompressConfig, compress
 from tests.conftest import C4
 
 SETTINGS = dict(strategy="next:1-4", recovery="lora:8", data=f"text:{C4}[:12]", max_len=96, batch_size=8,
@@ -42,7 +43,7 @@ def test_compress_of_a_bf16_source_stores_bf16_and_scores_what_it_stores(bf16_so
     model, tokenizer, storage = load_on_device(str(out), "cpu", "auto")  # as `sharp eval --device cpu` loads it
     assert storage == torch.bfloat16 and {p.dtype for p in model.parameters()} == {torch.float32}
     held = split_examples(load_records(SETTINGS["data"]), SETTINGS["eval_fraction"], SETTINGS["seed"])[1]
-    ppl = response_perplexity(model, text_examples(held, tokenizer, SETTINGS["max_len"]), SETTINGS["batch_size"])
+    ppl = response_perplexity(model, record_examples(held, tokenizer, SETTINGS["max_len"]), SETTINGS["batch_size"])
     assert ppl["ppl"] == pytest.approx(summary["perplexity"]["sft"], rel=1e-5)
 
     # an adapter-only copy checks out against the bf16 base it was trained on
