@@ -130,8 +130,8 @@ def test_info_share_verify_load(files, tmp_path, capsys):
 
 
 def test_compress_from_gguf_saves_a_checkpoint_that_reproduces_its_perplexity(files, tmp_path, capsys):
-    from sharp.evaluation.perplexity import response_perplexity
     from sharp.data import record_examples
+    from sharp.evaluation.perplexity import response_perplexity
 
     gguf, out = str(files["gguf"]), tmp_path / "c"
     code, _, err = run_cli(["compress", gguf, "--strategy", "next:1-4", "--recovery", "lora:4",
