@@ -255,6 +255,14 @@ def measure(spec: str, mode: str = "shared", tokens: int = 64, repeats: int = 5,
         "bytes_folder": folder_bytes(path),
         "bytes_in_memory": stored,
         "bytes_per_token": per_token,
+        **timings(cold, warm, first_decode, runs, peak, baseline, resident),
+    }
+
+
+def timings(cold: list[float], warm: list[float], first_decode: float, runs: list[tuple[float, float]], peak: int,
+            baseline: int, resident: list[float]) -> dict:
+    """The timed fields of a bench row (medians, and every run): shared by PyTorch and ExecuTorch rows."""
+    return {
         "cold_load_s": statistics.median(cold),
         "warm_load_s": statistics.median(warm),
         "first_decode_s": first_decode,

@@ -12,7 +12,6 @@ file does not have, and a decode step reads every weight (the tied embedding is 
 from __future__ import annotations
 
 import gc
-import statistics
 import time
 from pathlib import Path
 
@@ -34,7 +33,7 @@ def decode_pte(model, prompt: torch.Tensor, tokens: int) -> tuple[float, float]:
 
 def measure_pte(path: str, tokens: int = 64, repeats: int = 5, prompt_tokens: int = 32,
                 load_repeats: int | None = None, threads: int = 0) -> dict:
-    from sharp.bench.measure import evict, peak_rss_bytes, prompt_ids, rss_bytes
+    from sharp.bench.measure import evict, peak_rss_bytes, prompt_ids, rss_bytes, timings
     from sharp.errors import SharpError
     from sharp.io.models import folder_bytes
     from sharp.io.pte import PteModel, load_runtime, pte_files
@@ -89,14 +88,5 @@ def measure_pte(path: str, tokens: int = 64, repeats: int = 5, prompt_tokens: in
         "bytes_folder": folder_bytes(path),
         "bytes_in_memory": stored,
         "bytes_per_token": stored,
-        "cold_load_s": statistics.median(cold),
-        "warm_load_s": statistics.median(warm),
-        "first_decode_s": first_decode,
-        "ttft_s": statistics.median(r[0] for r in runs),
-        "decode_tok_s": statistics.median(r[1] for r in runs),
-        "peak_rss_mib": peak / 2**20,
-        "model_rss_mib": (peak - baseline) / 2**20,
-        "resident_after_evict": max(resident),
-        "runs": {"cold_load_s": cold, "warm_load_s": warm, "ttft_s": [r[0] for r in runs],
-                 "decode_tok_s": [r[1] for r in runs]},
+        **timings(cold, warm, first_decode, runs, peak, baseline, resident),
     }
