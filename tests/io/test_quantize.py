@@ -17,21 +17,9 @@ from sharp.io.quantize import (
     quantized_linears,
 )
 from sharp.sharing.shared import dense_weight, recoveries, shared_linears
-from tests.conftest import randomize_recovery, run_cli
+from tests.conftest import run_cli
 
 IDS = torch.tensor([[1, 400, 35, 90, 7, 300, 12, 5, 77, 2]])
-
-
-@pytest.fixture
-def shared_ckpt(stories_path, tmp_path):
-    """A bf16 stories260K sharing layers 2<-1 and 4<-3 with trained-looking LoRA recovery, saved."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(stories_path, dtype=torch.bfloat16).eval()
-    sharp.share(model, "next:1-4", "lora:4")
-    randomize_recovery(model)
-    sharp.save(model, tmp_path / "s16", tokenizer=AutoTokenizer.from_pretrained(stories_path))
-    return tmp_path / "s16"
 
 
 def _reference_module(model: nn.Module, name: str, reference: int) -> nn.Module:

@@ -13,7 +13,6 @@ from sharp.errors import SharpError
 from sharp.io.quantize import quantize_checkpoint, quantize_model
 from sharp.io.stored_quant import dequantize, quantize
 from sharp.sharing.shared import recoveries
-from tests.conftest import randomize_recovery
 
 IDS = torch.tensor([[1, 400, 35, 90, 7, 300, 12, 5, 77, 2]])
 
@@ -44,17 +43,6 @@ def _tensor_bytes(folder, file: str = "recovery.safetensors") -> tuple[int, set[
     with safe_open(folder / file, "pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     return sum(t.numel() * t.element_size() for t in tensors.values()), set(tensors)
-
-
-@pytest.fixture
-def shared_ckpt(stories_path, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(stories_path, dtype=torch.bfloat16).eval()
-    sharp.share(model, "next:1-4", "lora:4")
-    randomize_recovery(model)
-    sharp.save(model, tmp_path / "s16", tokenizer=AutoTokenizer.from_pretrained(stories_path))
-    return tmp_path / "s16"
 
 
 @pytest.mark.parametrize("bits", [8, 4])
