@@ -19,8 +19,6 @@ from sharp.io.device import load_on_device
 from sharp.io.models import load_model, load_tokenizer
 from tests.conftest import STORIES, run_cli
 
-pytestmark = pytest.mark.skipif(not STORIES.is_dir(), reason="../shared/assets/models/stories260K is not available")
-
 # Short made-up stories: ~5 training and ~2 held-out chunks of 64 tokens, so each command runs in seconds.
 TRAIN = [
     "Once upon a time there was a little girl named Lily. She liked to play in the park with her dog.",
