@@ -114,9 +114,10 @@ def run_sft(
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     resume = last_checkpoint(work_dir)
-    _drop_incomplete(work_dir, resume)
-    if log_file is not None:
-        _truncate_log(Path(log_file), _step_of(resume))
+    if _is_main_process():  # under torchrun rank 0 owns the work folder (the Trainer saves from it alone too)
+        _drop_incomplete(work_dir, resume)
+        if log_file is not None:
+            _truncate_log(Path(log_file), _step_of(resume))
     if resume is not None:
         log.info("SFT resumes from %s", resume)
 
@@ -201,6 +202,8 @@ class SharpTrainer(Trainer):
         return loss
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.args.should_save:  # every DDP rank calls this; the main process alone writes
+            return
         out = Path(output_dir or self.args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         save_file(trainable_state(self.model), out / TRAINABLE, metadata={"format": "pt"})
@@ -231,6 +234,13 @@ class JsonlLogCallback(TrainerCallback):
         row = {"stage": "sft", "step": state.global_step, **{k: _plain(v) for k, v in logs.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a `torchrun` / `accelerate launch` run, or a single process (the launcher sets RANK)."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _plain(v):
