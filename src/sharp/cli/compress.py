@@ -79,5 +79,9 @@ def compress(
     cfg = opt.settings_from(CompressConfig, locals())
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     summary = run(cfg)
+    from sharp.recipes.distributed import is_main
+
+    if not is_main():  # under torchrun rank 0 reports
+        return
     print_summary(summary)
     console.print(f"checkpoint written to [bold]{out}[/] (summary.json, train_log.jsonl)")

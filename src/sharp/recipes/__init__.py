@@ -172,8 +172,9 @@ def log_event(path: Path, row: dict) -> None:
 class StageMeter:
     """Wall time and peak RSS of each stage, persisted so a resumed run reports the finished stages' numbers."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, write: bool = True) -> None:
         self.path = path
+        self.write = write  # False on the ranks of a distributed run other than 0 (rank 0 writes the file)
         self.stages: dict[str, dict] = json.loads(path.read_text()) if path.is_file() else {}
 
     def done(self, name: str) -> bool:
@@ -203,7 +204,8 @@ class StageMeter:
         self._write()
 
     def _write(self) -> None:
-        write_text_atomic(self.path, json.dumps(self.stages, indent=2, sort_keys=True))
+        if self.write:
+            write_text_atomic(self.path, json.dumps(self.stages, indent=2, sort_keys=True))
 
 
 def _reset_peak_rss() -> None:

@@ -26,6 +26,7 @@ from sharp.io.checkpoint import write_manifest
 from sharp.io.lock import output_lock
 from sharp.io.models import load_tokenizer
 from sharp.recipes import CompressConfig, StageMeter, log_event, prepare_work_dir, text_examples
+from sharp.recipes import distributed as dist
 from sharp.recovery.sft import run_sft
 from sharp.recovery.slw import SLWConfig, run_slw
 from sharp.recovery.trainable import add_full_lora, mark_trainable, merge_full_lora
@@ -33,15 +34,22 @@ from sharp.recovery.trainable import add_full_lora, mark_trainable, merge_full_l
 
 def compress(cfg: CompressConfig, progress: bool = True) -> dict:
     """Run the stages of `cfg` and write the checkpoint to `cfg.out`. Returns the summary (also saved)."""
-    finished = _finished(cfg)
+    dist.barrier()  # under torchrun every rank looks at the same folders before rank 0 changes them
+    finished = _finished(cfg, clean=dist.is_main())
+    dist.barrier()
     if finished is not None:
         return finished
     cfg.validate()
+    if not dist.is_main():  # rank 0 holds the lock and writes the work folder; see `distributed.py`
+        dist.barrier()
+        return _compress(cfg, cfg.work_dir, progress=False)
     with output_lock(cfg.work_dir):
-        return _compress(cfg, prepare_work_dir(cfg), progress)
+        work = prepare_work_dir(cfg)
+        dist.barrier()
+        return _compress(cfg, work, progress)
 
 
-def _finished(cfg: CompressConfig) -> dict | None:
+def _finished(cfg: CompressConfig, clean: bool = True) -> dict | None:
     """The summary of this very run when a kill caught it after publishing `out` but before removing its work
     folder: the rerun then only finishes the clean-up (instead of refusing the non-empty `out`)."""
     from sharp.io.checkpoint import verify_manifest
@@ -56,6 +64,8 @@ def _finished(cfg: CompressConfig) -> dict | None:
         return None
     if not same or verify_manifest(out):
         return None
+    if not clean:
+        return summary
     with output_lock(work):
         shutil.rmtree(work, ignore_errors=True)
     return summary
@@ -63,7 +73,7 @@ def _finished(cfg: CompressConfig) -> dict | None:
 
 def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
     log_path = work / "train_log.jsonl"
-    meter = StageMeter(work / "stages.json")
+    meter = StageMeter(work / "stages.json", write=dist.is_main())
     evals_path = work / "evals.json"
     evals: dict = json.loads(evals_path.read_text()) if evals_path.is_file() else {}
 
@@ -92,14 +102,15 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
         if name not in evals:
             with meter("eval", accumulate=True):
                 evals[name] = response_perplexity(model, held, cfg.batch_size, progress=progress)["ppl"]
-            write_text_atomic(evals_path, json.dumps(evals, indent=2))
-            log_event(log_path, {"stage": "eval", "model": name, "ppl": evals[name]})
+            if dist.is_main():
+                write_text_atomic(evals_path, json.dumps(evals, indent=2))
+                log_event(log_path, {"stage": "eval", "model": name, "ppl": evals[name]})
 
     perplexity("original")
 
     # 2. share: targets drop their MLP weights and reuse their reference's, plus untrained recovery
     stages = cfg.stage_list
-    original = copy.deepcopy(model) if "slw" in stages and not meter.done("slw") else None
+    original = copy.deepcopy(model) if "slw" in stages and not meter.done("slw") and dist.is_main() else None
     set_seed(cfg.seed)
     sharp.share(model, cfg.strategy, cfg.recovery, source=cfg.model)
     counts = sharp.count_parameters(model)
@@ -111,9 +122,12 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
         batches = [collate(train[i : i + cfg.batch_size]) for i in range(0, n, cfg.batch_size)]
         slw_cfg = SLWConfig(steps=cfg.slw_steps, workers=cfg.slw_workers, seed=cfg.seed)
         with meter("slw"):
+            if not dist.is_main():  # rank 0 trains the layers; the others load its results
+                dist.wait_until(lambda: StageMeter(work / "stages.json").done("slw"), "rank 0's SLW stage")
+                batches = []
             layers = run_slw(original, model, batches, slw_cfg, work / "slw", progress=progress)
         del original
-        if not meter.logged("slw"):
+        if dist.is_main() and not meter.logged("slw"):
             for layer, res in layers.items():
                 log_event(log_path, {"stage": "slw", "layer": layer, **{k: v for k, v in res.items() if k != "curve"}})
             meter.mark_logged("slw")
@@ -127,7 +141,7 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
         mark_trainable(model, cfg.train)
         with meter("sft"):
             run_sft(model, train, held if cfg.eval_steps else [], cfg.sft_config(progress), work / "sft", collate,
-                    log_file=log_path)
+                    log_file=log_path if dist.is_main() else None)
         if cfg.train == "full-lora":
             merge_full_lora(model)
         model.requires_grad_(False)
@@ -141,6 +155,8 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
         "perplexity": evals, "eval_examples": len(held), "train_examples": len(train),
         "timing": meter.stages, "config": asdict(cfg),
     }
+    if not dist.is_main():
+        return summary
     start = time.perf_counter()
     with atomic_dir(cfg.out, cfg.overwrite) as tmp:
         sharp.save(model, tmp, tokenizer=tokenizer, overwrite=True)
