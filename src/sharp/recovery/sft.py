@@ -170,6 +170,12 @@ def _train(model, args, train, eval_examples, collate, callbacks, resume, config
         data_collator=collate,
         callbacks=list(callbacks),
     )
+    if trainer.is_fsdp_enabled:
+        raise SharpError(
+            "SFT cannot run under FSDP: FSDP gathers each wrapped layer's weights only around that layer's own "
+            "forward, but a SHARP target runs its reference layer's weights; use DeepSpeed ZeRO-3 "
+            "(configs/accelerate/zero3-8gpu.yaml) for a model that does not fit one device, or DDP"
+        )
     out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     if evals and evals[-1].get("step") == trainer.state.global_step:
@@ -206,7 +212,13 @@ class SharpTrainer(Trainer):
             return
         out = Path(output_dir or self.args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        save_file(trainable_state(self.model), out / TRAINABLE, metadata={"format": "pt"})
+        tensors = trainable_state(self.model)
+        if state_dict:  # DeepSpeed ZeRO-3 gathered the full weights; `self.model` holds only this rank's shards
+            missing = sorted(set(tensors) - set(state_dict))
+            if missing:
+                raise RuntimeError(f"the gathered state dict lacks trainable tensor {missing[0]}")
+            tensors = {n: state_dict[n].detach().cpu().contiguous() for n in tensors}
+        save_file(tensors, out / TRAINABLE, metadata={"format": "pt"})
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         model = model or self.model
