@@ -59,6 +59,7 @@ from sharp.sharing.shared import SharedLinear
 LOG = "slw_log.jsonl"
 ACTIVATIONS = "activations"
 LOSSES = ("relative", "token")
+BACKENDS = ("local", "ray")
 INITS = ("lstsq", "zero")
 
 
@@ -90,6 +91,9 @@ class SLWConfig:
     sink_batch: int = 32  # sink rows per step
     dtype: str = "float16"  # stored activations (float16/bfloat16 halve the disk of float32)
     keep_activations: bool = False  # keep the captured shards once every layer is trained
+    backend: str = "local"  # "local": this process or `workers` processes; "ray": one Ray task per layer
+    ray_address: str | None = None  # Ray cluster to join ("auto", "ray://host:10001"); None: a local instance
+    task_gpus: float = 0  # GPUs per Ray task (0: CPU tasks with threads = CPUs / workers)
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_tokens", "eval_every", "eval_tokens", "checkpoint_every", "workers", "patience")
@@ -102,6 +106,10 @@ class SLWConfig:
             raise SharpError(f"unknown SLW loss '{self.loss}'; choose one of: {', '.join(LOSSES)}")
         if self.init not in INITS:
             raise SharpError(f"unknown SLW init '{self.init}'; choose one of: {', '.join(INITS)}")
+        if self.backend not in BACKENDS:
+            raise SharpError(f"unknown SLW backend '{self.backend}'; choose one of: {', '.join(BACKENDS)}")
+        if self.task_gpus < 0:
+            raise SharpError(f"SLW GPUs per task must be >= 0 (got {self.task_gpus})")
         if self.dtype not in DTYPES:
             raise SharpError(f"unknown SLW activation dtype '{self.dtype}'; choose one of: {', '.join(DTYPES)}")
         if self.max_tokens is not None and self.max_tokens < 2:
@@ -196,7 +204,11 @@ def train_slw(
         workers = min(config.workers, len(jobs))
         threads = max(1, cpus // workers)
         with LayerProgress(progress, [j.layer for j in jobs], config.steps) as bar:
-            if workers == 1:
+            if config.backend == "ray":
+                from sharp.recovery.slw_ray import train_ray
+
+                results.update(train_ray(_train_layer, jobs, threads, bar, config.ray_address, config.task_gpus))
+            elif workers == 1:
                 previous = torch.get_num_threads()
                 try:
                     for job in jobs:
