@@ -21,6 +21,9 @@ SEED = typer.Option(0, "--seed", help="Seed of the split, the recovery init and 
 
 SLW_FRACTION = typer.Option(0.1, "--slw-fraction", help="Share of training examples SLW captures.")
 SLW_WORKERS = typer.Option(1, "--slw-workers", help="Target layers trained in parallel processes.")
+SLW_BACKEND = typer.Option("local", "--slw-backend", help="local (processes here) or ray (a Ray task per layer).")
+RAY_ADDRESS = typer.Option(None, "--ray-address", help="Ray cluster for --slw-backend ray (default: a local one).")
+SLW_TASK_GPUS = typer.Option(0.0, "--slw-task-gpus", help="GPUs per Ray SLW task (0: CPU tasks).")
 SLW_STEPS = typer.Option(300, "--slw-steps", help="SLW optimizer steps per target layer (at most).")
 SFT_STEPS = typer.Option(200, "--sft-steps", help="SFT optimizer steps (0: use --epochs).")
 LR = typer.Option(2e-4, "--lr", help="SFT peak learning rate (AdamW, warmup + cosine).")

@@ -35,6 +35,9 @@ class RecoverySettings:
     out: str
     slw_fraction: float = 0.1  # fraction of the training examples whose activations SLW captures
     slw_workers: int = 1
+    slw_backend: str = "local"  # "local" (processes on this machine) or "ray" (a Ray task per target layer)
+    ray_address: str | None = None  # Ray cluster for --slw-backend ray; None: a local Ray instance
+    slw_task_gpus: float = 0  # GPUs per Ray task (0: CPU tasks)
     slw_steps: int = 300  # per target layer (early stopping may end sooner)
     sft_steps: int = 200  # optimizer steps; 0 = `epochs` instead
     lr: float = 2e-4
@@ -46,6 +49,12 @@ class RecoverySettings:
     template: str = "plain"
     full_lora_rank: int = 8
     overwrite: bool = False
+
+    def slw_config(self):
+        from sharp.recovery.slw import SLWConfig
+
+        return SLWConfig(steps=self.slw_steps, workers=self.slw_workers, seed=self.seed, backend=self.slw_backend,
+                         ray_address=self.ray_address, task_gpus=self.slw_task_gpus)
 
     @property
     def work_dir(self) -> Path:
@@ -81,7 +90,6 @@ class CompressConfig(RecoverySettings):
         from sharp.io.atomic import check_output_dir
         from sharp.io.checkpoint import is_sharp_checkpoint
         from sharp.io.models import resolve_model_path
-        from sharp.recovery.slw import SLWConfig
         from sharp.recovery.trainable import TRAIN_CHOICES
 
         stages = self.stage_list
@@ -101,7 +109,7 @@ class CompressConfig(RecoverySettings):
             raise SharpError(f"--eval-fraction must be in (0, 1) (or 0 with --eval-data), got {self.eval_fraction}")
         if self.full_lora_rank < 1:
             raise SharpError(f"--full-lora-rank must be at least 1, got {self.full_lora_rank}")
-        SLWConfig(steps=self.slw_steps, workers=self.slw_workers, seed=self.seed)
+        self.slw_config()
         self.sft_config()
         parse_data_spec(self.data)
         if self.eval_data:

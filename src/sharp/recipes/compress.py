@@ -28,7 +28,7 @@ from sharp.io.models import load_tokenizer
 from sharp.recipes import CompressConfig, StageMeter, log_event, prepare_work_dir, text_examples
 from sharp.recipes import distributed as dist
 from sharp.recovery.sft import run_sft
-from sharp.recovery.slw import SLWConfig, run_slw
+from sharp.recovery.slw import run_slw
 from sharp.recovery.trainable import add_full_lora, mark_trainable, merge_full_lora
 
 
@@ -120,7 +120,7 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
     if "slw" in stages:
         n = max(1, round(len(train) * cfg.slw_fraction))
         batches = [collate(train[i : i + cfg.batch_size]) for i in range(0, n, cfg.batch_size)]
-        slw_cfg = SLWConfig(steps=cfg.slw_steps, workers=cfg.slw_workers, seed=cfg.seed)
+        slw_cfg = cfg.slw_config()
         with meter("slw"):
             if not dist.is_main():  # rank 0 trains the layers; the others load its results
                 dist.wait_until(lambda: StageMeter(work / "stages.json").done("slw"), "rank 0's SLW stage")
