@@ -35,7 +35,6 @@ and resumes unfinished ones from their last state, ending where an uninterrupted
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -52,6 +51,7 @@ from sharp.arch import get_adapter
 from sharp.errors import SharpError
 from sharp.io.atomic import replaced_file, write_text_atomic
 from sharp.recovery.activations import DTYPES, ActivationStore, capture_activations
+from sharp.recovery.lazy import frozen_sharing_copy
 from sharp.recovery.slw_parallel import LayerProgress, train_parallel
 from sharp.sharing.recovery import LoRARecovery, Recovery
 from sharp.sharing.shared import SharedLinear
@@ -135,7 +135,7 @@ def target_mlps(model: nn.Module) -> dict[int, nn.Module]:
 
 
 def run_slw(
-    original_model: nn.Module,
+    original_model: nn.Module | str | Path,
     shared_model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
     config: SLWConfig,
@@ -145,6 +145,8 @@ def run_slw(
 ) -> dict[int, dict]:
     """Capture the original model's target MLPs on `batches`, then train every target (resumable).
 
+    `original_model` is the loaded original model, or its folder: then `lazy.capture_from_disk` reads its
+    safetensors one decoder layer at a time (no copy of the model in memory; same activations).
     `targets` defaults to every layer of `shared_model` that shares its MLP. Returns `train_slw`'s results;
     `shared_model`'s recovery parameters are trained in place.
     """
@@ -154,7 +156,14 @@ def run_slw(
         raise SharpError("the model shares no MLP, so SLW has nothing to train; pick a --strategy with targets")
     pending = [t for t in targets if not _done(_layer_dir(work_dir, t))]
     store = None
-    if pending:
+    if pending and isinstance(original_model, str | Path):  # a model folder: read one layer at a time
+        from sharp.recovery.lazy import capture_from_disk
+
+        weight = next(shared_model.parameters())  # compute as the loaded model would: its dtype, its device
+        store = capture_from_disk(original_model, batches, targets, work_dir / ACTIVATIONS, config.max_tokens,
+                                  config.skip_positions, config.dtype, progress=progress, compute_dtype=weight.dtype,
+                                  device=weight.device)
+    elif pending:
         store = capture_activations(original_model, batches, targets, work_dir / ACTIVATIONS, config.max_tokens,
                                     config.skip_positions, config.dtype, progress=progress)
     results = train_slw(shared_model, store, config, work_dir, targets=targets, progress=progress)
@@ -197,7 +206,7 @@ def train_slw(
             continue
         if store is None or t not in store.layers:
             raise SharpError(f"no captured activations for layer {t}; run SLW with data (capture first)")
-        jobs.append(_Job(t, copy.deepcopy(mlps[t]).float(), store.root, store.shards(t), adapter.mlp_projs[-1],
+        jobs.append(_Job(t, frozen_sharing_copy(mlps[t]), store.root, store.shards(t), adapter.mlp_projs[-1],
                          asdict(config), str(layer_dir), str(work_dir / LOG), _stop_after))
     if jobs:
         cpus = config.threads or len(os.sched_getaffinity(0))
