@@ -24,9 +24,10 @@ from sharp.evaluation.perplexity import response_perplexity
 from sharp.io.atomic import atomic_dir, write_text_atomic
 from sharp.io.checkpoint import write_manifest
 from sharp.io.lock import output_lock
-from sharp.io.models import load_tokenizer
+from sharp.io.models import load_tokenizer, resolve_model_path
 from sharp.recipes import CompressConfig, StageMeter, log_event, prepare_work_dir, text_examples
 from sharp.recipes import distributed as dist
+from sharp.recovery.lazy import SafetensorsWeights
 from sharp.recovery.sft import run_sft
 from sharp.recovery.slw import run_slw
 from sharp.recovery.trainable import add_full_lora, mark_trainable, merge_full_lora
@@ -110,7 +111,11 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
 
     # 2. share: targets drop their MLP weights and reuse their reference's, plus untrained recovery
     stages = cfg.stage_list
-    original = copy.deepcopy(model) if "slw" in stages and not meter.done("slw") and dist.is_main() else None
+    original = None
+    if "slw" in stages and not meter.done("slw") and dist.is_main():
+        # SLW's capture reads a plain model folder one layer at a time (no second copy of the model in memory)
+        source = resolve_model_path(cfg.model)
+        original = source if SafetensorsWeights.available(source) else copy.deepcopy(model)
     set_seed(cfg.seed)
     sharp.share(model, cfg.strategy, cfg.recovery, source=cfg.model)
     counts = sharp.count_parameters(model)
