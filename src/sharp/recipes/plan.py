@@ -120,8 +120,10 @@ def plan(s: PlanSettings) -> dict:
                            "bytes": disk_per_target * len(shape.targets), "dtype": slw.dtype}
         capture_seqs = math.ceil(captured / tokens)
         out["stages"]["capture"] = _stage(
-            weights=(c["original"] + c["stored"]) * wb,  # today's compress: the original copy + the shared model
-            activations=s.batch_size * tokens * (4 * shape.hidden + 3 * shape.intermediate) * wb + (64 << 20),
+            # the shared model stays loaded; the original is read from disk one decoder layer at a time
+            weights=(c["stored"] + shape.embed_params + max(shape.layer_params)) * wb,
+            activations=capture_seqs * tokens * shape.hidden * wb  # every captured sequence's hidden states
+            + s.batch_size * tokens * (4 * shape.hidden + 3 * shape.intermediate) * wb + (64 << 20),
             optimizer=0,
             flops=shape.forward_flops(capture_seqs * tokens, tokens, upto=last, head=False),
             rate=rates["forward"], devices=1,
@@ -241,7 +243,8 @@ def _assumptions(s: PlanSettings, tokens: int, rate_source: str) -> list[str]:
         "logits ×3; no activation checkpointing",
         "SFT optimizer: AdamW; DDP/FSDP keep grads + 2 states in the parameters' dtype, DeepSpeed ZeRO keeps "
         "fp32 states (+ an fp32 master copy under 16-bit); ZeRO-2/3 and FSDP shard them over devices",
-        "capture: sharp compress keeps the original model and the shared model in memory",
+        "capture: the shared model stays loaded and the original is read from its safetensors one decoder layer "
+        "at a time (a model that is not a plain safetensors folder is deep-copied instead: + the original's bytes)",
         "SLW per task: stored x/y loaded and split (2 copies), the closed-form init's float64 Gram/solve "
         "matrices (3·i² + 4·h·i + 2·h²); steps are an upper bound (early stopping ends sooner)",
         f"time = FLOPs / throughput ({rate_source}); loading and saving weights are not included",
