@@ -198,11 +198,11 @@ def _sft_stage(s: PlanSettings, shape: ModelShape, n_train: int, tokens: int, ev
     eval_flops = evals * shape.forward_flops(eval_tokens, tokens, shared=True)
     seconds = None
     if rates["train"] is not None and rates["forward"] is not None:
-        seconds = train_flops / (k * rates["train"]) + eval_flops / rates["forward"]
+        seconds = (train_flops / rates["train"] + eval_flops / rates["forward"]) / k  # the Trainer shards evals too
     return _stage(weights=weights, activations=activations, optimizer=state, flops=train_flops + eval_flops,
                   rate=rates["train"], devices=k, seconds_override=seconds,
                   note=f"{steps} steps × {s.batch_size}×{s.grad_accum} examples × {k} device(s), "
-                       f"{s.sft_parallel if k > 1 else 'one process'}")
+                       f"{s.sft_parallel if k > 1 else 'one process'}; {evals} held-out evaluations")
 
 
 def _stage(weights: float, activations: float, optimizer: float, flops: float, rate: float | None, devices: int,
