@@ -24,8 +24,9 @@ demo: setup
 		--slw-fraction 0.05 --slw-steps 50 --slw-workers 2 --sft-steps 12 --lr 1e-3 --batch-size 4 \
 		--eval-steps 0 --save-steps 6 --out runs/demo --overwrite
 
+# -rs lists every skip with its reason; tests/skip_guard.py fails the run on any skip not declared optional.
 test: setup
-	$(BIN)/python -m pytest -x -q -m "not gpu"
+	$(BIN)/python -m pytest -x -q -rs -m "not gpu"
 
 lint: setup
 	$(BIN)/ruff check src tests benchmarks

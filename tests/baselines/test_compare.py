@@ -5,11 +5,10 @@ import json
 import pytest
 
 from sharp.baselines.table import Row, compressed_spread, short_label, to_markdown
-from tests.conftest import ASSETS, run_cli
+from tests.conftest import C4, run_cli
 
-C4 = ASSETS / "text" / "c4_demo.jsonl"
 ROWS = ["original", "direct", "layer-drop", "layer-drop+heal", "layer-drop-adapted", "layer-drop-adapted+heal",
-        "mlp-drop", "mlp-drop+heal", "width", "width+heal", "sharp-slw", "sharp", "reference"]
+        "mlp-drop", "mlp-drop+heal", "width", "width+heal", "sharp-slw", "sharp", "sharp-plan", "reference"]
 
 
 @pytest.mark.slow
@@ -19,18 +18,21 @@ def test_compare_builds_every_row_at_one_budget(stories_path, tmp_path, capsys):
         "compare", stories_path, "--strategy", "next:1-4", "--recovery", "lora:4", "--data", f"text:{C4}[:8]",
         "--eval", f"ppl:text={C4}[-3:]", "--eval-limit", "2", "--eval-max-len", "64", "--max-len", "64",
         "--eval-fraction", "0.2", "--calib-samples", "2", "--slw-steps", "2", "--sft-steps", "2", "--lr", "1e-2",
-        "--batch-size", "2",
+        "--batch-size", "2", "--planned", "--plan-min-shared", "0.5",
         "--reference-model", stories_path, "--out", out], capsys)
     assert code == 0, err
     data = json.loads((out / "comparison.json").read_text())
     rows = {r["key"]: r for r in data["rows"]}
     assert list(rows) == ROWS
-    compressed = [r["stored"] for r in data["rows"] if r["compressed"]]
+    compressed = [r["stored"] for r in data["rows"] if r["compressed"] and r["key"] != "sharp-plan"]
     assert len(compressed) == 11 and (max(compressed) - min(compressed)) / min(compressed) <= 0.01
     assert data["spread"] <= 0.01
     assert rows["direct"]["stored"] == rows["sharp"]["stored"] == rows["sharp-slw"]["stored"]
     assert all(r["stored"] <= rows["sharp"]["stored"] for r in data["rows"] if r["compressed"])
     assert rows["original"]["stored"] == rows["reference"]["stored"] == 260_032
+    plan = rows["sharp-plan"]["details"]["compress"]["plan"]  # the planner's choice at SHARP's size, shown
+    assert plan["strategy"].startswith("map:") and plan["shared_fraction"] >= 0.5
+    assert rows["sharp-plan"]["stored"] <= rows["sharp"]["stored"]
     for key in ROWS:
         assert rows[key]["ppl"][f"ppl:text={C4}[-3:]"] > 1
     # healing changes the model but not its size
@@ -45,7 +47,8 @@ def test_markdown_bolds_the_best_compressed_row():
     rows = [Row("original", "Original", 100, {"t": 1.0}, compressed=False),
             Row("a", "A", 80, {"t": 5.0}), Row("b", "B", 79, {"t": 3.0})]
     md = to_markdown(rows, ["t"], {"model": "m"})
-    assert "| B | 79 | 79.0% | **3.00** |" in md and "| Original | 100 | 100.0% | 1.00 |" in md
+    assert "| B | 79 | 79.0% | – | – | 0 s | **3.00** |" in md
+    assert "| Original | 100 | 100.0% | – | – | 0 s | 1.00 |" in md
     assert compressed_spread(rows) == 1 / 79
     assert short_label("ppl:alpaca=/x/y/data.json[-100:]") == "alpaca: data.json[-100:]"
 

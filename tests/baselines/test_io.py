@@ -7,9 +7,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import sharp
-from sharp.baselines import load_pruned, prune, save_pruned, surgery
+from sharp.baselines import load_pruned, prune, save_pruned
 from sharp.baselines.io import PRUNE_CONFIG
 from sharp.errors import SharpError
+from sharp.sharing import surgery
 from tests.conftest import tiny_model
 
 

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 import sharp
-from sharp.baselines import calibration, prune, surgery
+from sharp.baselines import calibration, prune
 from sharp.errors import SharpError
+from sharp.sharing import surgery
 from tests.conftest import tiny_model
 
 ARCHS = ["llama", "qwen2", "mistral", "gemma3_text", "phi3"]

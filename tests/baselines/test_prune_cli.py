@@ -5,9 +5,10 @@ import json
 import pytest
 
 from sharp.baselines.io import PRUNE_CONFIG
-from tests.conftest import ASSETS, run_cli
+from tests.conftest import C4 as C4_FILE
+from tests.conftest import run_cli
 
-C4 = f"text:{ASSETS / 'text' / 'c4_demo.jsonl'}"
+C4 = f"text:{C4_FILE}"
 
 
 def test_prune_layer_drop_then_info(stories_path, tmp_path, capsys):
@@ -37,7 +38,7 @@ def test_prune_heal_keeps_the_size(stories_path, tmp_path, capsys):
 
 @pytest.mark.parametrize("args, fragment", [
     (["--method", "drop-everything", "--budget", "40%"], "unknown --method"),
-    (["--method", "width", "--budget", "forty", "--data", C4], "malformed budget"),
+    (["--method", "width", "--budget", "forty", "--data", C4], "malformed --budget"),
     (["--method", "width", "--budget", "40%"], "pass --data"),
     (["--method", "layer-drop", "--data", C4], "needs --budget"),
     (["--method", "mlp-drop", "--budget", "40%", "--data", C4], "needs --strategy"),

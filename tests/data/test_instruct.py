@@ -14,9 +14,8 @@ from sharp.data import (
     tokenize_examples,
 )
 from sharp.errors import SharpError
-from tests.conftest import ASSETS
+from tests.conftest import ALPACA, STORIES
 
-ALPACA = ASSETS / "instruct" / "alpaca_en_demo.json"
 CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
@@ -25,10 +24,6 @@ CHAT = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endf
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from tests.conftest import STORIES
-
-    if not STORIES.is_dir():
-        pytest.skip("stories260K is not available")
     return AutoTokenizer.from_pretrained(STORIES)
 
 

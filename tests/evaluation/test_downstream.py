@@ -13,13 +13,8 @@ import torch
 
 from sharp.errors import SharpError
 from sharp.evaluation.downstream import DOWNSTREAM_TASKS, check_downstream, run_downstream, write_task_configs
-
-ASSETS = Path(__file__).resolve().parents[2] / ".." / "shared" / "assets"
-DATA_DIR = ASSETS / "downstream"
-STORIES = ASSETS / "models" / "stories260K"
-needs_assets = pytest.mark.skipif(
-    not (DATA_DIR.is_dir() and STORIES.is_dir()), reason="offline assets (../shared/assets) not present"
-)
+from tests.conftest import DOWNSTREAM as DATA_DIR  # the first documents of each task (tests/fixtures/README.md)
+from tests.conftest import STORIES
 
 # Documents per task in the splits lm-eval scores (the published sizes; see the assets' SOURCES.md).
 FULL_SIZES = {
@@ -32,6 +27,8 @@ FULL_SIZES = {
     "openbookqa": 500,
     "commonsense_qa": 1221,
 }
+# Documents per task in the vendored subsets (the full splits: tests/test_shared_assets.py).
+FIXTURE_SIZES = {task: 40 if task in ("arc_easy", "piqa") else 10 for task in FULL_SIZES}
 
 
 # ---------------------------------------------------------------------------------------- check_downstream
@@ -77,8 +74,7 @@ def test_piqa_needs_its_labels_file(tmp_path: Path) -> None:
         check_downstream(["piqa"], tmp_path)
 
 
-@needs_assets
-def test_shared_assets_pass_the_check() -> None:
+def test_task_files_pass_the_check() -> None:
     check_downstream(list(DOWNSTREAM_TASKS), DATA_DIR)
 
 
@@ -87,7 +83,7 @@ def test_shared_assets_pass_the_check() -> None:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shared data with HellaSwag decompressed once (the .bz2 costs seconds per load on 2 busy cores)."""
+    """The task data with HellaSwag decompressed once (the .bz2 of the full split costs seconds per load)."""
     out = tmp_path_factory.mktemp("downstream")
     for task in DOWNSTREAM_TASKS:
         if task != "hellaswag":
@@ -108,16 +104,15 @@ def loaded(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     return TaskManager(include_path=str(tmp), include_defaults=False).load(list(DOWNSTREAM_TASKS))["tasks"]
 
 
-@needs_assets
 def test_every_task_loads_all_its_documents_with_valid_targets(loaded: dict) -> None:
-    """Our loaders + lm-eval's doc_to_* see exactly the published split sizes, and targets resolve."""
+    """Our loaders + lm-eval's doc_to_* see exactly every document of the files, and every target resolves."""
     assert set(loaded) == set(DOWNSTREAM_TASKS)
     for name, task in loaded.items():
         docs = task.eval_docs
-        assert len(docs) == FULL_SIZES[name], name
+        assert len(docs) == FIXTURE_SIZES[name], name
         if name == "winogrande":  # lm-eval's "multiple inputs" task: the choice is in the context
             continue
-        for doc in docs.select(range(0, len(docs), 97)):  # a spread-out sample keeps this fast
+        for doc in docs:
             choices = task.doc_to_choice(doc)
             target = task.doc_to_target(doc)
             index = choices.index(target) if isinstance(target, str) else target
@@ -125,7 +120,6 @@ def test_every_task_loads_all_its_documents_with_valid_targets(loaded: dict) -> 
             assert all(isinstance(c, str) and c for c in choices), (name, doc)
 
 
-@needs_assets
 def test_prompts_match_lm_eval_renderings(loaded: dict) -> None:
     """First items as lm-eval renders them from the Hub copies (HellaSwag: ctx_b capitalized)."""
     hs = loaded["hellaswag"]
@@ -151,7 +145,6 @@ def _gold_choice(task, doc) -> str:
     return target if isinstance(target, str) else task.doc_to_choice(doc)[target]
 
 
-@needs_assets
 def test_gold_answers_are_the_right_ones(loaded: dict) -> None:
     """Labels survive the format conversions: facts about the data that the loaders do not see."""
     first_gold = {  # first item of each split, answers checked by reading them
@@ -166,7 +159,7 @@ def test_gold_answers_are_the_right_ones(loaded: dict) -> None:
     for name, gold in first_gold.items():
         assert _gold_choice(loaded[name], loaded[name].eval_docs[0]) == gold, name
     boolq = loaded["boolq"]
-    assert sum(boolq.doc_to_target(d) for d in boolq.eval_docs) == 2033  # SOURCES.md: 2033 true / 1237 false
+    assert sum(boolq.doc_to_target(d) for d in boolq.eval_docs) == 8  # the fixture's first 10: 8 true / 2 false
     wg = loaded["winogrande"]  # the side file dev-labels.lst (1/2) must agree with the jsonl's answers
     side = (DATA_DIR / "winogrande" / "dev-labels.lst").read_text().split()
     assert [wg.doc_to_text(d) for d in wg.eval_docs] == [int(y) - 1 for y in side]
@@ -251,7 +244,6 @@ def all_tasks_result(stories, data_dir: Path):
     return result, attempts, env_after
 
 
-@needs_assets
 def test_run_all_tasks_result_structure(all_tasks_result) -> None:
     result, _, _ = all_tasks_result
     assert set(result) == set(DOWNSTREAM_TASKS) | {"mean"}
@@ -270,7 +262,6 @@ def test_run_all_tasks_result_structure(all_tasks_result) -> None:
     assert result["mean"]["acc_norm"] == pytest.approx(sum(norms) / len(norms))
 
 
-@needs_assets
 def test_run_never_touches_the_network(all_tasks_result) -> None:
     _, attempts, env_after = all_tasks_result
     assert attempts == []
@@ -288,7 +279,6 @@ def _loglikelihood(model, tok, context: str, continuation: str) -> float:
     return logprobs[n_ctx - 1 :].gather(1, targets[:, None]).sum().item()
 
 
-@needs_assets
 @pytest.mark.parametrize(("task", "shared"), [("arc_easy", False), ("piqa", False), ("piqa", True)])
 def test_scores_match_a_hand_computation(stories, loaded: dict, task: str, shared: bool) -> None:
     """acc / acc_norm recomputed from raw model log-probs agree with what run_downstream reports.
@@ -327,9 +317,8 @@ def test_scores_match_a_hand_computation(stories, loaded: dict, task: str, share
 def test_run_checks_arguments_before_loading_anything(tmp_path: Path) -> None:
     with pytest.raises(SharpError, match="unknown downstream task"):
         run_downstream(None, None, ["nope"], tmp_path)
-    if DATA_DIR.is_dir():
-        with pytest.raises(SharpError, match="--limit"):
-            run_downstream(None, None, ["piqa"], DATA_DIR, limit=0)
+    with pytest.raises(SharpError, match="--limit"):
+        run_downstream(None, None, ["piqa"], DATA_DIR, limit=0)
 
 
 def test_shipped_task_templates_cover_every_task() -> None:

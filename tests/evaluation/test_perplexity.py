@@ -11,20 +11,13 @@ from hypothesis import strategies as st
 from sharp.data import IGNORE, load_records, text_token_stream, tokenize_examples
 from sharp.errors import SharpError
 from sharp.evaluation import evaluate_tasks, parse_tasks, response_perplexity, text_perplexity, text_windows
-from tests.conftest import ASSETS
-
-WIKI = ASSETS / "text" / "wikitext2_test.txt"
-ALPACA = ASSETS / "instruct" / "alpaca_en_demo.json"
+from tests.conftest import ALPACA, STORIES, WIKI
 
 
 @pytest.fixture(scope="module")
 def stories():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tests.conftest import STORIES
-
-    if not STORIES.is_dir():
-        pytest.skip("stories260K is not available")
     return AutoModelForCausalLM.from_pretrained(STORIES).eval(), AutoTokenizer.from_pretrained(STORIES)
 
 
@@ -149,3 +142,14 @@ def test_garbage_task_lists_raise_only_sharp_errors(text):
             assert "\n" not in str(e)
             return
     assert tasks and all(t.name.startswith("ppl:") for t in tasks)
+
+
+def test_nll_standard_error_is_the_ratio_estimators():
+    from sharp.evaluation.perplexity import _result
+
+    same = _result([(2.0, 4), (5.0, 10), (1.0, 2)])  # every example has mean NLL 0.5: no spread
+    assert same["nll"] == pytest.approx(0.5) and same["nll_sem"] == pytest.approx(0.0, abs=1e-12)
+    assert same["examples"] == 3 and same["tokens"] == 16
+    r = _result([(4.0, 4), (2.0, 4)])  # per-example means 1.0 and 0.5, equal weights
+    # residuals s - nll*n = 4 - 3 = 1 and 2 - 3 = -1; var = 2 / 1; sem = sqrt(2 / 2) / 4
+    assert r["nll"] == pytest.approx(0.75) and r["nll_sem"] == pytest.approx(0.25)

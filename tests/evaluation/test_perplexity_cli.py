@@ -4,10 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import ASSETS, run_cli
-
-WIKI = ASSETS / "text" / "wikitext2_test.txt"
-ALPACA = ASSETS / "instruct" / "alpaca_en_demo.json"
+from tests.conftest import ALPACA, WIKI, run_cli
 
 
 def test_eval_text_and_alpaca_writes_json(stories_path, tmp_path, capsys):

@@ -21,7 +21,8 @@ from sharp.evaluation.similarity import (
     replacement_costs,
 )
 from sharp.sharing.strategy import parse_strategy
-from tests.conftest import ASSETS, run_cli, tiny_model
+from tests.conftest import ALPACA, run_cli, tiny_model
+from tests.conftest import C4 as C4_FILE
 
 
 def _sequences(lengths, vocab=128, seed=0):
@@ -149,8 +150,7 @@ def test_replacement_costs_use_the_given_score():
         assert response_perplexity(model, examples, 2)["ppl"] == pytest.approx(row["ppl"])
 
 
-C4 = f"text:{ASSETS / 'text' / 'c4_demo.jsonl'}"
-ALPACA = ASSETS / "instruct" / "alpaca_en_demo.json"
+C4 = f"text:{C4_FILE}"
 
 
 def test_analyze_cli_on_stories260k(stories_path, tmp_path, capsys):

@@ -14,7 +14,6 @@ from sharp.evaluation.suggest import (
     check_budget,
     cost_table,
     max_targets,
-    parse_budget,
     strategy_text,
     suggest_strategy,
 )
@@ -102,17 +101,6 @@ def test_strategy_text_prefers_next_when_it_is_exact():
 def test_budget_beyond_half_is_refused_with_one_line():
     with pytest.raises(SharpError, match="at most 15"):
         suggest_strategy({t: 0.1 for t in range(1, 30)}, 30, 0.6)
-
-
-@pytest.mark.parametrize(("text", "value"), [("40%", 0.4), ("0.25", 0.25), ("12.5%", 0.125), ("100%", 1.0)])
-def test_parse_budget(text, value):
-    assert parse_budget(text) == pytest.approx(value)
-
-
-@pytest.mark.parametrize("text", ["", "abc", "0%", "150%", "-10%", "2", "40%%"])
-def test_parse_budget_rejects(text):
-    with pytest.raises(SharpError, match="budget"):
-        parse_budget(text)
 
 
 def test_cost_table_prefers_replacement_then_rel_l2():

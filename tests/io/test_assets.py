@@ -277,7 +277,7 @@ REAL_MODEL = assets.sharp_home() / "models" / "smollm2-135m"
 @pytest.fixture
 def real_tokenizer():
     if not (REAL_MODEL / assets.SOURCE_FILE).is_file():
-        pytest.skip("smollm2-135m is not in the asset cache (run `sharp assets fetch`)")
+        pytest.skip("optional: smollm2-135m is not in the asset cache (run `sharp assets fetch`)")
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(REAL_MODEL)
@@ -296,7 +296,7 @@ def test_cached_tokenizer_adds_no_bos(real_tokenizer):
 def test_cached_model_folder_is_a_plain_fp32_llama():
     """What the conversion wrote: a dense fp32 Llama, tied embeddings, no quantizer left, record consistent."""
     if not (REAL_MODEL / assets.SOURCE_FILE).is_file():
-        pytest.skip("smollm2-135m is not in the asset cache (run `sharp assets fetch`)")
+        pytest.skip("optional: smollm2-135m is not in the asset cache (run `sharp assets fetch`)")
     import torch
     from safetensors import safe_open
     from transformers import AutoConfig
@@ -316,11 +316,11 @@ def test_cached_model_folder_is_a_plain_fp32_llama():
 
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("SHARP_TEST_CONVERT") != "1",
-                    reason="the real conversion takes 40-110 s on 2 cores; set SHARP_TEST_CONVERT=1")
+                    reason="optional: the real conversion takes 40-110 s on 2 cores; set SHARP_TEST_CONVERT=1")
 def test_real_gguf_conversion_is_deterministic(tmp_path):
     """Converting the cached GGUF again gives byte-identical files to the cached folder's record."""
     if not REAL_GGUF.is_file() or not (REAL_MODEL / assets.SOURCE_FILE).is_file():
-        pytest.skip("the SmolLM2 GGUF is not in the asset cache (run `sharp assets fetch`)")
+        pytest.skip("optional: the SmolLM2 GGUF is not in the asset cache (run `sharp assets fetch`)")
     out = assets.convert_gguf(REAL_GGUF, tmp_path / "m", assets.FILES["smollm2-135m-gguf"])
     fresh = json.loads((out / assets.SOURCE_FILE).read_text())
     cached = json.loads((REAL_MODEL / assets.SOURCE_FILE).read_text())

@@ -80,7 +80,8 @@ F32_CACHE = {"type_k": 0, "type_v": 0}  # GGML_TYPE_F32: llama.cpp's default f16
 def test_llama_cpp_runtime_matches_pytorch(lora_ckpt, tmp_path):
     """The exported files run in llama.cpp itself (llama-cpp-python, `pip install 'sharp-llm[llamacpp]'`, which
     compiles llama.cpp: ~10 min on 2 cores, so CI skips this)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = pytest.importorskip("llama_cpp", reason="optional extra llama-cpp-python is not installed "
+                                    "(pip install 'sharp-llm[llamacpp]')")
     files = export_gguf(lora_ckpt, tmp_path / "g", outtype="f32")
     merged = sharp.load(lora_ckpt, dtype=torch.float32, mode="merged")
     llm = llama_cpp.Llama(model_path=str(files["merged"]), logits_all=True, n_ctx=64, n_threads=1, verbose=False,

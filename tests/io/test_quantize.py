@@ -16,7 +16,7 @@ from sharp.io.quantize import (
     quantize_model,
     quantized_linears,
 )
-from sharp.sharing.shared import _dense_weight, recoveries, shared_linears
+from sharp.sharing.shared import dense_weight, recoveries, shared_linears
 from tests.conftest import randomize_recovery, run_cli
 
 IDS = torch.tensor([[1, 400, 35, 90, 7, 300, 12, 5, 77, 2]])
@@ -114,9 +114,9 @@ def test_merged_mode_materializes_targets(shared_ckpt, tmp_path, method):
     # each target owns quantize(dequantize(W_ref) + B A): one more 4-bit rounding of the exact merged weight
     name, target = shared_linears(q_shared)[0]
     exact = target.merged().weight.float()
-    requantized = _dense_weight(q_merged.get_submodule(name)).float()
+    requantized = dense_weight(q_merged.get_submodule(name)).float()
     assert ((requantized - exact).norm() / exact.norm()) < 0.15
-    assert not torch.equal(requantized, _dense_weight(target.base_layer).float())
+    assert not torch.equal(requantized, dense_weight(target.base_layer).float())
     with torch.no_grad():
         a, b = q_merged(input_ids=IDS).logits.float(), q_shared(input_ids=IDS).logits.float()
     assert (a - b).norm() / b.norm() < 0.1  # the same model up to that extra rounding
@@ -183,9 +183,9 @@ def test_merged_mode_keeps_bf16(shared_ckpt):
 def test_eval_scores_quantized_folders_like_the_16_bit_model(stories_path, shared_ckpt, tmp_path, method, capsys):
     """`sharp eval` (and `sharp.load_model`) read both kinds of quantized folder as quantized models: a plain one
     was once loaded by from_pretrained with random weights, and quanto's tensors failed under inference_mode."""
-    from tests.conftest import ASSETS
+    from tests.conftest import WIKI
 
-    wiki = ASSETS / "text" / "wikitext2_test.txt"
+    wiki = WIKI
     quantize_checkpoint(str(stories_path), tmp_path / "plain4", method=method)
     quantize_checkpoint(str(shared_ckpt), tmp_path / "sharp4", method=method)
     for folder, reference in ((tmp_path / "plain4", stories_path), (tmp_path / "sharp4", shared_ckpt)):
@@ -198,3 +198,45 @@ def test_eval_scores_quantized_folders_like_the_16_bit_model(stories_path, share
             assert code == 0, err
             ppl[name] = json.loads((tmp_path / f"{name}.json").read_text())["tasks"][f"ppl:text={wiki}"]["ppl"]
         assert abs(ppl["4"] / ppl["16"] - 1) < 0.5, ppl  # 4-bit costs some perplexity, not orders of magnitude
+
+
+@pytest.fixture
+def avx512_bf16_cpu(monkeypatch) -> None:
+    """Pretend this CPU has AVX512-BF16: bitsandbytes' Linear4bit then repacks its weight for a fused CPU kernel
+    at the first no-grad eval forward. That kernel may not run here, so it is replaced by dequantize + matmul of
+    the packed weight (the layout conversion, the part that failed on 172-wide layers, runs for real)."""
+    import copy
+
+    import bitsandbytes.functional as F
+    import bitsandbytes.nn.modules as bnb_modules
+
+    def packed_gemv(A, B, out=None, state=None):
+        weight, unpacked = F._convert_weight_packed_for_cpu_inverse(B.clone(), copy.deepcopy(state))
+        return torch.nn.functional.linear(A, F.dequantize_4bit(weight, unpacked).to(A.dtype))
+
+    monkeypatch.setattr(bnb_modules, "has_avx512bf16", lambda: True)
+    monkeypatch.setattr(F, "gemv_4bit", packed_gemv)
+    assert bnb_modules.Linear4bit(64, 32, device="meta").support_avx512bf16_for_cpu  # the pretence reaches bnb
+
+
+def test_nf4_runs_on_cpus_with_avx512_bf16(shared_ckpt, tmp_path, avx512_bf16_cpu):
+    """On such CPUs bitsandbytes' packed path failed on stories260K's 172-wide MLP ("N must be divisible by
+    block_n") and, on layers it could pack, rewrote the weight in place so that a later save wrote re-quantized
+    block scales. Every CPU must run any layer shape and save the same bytes before and after a forward."""
+    model = quantize_model(sharp.load(shared_ckpt), method="nf4")
+    sharp.save(model, tmp_path / "cold")
+    name, target = shared_linears(model)[0]
+    dense = dense_weight(target.base_layer)
+    with torch.inference_mode():
+        before = model(input_ids=IDS).logits
+    assert torch.equal(dense_weight(target.base_layer), dense)  # the forward left the weight as it was
+    sharp.save(model, tmp_path / "warm")
+    for f in ("model.safetensors", "recovery.safetensors"):
+        assert (tmp_path / "cold" / f).read_bytes() == (tmp_path / "warm" / f).read_bytes(), f
+    for mode in ("shared", "merged"):
+        with torch.inference_mode():
+            after = sharp.load(tmp_path / "warm", mode=mode)(input_ids=IDS).logits
+        if mode == "shared":
+            assert torch.equal(before, after)
+        else:
+            assert (after.float() - before.float()).norm() / before.float().norm() < 0.1

@@ -17,14 +17,10 @@ import torch
 import sharp
 from sharp.errors import SharpError
 from sharp.recipes import CompressConfig
+from tests.conftest import C4
+from tests.conftest import STORIES as MODEL
 
-ASSETS = Path(__file__).resolve().parents[2].parent / "shared" / "assets"
-MODEL = ASSETS / "models" / "stories260K"
-C4 = ASSETS / "text" / "c4_demo.jsonl"
-
-pytestmark = pytest.mark.skipif(not MODEL.is_dir(), reason="offline assets not present")
-
-ARGS = [str(MODEL), "--strategy", "next:1-4", "--recovery", "lora:8", "--data", f"text:{C4}[:120]",
+ARGS = [str(MODEL), "--strategy", "next:1-4", "--recovery", "lora:8", "--data", f"text:{C4}",
         "--max-len", "128", "--batch-size", "8", "--slw-steps", "40", "--sft-steps", "30", "--lr", "5e-3",
         "--eval-steps", "15", "--save-steps", "10", "--eval-fraction", "0.15"]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}

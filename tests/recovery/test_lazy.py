@@ -1,6 +1,7 @@
 """Weights from disk: the layer-by-layer capture stores exactly what the in-memory capture stores (every
-architecture, padding, max_tokens), SLW from a folder trains the same recovery, and SLW jobs share the frozen
-reference weights instead of copying them."""
+architecture, padding, max_tokens), SLW from a folder trains the same recovery (original and sequential inputs;
+the original MLPs read from disk by each job), and SLW jobs share the frozen reference weights instead of
+copying them."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import torch
 import sharp
 from sharp.arch import ADAPTERS
 from sharp.recovery.activations import capture_activations
-from sharp.recovery.lazy import SafetensorsWeights, capture_from_disk, frozen_sharing_copy
+from sharp.recovery.lazy import SafetensorsWeights, capture_from_disk, frozen_sharing_copy, original_mlps
 from sharp.recovery.slw import SLWConfig, run_slw, target_mlps
 from tests.conftest import tiny_model
 
@@ -44,9 +45,10 @@ def test_capture_from_disk_equals_in_memory_capture(model_type, tmp_path):
         assert torch.equal(mem.positions(t), disk.positions(t))
 
 
-def test_slw_from_a_folder_trains_the_same_recovery(stories_path, tmp_path):
+@pytest.mark.parametrize("inputs", ["original", "sequential"])
+def test_slw_from_a_folder_trains_the_same_recovery(inputs, stories_path, tmp_path):
     cfg = SLWConfig(steps=20, batch_tokens=128, eval_every=10, eval_tokens=64, checkpoint_every=10, max_tokens=600,
-                    dtype="float32", threads=1)
+                    dtype="float32", threads=1, inputs=inputs)
     batches = _batches(500)
     results = []
     for name, source in (("mem", None), ("disk", stories_path)):
@@ -77,6 +79,17 @@ def test_slw_job_copy_shares_frozen_weights_and_leaves_the_model_alone(dtype):
     with torch.no_grad():
         next(p for n, p in job.named_parameters() if ".recovery." in n).add_(1.0)  # the job trains its own copy
     assert all(p.data_ptr() == before[n][2] for n, p in mlp.named_parameters())
+
+
+def test_original_mlps_stay_on_disk_until_loaded(stories_path):
+    model, _ = sharp.load_model(str(stories_path), dtype=torch.float32)
+    lazy = original_mlps(stories_path, {2: 3})  # key 2 reads layer 3 (a plan that dropped a block before it)
+    assert all(p.is_meta for p in lazy[2].skeleton.parameters())
+    loaded = lazy[2].load(torch.float32)
+    expected = model.model.layers[3].mlp.state_dict()
+    assert loaded.state_dict().keys() == expected.keys()
+    assert all(torch.equal(v, expected[k]) for k, v in loaded.state_dict().items())
+    assert all(p.is_meta for p in lazy[2].skeleton.parameters())  # each load is a fresh copy
 
 
 def test_only_plain_safetensors_folders_are_read_lazily(stories_path, tmp_path):

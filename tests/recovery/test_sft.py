@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,12 +14,9 @@ from sharp.io.checkpoint import split_state_dict
 from sharp.recovery.sft import TRAINABLE, NonFiniteLossError, SFTConfig, last_checkpoint, run_sft
 from sharp.recovery.trainable import add_full_lora, mark_trainable, merge_full_lora
 from sharp.sharing.shared import recoveries, shared_linears
+from tests.conftest import C4
+from tests.conftest import STORIES as MODEL
 
-ASSETS = Path(__file__).resolve().parents[2].parent / "shared" / "assets"
-MODEL = ASSETS / "models" / "stories260K"
-C4 = ASSETS / "text" / "c4_demo.jsonl"
-
-pytestmark = pytest.mark.skipif(not MODEL.is_dir(), reason="offline assets not present")
 torch.set_num_threads(1)  # tiny model: one thread is faster on a shared 2-core machine
 
 

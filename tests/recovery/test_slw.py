@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,14 +14,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import sharp  # noqa: E402
 from sharp.errors import SharpError  # noqa: E402
 from sharp.recovery import ActivationStore, SLWConfig, capture_activations, run_slw, train_slw  # noqa: E402
+from sharp.recovery.slw_layer import split_rows  # noqa: E402
+from tests.conftest import C4 as TEXT  # noqa: E402
+from tests.conftest import STORIES as MODEL  # noqa: E402
 
-ASSETS = Path(__file__).resolve().parents[2] / ".." / "shared" / "assets"
-MODEL = ASSETS / "models" / "stories260K"
-TEXT = ASSETS / "text" / "c4_demo.jsonl"
 STRATEGY = "next:1-4"  # targets 2 and 4
 TARGETS = [2, 4]
-
-pytestmark = pytest.mark.skipif(not MODEL.is_dir() or not TEXT.is_file(), reason="shared assets not present")
 
 
 def tiny_config(**kw) -> SLWConfig:
@@ -112,25 +109,25 @@ def test_capture_respects_max_tokens_and_half_precision(original, batches, tmp_p
     assert again.num_tokens(3) == 100
 
 
-def _held_out_rel_err(mlp, store, layer, n_eval) -> float:
-    """rel-err on the held-out ordinary tokens (the last n_eval rows that are not at position 0)."""
+def _held_out_rel_err(mlp, store, layer, cfg) -> float:
+    """rel-err on the held-out ordinary tokens (SLW's random held-out split of the rows not at position 0)."""
     x, y = store.load(layer)
-    x, y = x[store.positions(layer) > 0], y[store.positions(layer) > 0]
-    x, y = x[-n_eval:], y[-n_eval:]
+    rows = split_rows(x, y, store.positions(layer), cfg, layer)
+    assert rows.x_eval.shape[0] == min(cfg.eval_tokens, int((store.positions(layer) > 0).sum()) // 5)
     with torch.no_grad():
-        return float((mlp(x) - y).norm() / y.norm())
+        return float((mlp(rows.x_eval) - rows.y_eval).norm() / rows.y_eval.norm())
 
 
 def test_slw_beats_direct_sharing_on_every_target(original, store, tmp_path):
     model = shared_copy(original)
     cfg = tiny_config()
-    results = train_slw(model, store, cfg, tmp_path, progress=False)
+    results = train_slw(model, store, cfg, tmp_path, progress=False, originals=_originals(original))
     assert sorted(results) == TARGETS
     for t in TARGETS:
         mlp = model.model.layers[t].mlp
         assert results[t]["sink_rel_err_after"] < results[t]["sink_rel_err_before"]  # position 0 fitted too
-        direct = _held_out_rel_err(original.model.layers[t - 1].mlp, store, t, cfg.eval_tokens)  # Direct Sharing
-        trained = _held_out_rel_err(mlp, store, t, cfg.eval_tokens)  # the trained model itself, loaded back
+        direct = _held_out_rel_err(original.model.layers[t - 1].mlp, store, t, cfg)  # Direct Sharing
+        trained = _held_out_rel_err(mlp, store, t, cfg)  # the trained model itself, loaded back
         assert trained < 0.97 * direct, (t, trained, direct)
         assert results[t]["rel_err_after"] == pytest.approx(trained, rel=1e-4)
         assert results[t]["rel_err_before"] == pytest.approx(direct, rel=1e-4)
@@ -143,11 +140,8 @@ def test_slw_beats_direct_sharing_on_every_target(original, store, tmp_path):
                                    original.model.layers[t - 1].mlp.up_proj.weight)
 
 
-def test_lstsq_init_improves_on_zero_init(original, store, tmp_path):
-    model = shared_copy(original)
-    results = train_slw(model, store, tiny_config(steps=1, eval_every=1), tmp_path, progress=False)
-    for r in results.values():
-        assert r["rel_err_init"] < r["rel_err_before"]
+def _originals(original) -> dict[int, torch.nn.Module]:
+    return {t: original.model.layers[t].mlp for t in TARGETS}
 
 
 def _recovery_tensors(model) -> dict[str, torch.Tensor]:
@@ -156,8 +150,8 @@ def _recovery_tensors(model) -> dict[str, torch.Tensor]:
 
 def test_two_workers_match_one(original, store, tmp_path):
     one, two = shared_copy(original), shared_copy(original)
-    r1 = train_slw(one, store, tiny_config(workers=1), tmp_path / "w1", progress=False)
-    r2 = train_slw(two, store, tiny_config(workers=2), tmp_path / "w2", progress=False)
+    r1 = train_slw(one, store, tiny_config(workers=1), tmp_path / "w1", progress=False, originals=_originals(original))
+    r2 = train_slw(two, store, tiny_config(workers=2), tmp_path / "w2", progress=False, originals=_originals(original))
     for t in TARGETS:
         assert r2[t]["rel_err_after"] == pytest.approx(r1[t]["rel_err_after"], rel=1e-3)
     a, b = _recovery_tensors(one), _recovery_tensors(two)
@@ -169,14 +163,15 @@ def test_two_workers_match_one(original, store, tmp_path):
 def test_resume_after_interruption_ends_like_uninterrupted(original, store, tmp_path):
     cfg = tiny_config()
     straight = shared_copy(original)
-    ref = train_slw(straight, store, cfg, tmp_path / "straight", progress=False)
+    ref = train_slw(straight, store, cfg, tmp_path / "straight", progress=False, originals=_originals(original))
 
     resumed = shared_copy(original)
     work = tmp_path / "resumed"
-    partial = train_slw(resumed, store, cfg, work, progress=False, _stop_after=15)  # "killed" after 15 steps
+    partial = train_slw(resumed, store, cfg, work, progress=False, originals=_originals(original),
+                        _stop_after=15)  # "killed" after 15 steps
     assert partial == {}  # nothing finished
     assert (work / "layer_002" / "state.pt").is_file()  # state at step 10 survives
-    out = train_slw(resumed, store, cfg, work, progress=False)
+    out = train_slw(resumed, store, cfg, work, progress=False, originals=_originals(original))
     for t in TARGETS:
         assert out[t]["step"] == ref[t]["step"]
         assert out[t]["rel_err_after"] == pytest.approx(ref[t]["rel_err_after"], rel=1e-5)
@@ -205,6 +200,7 @@ def test_bad_settings_are_user_errors(original, store, tmp_path):
     with pytest.raises(SharpError, match="loss"):
         SLWConfig(loss="l1")
     with pytest.raises(SharpError, match="does not share"):
-        train_slw(shared_copy(original), store, tiny_config(), tmp_path, targets=[3], progress=False)
+        train_slw(shared_copy(original), store, tiny_config(), tmp_path, targets=[3], progress=False,
+                  originals=_originals(original))
     with pytest.raises(SharpError, match="shares no MLP"):
         run_slw(original, copy.deepcopy(original), [], tiny_config(), tmp_path, progress=False)

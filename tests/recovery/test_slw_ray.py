@@ -15,10 +15,11 @@ import torch
 
 from sharp.recovery import slw
 from sharp.recovery.activations import ActivationStore, capture_activations
-from sharp.recovery.slw import _train_layer, train_slw
-from tests.recovery.test_slw import MODEL, TARGETS, _recovery_tensors, shared_copy, tiny_config
+from sharp.recovery.slw import train_slw
+from sharp.recovery.slw_layer import train_layer
+from tests.recovery.test_slw import MODEL, TARGETS, _originals, _recovery_tensors, shared_copy, tiny_config
 
-ray = pytest.importorskip("ray", reason="Ray is not installed (pip install 'sharp-llm[ray]'): Ray backend not tested")
+ray = pytest.importorskip("ray", reason="optional extra ray is not installed (pip install 'sharp-llm[ray]')")
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow  # starting Ray and two worker pools: ~2 min on 2 busy cores
 
@@ -27,8 +28,6 @@ pytestmark = pytest.mark.slow  # starting Ray and two worker pools: ~2 min on 2 
 def original():
     from transformers import AutoModelForCausalLM
 
-    if not MODEL.is_dir():
-        pytest.skip("shared assets not present")
     return AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32).eval()
 
 
@@ -59,8 +58,9 @@ def _assert_same(a: dict, b: dict) -> None:
 
 def test_ray_backend_matches_local_backend(original, store, tmp_path, local_ray):
     local, on_ray = shared_copy(original), shared_copy(original)
-    r_local = train_slw(local, store, tiny_config(workers=2), tmp_path / "local", progress=False)
-    r_ray = train_slw(on_ray, store, tiny_config(workers=2, backend="ray"), tmp_path / "ray", progress=False)
+    kw = dict(progress=False, originals=_originals(original))
+    r_local = train_slw(local, store, tiny_config(workers=2), tmp_path / "local", **kw)
+    r_ray = train_slw(on_ray, store, tiny_config(workers=2, backend="ray"), tmp_path / "ray", **kw)
     assert sorted(r_ray) == TARGETS
     for t in TARGETS:
         assert r_ray[t]["rel_err_after"] == r_local[t]["rel_err_after"] < r_local[t]["rel_err_before"]
@@ -73,18 +73,19 @@ def crash_once(job, threads, report):
     if not marker.exists():
         marker.touch()
         job.stop_after = 15
-        _train_layer(job, threads, report)
+        train_layer(job, threads, report)
         os._exit(1)
-    return _train_layer(job, threads, report)
+    return train_layer(job, threads, report)
 
 
 def test_ray_retries_a_dead_worker_from_the_layer_state(original, store, tmp_path, local_ray, monkeypatch):
     straight = shared_copy(original)
-    train_slw(straight, store, tiny_config(), tmp_path / "straight", progress=False)
-    monkeypatch.setattr(slw, "_train_layer", crash_once)
+    train_slw(straight, store, tiny_config(), tmp_path / "straight", progress=False, originals=_originals(original))
+    monkeypatch.setattr(slw, "train_layer", crash_once)
     retried = shared_copy(original)
     work = tmp_path / "retried"
-    out = train_slw(retried, store, tiny_config(workers=2, backend="ray"), work, progress=False)
+    out = train_slw(retried, store, tiny_config(workers=2, backend="ray"), work, progress=False,
+                    originals=_originals(original))
     assert all((work / f"crashed_{t}").exists() for t in TARGETS)  # every task died once
     log = (work / "slw_log.jsonl").read_text()
     assert log.count('"event": "resume"') == len(TARGETS)  # ...and its retry resumed from step 10

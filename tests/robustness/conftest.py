@@ -8,12 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ASSETS, STORIES
-
-C4 = ASSETS / "text" / "c4_demo.jsonl"
-ALPACA = ASSETS / "instruct" / "alpaca_en_demo.json"
-
-needs_assets = pytest.mark.skipif(not STORIES.is_dir() or not C4.is_file(), reason="offline assets not present")
+from tests.conftest import STORIES
 
 
 class ModelLoaded(BaseException):  # noqa: N818 - BaseException so no `except Exception` can swallow it
@@ -35,8 +30,6 @@ def no_model_load(monkeypatch):
 @pytest.fixture(scope="session")
 def checkpoint(tmp_path_factory) -> Path:
     """stories260K shared `next:1-4` with trained-looking `lora:4` recovery (a full checkpoint)."""
-    if not STORIES.is_dir():
-        pytest.skip("offline assets not present")
     import sharp
     from tests.conftest import randomize_recovery
 

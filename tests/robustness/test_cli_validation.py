@@ -11,10 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import STORIES, run_cli
-from tests.robustness.conftest import ALPACA, C4, needs_assets
-
-pytestmark = needs_assets
+from tests.conftest import ALPACA, C4, STORIES, run_cli
 
 M = str(STORIES)
 TEXT = f"text:{C4}"

@@ -18,9 +18,6 @@ import sharp
 from sharp.errors import SharpError
 from sharp.io.checkpoint import MANIFEST, RECOVERY, SHARP_CONFIG, WEIGHTS, write_manifest
 from tests.conftest import run_cli
-from tests.robustness.conftest import needs_assets
-
-pytestmark = needs_assets
 
 
 def _truncate(name: str, keep: float = 0.5):

@@ -20,8 +20,7 @@ from sharp.errors import SharpError
 from sharp.io.atomic import atomic_dir
 from sharp.io.checkpoint import verify_manifest, write_manifest
 from sharp.io.lock import output_lock
-from tests.conftest import STORIES, run_cli
-from tests.robustness.conftest import C4, needs_assets
+from tests.conftest import C4, STORIES, run_cli
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
 
@@ -98,7 +97,6 @@ def test_lock_refuses_a_second_writer_and_is_removed_after(tmp_path):
     assert not lock.exists()
 
 
-@needs_assets
 def test_every_writer_takes_the_output_lock(checkpoint, tmp_path, capsys):
     out = tmp_path / "out"
     model = sharp.load(checkpoint)
@@ -137,7 +135,6 @@ while True:
 """
 
 
-@needs_assets
 def test_sigkill_during_repeated_saves_never_leaves_a_half_written_checkpoint(checkpoint, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen([sys.executable, "-c", _SAVE_LOOP, str(checkpoint), str(out)], env=ENV,
@@ -156,7 +153,6 @@ def test_sigkill_during_repeated_saves_never_leaves_a_half_written_checkpoint(ch
     assert _siblings(out) == []
 
 
-@needs_assets
 def test_compress_killed_after_publishing_finishes_on_rerun(checkpoint, tmp_path, no_model_load, capsys):
     import shutil
 

@@ -14,9 +14,7 @@ import sharp
 from sharp.errors import SharpError
 from sharp.io.checkpoint import MANIFEST, RECOVERY, SHARP_CONFIG, WEIGHTS, is_adapter_only, sha256_file
 from tests.conftest import STORIES, randomize_recovery, run_cli, tiny_model
-from tests.robustness.conftest import needs_assets
 
-pytestmark = needs_assets
 IDS = torch.tensor([[1, 403, 407, 261, 378, 300, 270, 261, 2]])
 
 

@@ -12,15 +12,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 import sharp
 from sharp.errors import SharpError
-from sharp.recovery import slw
+from sharp.recovery import slw, slw_layer
 from sharp.recovery.activations import capture_activations
 from sharp.recovery.sft import TRAINABLE, NonFiniteLossError, SFTConfig, last_checkpoint, run_sft
 from sharp.recovery.trainable import mark_trainable
 from sharp.sharing.shared import recoveries
-from tests.conftest import STORIES, run_cli
-from tests.robustness.conftest import C4, needs_assets
+from tests.conftest import C4, STORIES, run_cli
 
-pytestmark = needs_assets
 torch.set_num_threads(1)
 
 
@@ -47,16 +45,17 @@ def test_slw_stops_on_a_non_finite_loss_and_keeps_its_last_good_state(batches, t
     # sink_positions=0: one loss call per step (no separate position-0 group), so call 7 is step 7
     cfg = slw.SLWConfig(steps=12, checkpoint_every=4, eval_every=4, patience=100, threads=1, dtype="float32",
                         sink_positions=0)
-    real_loss, calls = slw._loss, []
+    real_loss, calls = slw_layer.loss_fn, []
 
     def poisoned(pred, target, kind):
         calls.append(1)
         loss = real_loss(pred, target, kind)
         return loss * bad if len(calls) == 7 else loss  # step 7 goes bad
 
-    monkeypatch.setattr(slw, "_loss", poisoned)
+    monkeypatch.setattr(slw_layer, "loss_fn", poisoned)
     with pytest.raises(SharpError, match="SLW loss of layer 2 became .* at step 7.*state.pt") as e:
-        slw.train_slw(_shared(), store, cfg, tmp_path / "w", targets=[2], progress=False)
+        slw.train_slw(_shared(), store, cfg, tmp_path / "w", targets=[2], progress=False,
+                      originals={2: original.model.layers[2].mlp})
     assert "\n" not in str(e.value)
     layer = tmp_path / "w" / "layer_002"
     state = torch.load(layer / "state.pt", weights_only=False)
@@ -64,8 +63,9 @@ def test_slw_stops_on_a_non_finite_loss_and_keeps_its_last_good_state(batches, t
     assert all(torch.isfinite(t).all() for t in state["mlp"].values())
     assert not (layer / "result.json").exists()  # the layer is not marked done
 
-    monkeypatch.setattr(slw, "_loss", real_loss)  # the problem fixed: a rerun resumes from step 4
-    result = slw.train_slw(_shared(), store, cfg, tmp_path / "w", targets=[2], progress=False)
+    monkeypatch.setattr(slw_layer, "loss_fn", real_loss)  # the problem fixed: a rerun resumes from step 4
+    result = slw.train_slw(_shared(), store, cfg, tmp_path / "w", targets=[2], progress=False,
+                      originals={2: original.model.layers[2].mlp})
     assert result[2]["step"] == 12
     events = [json.loads(line)["event"] for line in (tmp_path / "w" / slw.LOG).read_text().splitlines()]
     assert "resume" in events

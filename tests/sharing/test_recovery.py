@@ -7,7 +7,7 @@ from torch import nn
 from sharp.errors import SharpError
 from sharp.sharing.recovery import RECOVERIES, parse_recovery
 
-SPECS = ["none", "lora:3", "scale", "lora+scale:3"]
+SPECS = ["none", "lora:3", "scale", "lora+scale:3", "gate", "lora+gate:3", "lora:3,alpha=6", "lora+gate:3,alpha=1.5"]
 
 
 @pytest.mark.parametrize("spec", SPECS)

@@ -22,6 +22,7 @@ class ArchAdapter:
     mlp_projs: tuple[str, ...]  # nn.Linear attributes of the MLP
     attn_attr: str
     attn_projs: tuple[str, ...]
+    mlp_post_norm_attr: str | None = None  # a norm applied to the MLP's output before the residual add (Gemma3)
 
     def layers(self, model: nn.Module) -> nn.ModuleList:
         obj = model
@@ -31,6 +32,11 @@ class ArchAdapter:
 
     def mlp(self, model: nn.Module, index: int) -> nn.Module:
         return getattr(self.layers(model)[index], self.mlp_attr)
+
+    def mlp_post_norm(self, layer: nn.Module) -> nn.Module | None:
+        """The decoder layer's norm on the MLP output, if the architecture has one: what the layer adds to the
+        residual is then norm(mlp(x)), and that is what fitting and ranking must look at."""
+        return getattr(layer, self.mlp_post_norm_attr) if self.mlp_post_norm_attr else None
 
     def attn(self, model: nn.Module, index: int) -> nn.Module:
         return getattr(self.layers(model)[index], self.attn_attr)
@@ -49,7 +55,8 @@ ADAPTERS: dict[str, ArchAdapter] = {
     "llama": ArchAdapter("llama", "model.layers", "mlp", _GATED, "self_attn", _QKVO),
     "mistral": ArchAdapter("mistral", "model.layers", "mlp", _GATED, "self_attn", _QKVO),
     "qwen2": ArchAdapter("qwen2", "model.layers", "mlp", _GATED, "self_attn", _QKVO),
-    "gemma3_text": ArchAdapter("gemma3_text", "model.layers", "mlp", _GATED, "self_attn", _QKVO),
+    "gemma3_text": ArchAdapter("gemma3_text", "model.layers", "mlp", _GATED, "self_attn", _QKVO,
+                               mlp_post_norm_attr="post_feedforward_layernorm"),
     # Phi-3 fuses gate and up into one matrix, and q/k/v into another.
     "phi3": ArchAdapter("phi3", "model.layers", "mlp", ("gate_up_proj", "down_proj"), "self_attn",
                         ("qkv_proj", "o_proj")),

@@ -1,63 +1,21 @@
-"""Stored-parameter budgets: what `--budget` means and how many parameters a baseline must remove.
+"""Stored-parameter budgets: how many parameters a baseline must keep to meet a `--budget`.
 
-    40%          remove 40% of the model's MLP weights (SHARP's "MLP reduction"): target = stored - 0.4 * MLP
-    107500000    keep this many stored parameters (also 107.5M, 250K, 1.2B)
-    match:DIR    keep as many stored parameters as the sharp checkpoint (or pruned model) in DIR
-
-Every budget resolves to one number, the *target stored parameter count*, so that baselines and SHARP rows are
-compared at the same size: a SHARP model's recovery parameters count as stored, exactly like any kept weight.
+The grammar (40% or 0.4, 107.5M, match:DIR) is `sharp.budget.parse_budget`, shared by every command. Every budget
+resolves to one number, the *target stored parameter count*, so that baselines and SHARP rows are compared at the
+same size: a SHARP model's recovery parameters count as stored, exactly like any kept weight.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from torch import nn
 
+from sharp.budget import COUNT, MATCH, SHARE, Budget, parse_budget
 from sharp.errors import SharpError
 
-_SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9}
-BUDGET_FORMS = "40% (of MLP weights), an absolute stored-parameter count (107.5M) or match:DIR"
-
-
-@dataclass(frozen=True)
-class Budget:
-    """A parsed budget: `kind` is "mlp_fraction", "count" or "match"."""
-
-    kind: str
-    value: float = 0.0
-    path: str = ""
-
-    @property
-    def text(self) -> str:
-        if self.kind == "mlp_fraction":
-            return f"{self.value * 100:g}%"
-        if self.kind == "match":
-            return f"match:{self.path}"
-        return str(int(self.value))
-
-
-def parse_budget(text: str) -> Budget:
-    """Check a budget's syntax (and that a `match:` folder exists) without loading a model."""
-    if text.strip().startswith("match:"):
-        path = text.strip()[len("match:"):]
-        if not path or not Path(path).is_dir():
-            raise SharpError(f"budget '{text}': '{path}' is not a folder; write match:DIR with DIR a sharp checkpoint")
-        return Budget("match", path=path)
-    s = text.strip().replace(" ", "").replace("_", "")
-    if m := re.fullmatch(r"(\d+(?:\.\d+)?)%", s):
-        frac = float(m[1]) / 100
-        if not 0 < frac < 1:
-            raise SharpError(f"budget '{text}': a percentage of MLP weights must be between 0% and 100% (e.g. 40%)")
-        return Budget("mlp_fraction", frac)
-    if m := re.fullmatch(r"(\d+(?:\.\d+)?)([KMB]?)", s.upper()):
-        count = float(m[1]) * _SUFFIX[m[2]]
-        if count < 1:
-            raise SharpError(f"budget '{text}' keeps no parameters; give a positive count")
-        return Budget("count", count)
-    raise SharpError(f"malformed budget '{text}'; expected {BUDGET_FORMS}")
+__all__ = ["COUNT", "MATCH", "SHARE", "Budget", "checkpoint_stored_parameters", "parse_budget", "spread",
+           "stored_parameters", "target_stored"]
 
 
 def stored_parameters(model: nn.Module) -> int:
@@ -92,9 +50,9 @@ def target_stored(model: nn.Module, budget: Budget | str) -> int:
 
     budget = parse_budget(budget) if isinstance(budget, str) else budget
     counts = count_parameters(model)
-    if budget.kind == "mlp_fraction":
+    if budget.kind == SHARE:
         target = counts["stored"] - round(budget.value * counts["mlp_original"])
-    elif budget.kind == "match":
+    elif budget.kind == MATCH:
         target = checkpoint_stored_parameters(budget.path)
     else:
         target = int(budget.value)

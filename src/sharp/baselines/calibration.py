@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from sharp.arch import get_adapter
-from sharp.baselines.surgery import is_fused, mlp_projections, mlp_width
 from sharp.errors import SharpError
+from sharp.sharing.surgery import is_fused, mlp_projections, mlp_width
 
 
 def calibration_examples(data: str, tokenizer, n_samples: int = 32, max_len: int = 256,

@@ -24,6 +24,11 @@ def _lora_targets(model: nn.Module) -> list[str]:
                   if isinstance(m, nn.Linear) and m is not lm_head and m.weight.numel() > 0)
 
 
+def lora_parameters_per_rank(model: nn.Module) -> int:
+    """Trainable parameters one unit of healing-LoRA rank adds: sum of (in + out) over the LoRA targets."""
+    return sum(m.in_features + m.out_features for n, m in model.named_modules() if n in set(_lora_targets(model)))
+
+
 def add_lora(model: nn.Module, rank: int, alpha: int | None = None) -> list[nn.Parameter]:
     """Inject LoRA (rank, alpha = 2 * rank as `add_full_lora`) into every non-empty linear; freeze the rest."""
     from peft import LoraConfig, inject_adapter_in_model
@@ -65,8 +70,10 @@ def heal(
     work_dir: str | Path | None = None,
     log_file: str | Path | None = None,
     seed: int = 0,
+    teacher: nn.Module | None = None,
 ) -> dict:
-    """SFT a pruned model in place (LoRA on every remaining linear, merged at the end); returns run_sft's summary."""
+    """SFT a pruned model in place (LoRA on every remaining linear, merged at the end); returns run_sft's summary.
+    `teacher` (the unpruned model) is needed when `sft_config.loss` distills."""
     from transformers import set_seed
 
     from sharp.data import collate_examples
@@ -77,7 +84,7 @@ def heal(
     add_lora(model, lora_rank)
     with tempfile.TemporaryDirectory(prefix="sharp-heal-") as tmp:
         summary = run_sft(model, train, eval_examples, sft_config, work_dir or tmp,
-                          partial(collate_examples, pad_id=pad_id), log_file=log_file)
+                          partial(collate_examples, pad_id=pad_id), log_file=log_file, teacher=teacher)
     merge_lora(model)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -24,9 +24,9 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from sharp.baselines import surgery
 from sharp.errors import SharpError
 from sharp.io.atomic import atomic_dir
+from sharp.sharing import surgery
 
 PRUNE_CONFIG = "sharp_prune.json"
 FORMAT_VERSION = 1

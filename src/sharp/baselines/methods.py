@@ -22,9 +22,10 @@ import torch
 from torch import nn
 
 from sharp.arch import get_adapter
-from sharp.baselines import calibration, surgery
+from sharp.baselines import calibration
 from sharp.baselines.budget import Budget, stored_parameters, target_stored
 from sharp.errors import SharpError
+from sharp.sharing import surgery
 
 METHODS = ("layer-drop", "layer-drop-adapted", "mlp-drop", "width")
 ALLOCATIONS = ("even", "global")

@@ -19,8 +19,12 @@ class Row:
     ppl: dict[str, float]
     compressed: bool = True
     healed: bool = False
-    seconds: float = 0.0
+    seconds: float = 0.0  # building + training (evaluation excluded)
     details: dict = field(default_factory=dict)
+    nll_sem: dict[str, float] = field(default_factory=dict)  # standard error of the mean NLL per task
+    examples: dict[str, int] = field(default_factory=dict)  # examples scored per task
+    trainable: int = 0  # parameters trained (SFT / heal), shared tensors once
+    train_tokens: int = 0  # non-padding tokens the training saw
 
 
 def compressed_spread(rows: list[Row]) -> float:
@@ -49,14 +53,25 @@ def to_markdown(rows: list[Row], tasks: list[str], header: dict[str, str]) -> st
     best = {t: best_compressed(rows, t) for t in tasks}
     original = next((r.stored for r in rows if r.key == "original"), None)
     lines = [f"- **{k}**: {v}" for k, v in header.items()]
-    lines += ["", "| model | stored params | vs original | " + " | ".join(map(short_label, tasks)) + " |",
-              "|---|---:|---:|" + "---:|" * len(tasks)]
+    lines += ["", "| model | stored params | vs original | trained params | train tokens | time | "
+              + " | ".join(map(short_label, tasks)) + " |", "|---|---:|---:|---:|---:|---:|" + "---:|" * len(tasks)]
     for r in rows:
         ratio = f"{r.stored / original:.1%}" if original else "–"
-        cells = [f"**{_fmt(r.ppl.get(t))}**" if best[t] == r.key else _fmt(r.ppl.get(t)) for t in tasks]
-        lines.append(f"| {r.name} | {r.stored:,} | {ratio} | " + " | ".join(cells) + " |")
-    lines += ["", f"Perplexity (lower is better); bold: the best compressed row per task. Stored parameters of the "
-              f"compressed rows are within {compressed_spread(rows):.2%} of each other (max − min over min)."]
+        cells = []
+        for t in tasks:
+            sem = r.nll_sem.get(t)
+            value = _fmt(r.ppl.get(t)) + (f" ±{sem:.3f}" if sem is not None and math.isfinite(sem) else "")
+            cells.append(f"**{value}**" if best[t] == r.key else value)
+        trained = f"{r.trainable:,}" if r.trainable else "–"
+        tokens = f"{r.train_tokens:,}" if r.train_tokens else "–"
+        lines.append(f"| {r.name} | {r.stored:,} | {ratio} | {trained} | {tokens} | {r.seconds:,.0f} s | "
+                     + " | ".join(cells) + " |")
+    examples = sorted({n for r in rows for n in r.examples.values()})
+    lines += ["", f"Perplexity (lower is better) ± the standard error of the mean NLL per token (nats, over "
+              f"{'/'.join(map(str, examples)) or '?'} examples per task): two rows differ beyond noise where their "
+              f"log-perplexities differ by more than about twice it. Bold: the best compressed row per task. Time: "
+              f"building and training a row (evaluation excluded). Stored parameters of the compressed rows are "
+              f"within {compressed_spread(rows):.2%} of each other (max − min over min)."]
     return "\n".join(lines) + "\n"
 
 

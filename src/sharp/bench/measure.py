@@ -136,9 +136,10 @@ def load_for_bench(spec: str, mode: str = "shared") -> nn.Module:
         return load(path, verify=False, mode=mode)
     if mode != "shared":
         raise SharpError(f"'{spec}' is a plain model: the @{mode} runtime mode only applies to sharp checkpoints")
-    p = Path(path)
-    if p.suffix == ".gguf":
-        return AutoModelForCausalLM.from_pretrained(p.parent, gguf_file=p.name, dtype="auto").eval()
+    if Path(path).suffix == ".gguf":
+        from sharp.io.models import load_gguf
+
+        return load_gguf(path).eval()  # dequantized, as `sharp.load_model` gives it
     return AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
 
 

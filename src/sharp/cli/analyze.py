@@ -23,7 +23,7 @@ def analyze(
     replace_layers: str = typer.Option(None, "--replace-layers", help="Measure single-layer replacement only "
                                        "for targets A-B (saves time; --budget then picks among them)."),
     budget: str = typer.Option(None, "--budget", help="Also suggest a strategy removing this share of the MLP "
-                               "parameters, e.g. 40%."),
+                               "parameters: 40% or 0.4."),
     max_len: int = typer.Option(512, "--max-len", help="Tokens per example / text window."),
     batch_size: int = typer.Option(4, "--batch-size", help="Sequences per forward pass."),
     template: str = typer.Option("plain", "--template", help="plain (### Instruction/### Response) or chat."),
@@ -33,16 +33,18 @@ def analyze(
 ) -> None:
     """How alike adjacent layers are (MLP outputs, residual stream) and what sharing each single layer costs."""
     from sharp.arch import get_adapter, num_layers
+    from sharp.budget import SHARE, parse_budget
     from sharp.data import TEMPLATES, load_records, parse_data_spec
     from sharp.evaluation.report import write_analysis
     from sharp.evaluation.similarity import analyze_model, parse_layer_range
-    from sharp.evaluation.suggest import check_budget, cost_table, parse_budget, suggest_strategy
+    from sharp.evaluation.suggest import check_budget, cost_table, suggest_strategy
     from sharp.io.atomic import atomic_dir, check_output_dir
     from sharp.io.models import check_max_len, load_config, load_model
 
     # Everything the user typed is checked before the (slow) model load.
     check_output_dir(out, overwrite)
-    fraction = parse_budget(budget) if budget is not None else None
+    # a share is all a layer-by-layer suggestion can meet: counts and match:DIR fail here, in one line
+    fraction = parse_budget(budget, forms=(SHARE,)).value if budget is not None else None
     if template not in TEMPLATES:
         raise SharpError(f"unknown --template '{template}'; choose one of {', '.join(TEMPLATES)}")
     for flag, value, least in (("--max-tokens", max_tokens, 1), ("--ppl-examples", ppl_examples, 0),

@@ -30,9 +30,12 @@ def fail(message: str) -> typer.Exit:
 def main() -> None:
     """Console-script entry point: user errors become one line and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
+    # our own rich status lines say what is loading; the variable spares `sharp --help` importing transformers
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # imported already (an in-process caller): too late for the variable
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # our own rich status lines say what is loading
+        hf_logging.disable_progress_bar()
     try:
         code = app(standalone_mode=False)  # returns the exit code of a typer.Exit in this mode
     except SharpError as e:

@@ -21,8 +21,8 @@ def _sft(steps: int, lr: float, batch_size: int, grad_accum: int) -> dict:
 def prune(
     model: str = typer.Argument(..., help="Model folder, .gguf file, alias (smollm2-135m) or hub id."),
     method: str = typer.Option(..., "--method", "-m", help="layer-drop, layer-drop-adapted, mlp-drop or width."),
-    budget: str = typer.Option(None, "--budget", "-b", help="Stored-parameter budget: 40% (of MLP weights), "
-                               "an absolute count (107.5M) or match:DIR (a sharp checkpoint's size)."),
+    budget: str = typer.Option(None, "--budget", "-b", help="Stored-parameter budget: 40% or 0.4 (a share of the "
+                               "MLP weights to remove), a count to keep (107.5M) or match:DIR (a checkpoint's size)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
     strategy: str = typer.Option(None, "--strategy", "-s", help="SHARP targets for layer-drop-adapted / mlp-drop."),
     allocation: str = typer.Option("even", "--allocation", help="width: even (same channels per layer) or global."),
@@ -90,11 +90,22 @@ def compare(
     heal: bool = typer.Option(True, "--heal/--no-heal", help="Also fine-tune every baseline (same SFT as SHARP)."),
     allocation: str = typer.Option("even", "--allocation", help="width: even or global."),
     calib_samples: int = typer.Option(32, "--calib-samples", help="Calibration examples for the baselines."),
-    slw_steps: int = opt.SLW_STEPS,
     slw_fraction: float = opt.SLW_FRACTION,
+    slw_tokens: int = opt.SLW_TOKENS,
     slw_workers: int = opt.SLW_WORKERS,
+    slw_steps: int = opt.SLW_STEPS,
+    slw_lr: float = opt.SLW_LR,
+    slw_batch_tokens: int = opt.SLW_BATCH_TOKENS,
+    slw_patience: int = opt.SLW_PATIENCE,
+    slw_init: str = opt.SLW_INIT,
+    slw_inputs: str = opt.SLW_INPUTS,
+    plan_actions: str = opt.PLAN_ACTIONS,
+    plan_min_shared: float = opt.PLAN_MIN_SHARED,
     sft_steps: int = opt.SFT_STEPS,
+    loss: str = opt.LOSS,
+    kd_temperature: float = opt.KD_TEMPERATURE,
     lr: float = opt.LR,
+    shared_lr: float = opt.SHARED_LR,
     batch_size: int = opt.BATCH_SIZE,
     grad_accum: int = opt.GRAD_ACCUM,
     full_lora_rank: int = opt.FULL_LORA_RANK,
@@ -105,6 +116,11 @@ def compare(
     template: str = opt.TEMPLATE,
     seed: int = opt.SEED,
     tolerance: float = typer.Option(0.01, "--tolerance", help="Allowed stored-parameter spread of the rows."),
+    train: str = typer.Option("full-lora", "--train", help="What SHARP's SFT trains, as sharp compress --train."),
+    match_trainable: bool = typer.Option(False, "--match-trainable", help="Heal each baseline with the LoRA rank "
+                                         "whose trainable parameter count is nearest SHARP's."),
+    planned: bool = typer.Option(False, "--planned", help="Add a row planned by --strategy auto:BUDGET (share, drop "
+                                 "MLPs or blocks per layer) at SHARP's stored size; see --plan-min-shared."),
     overwrite: bool = opt.OVERWRITE,
 ) -> None:
     """Every baseline, Direct Sharing and SHARP at the same stored size, evaluated on the same tasks."""

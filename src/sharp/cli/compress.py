@@ -24,7 +24,12 @@ def print_summary(summary: dict) -> None:
     sizes.add_row("parameters (original → stored)", f"{p['original']:,} → {p['stored']:,}")
     sizes.add_row("MLP reduction", f"{summary['mlp_reduction']:.1%}")
     sizes.add_row("recovery parameters", f"{p['recovery']:,}")
+    sft = summary.get("sft") or {}
+    if sft.get("trainable"):
+        sizes.add_row("trained in SFT", f"{sft['trainable']:,} parameters, {sft['train_tokens']:,} tokens")
     console.print(sizes)
+    if summary.get("slw"):
+        console.print(slw_table(summary["slw"]))
     ppl = Table(title=f"held-out perplexity ({summary['eval_examples']} examples)")
     ppl.add_column("model")
     ppl.add_column("perplexity", justify="right")
@@ -45,6 +50,21 @@ def print_summary(summary: dict) -> None:
     console.print(cost)
 
 
+def slw_table(layers: dict) -> Table:
+    """Per target: held-out relative error before (Direct Sharing), after the init and after SLW (1.0 = the MLP
+    deleted), and how much of each projection's whitened correction the recovery rank captures."""
+    table = Table(title="SLW per target (held-out relative error; 1.0 = MLP deleted)")
+    for col in ("layer", "shared", "init", "after SLW", "init kept", "rank captures (energy)", "tokens"):
+        table.add_column(col, justify="right" if col not in ("init kept", "rank captures (energy)") else "left")
+    for layer, r in sorted(layers.items(), key=lambda kv: int(kv[0])):
+        init = r.get("init") or {}
+        energy = ", ".join(f"{p.removesuffix('_proj')} {v['energy']:.2f}" for p, v in (init.get("fit") or {}).items())
+        table.add_row(str(layer), f"{r['rel_err_before']:.3f}", f"{r['rel_err_init']:.3f}",
+                      f"{r['rel_err_after']:.3f}", str(init.get("chosen", "–")), energy or "–",
+                      f"{r.get('train_tokens', 0):,}")
+    return table
+
+
 @app.command()
 def compress(
     model: str = opt.MODEL,
@@ -55,21 +75,33 @@ def compress(
     eval_data: str = typer.Option(None, "--eval-data", help="Held-out data (default: part of --data)."),
     stages: str = typer.Option("slw,sft", "--stages", help="slw,sft | slw | sft | none (Direct Sharing)."),
     slw_fraction: float = opt.SLW_FRACTION,
+    slw_tokens: int = opt.SLW_TOKENS,
     slw_workers: int = opt.SLW_WORKERS,
     slw_backend: str = opt.SLW_BACKEND,
     ray_address: str = opt.RAY_ADDRESS,
     slw_task_gpus: float = opt.SLW_TASK_GPUS,
     slw_steps: int = opt.SLW_STEPS,
+    slw_lr: float = opt.SLW_LR,
+    slw_batch_tokens: int = opt.SLW_BATCH_TOKENS,
+    slw_patience: int = opt.SLW_PATIENCE,
+    slw_init: str = opt.SLW_INIT,
+    slw_inputs: str = opt.SLW_INPUTS,
+    plan_actions: str = opt.PLAN_ACTIONS,
+    plan_min_shared: float = opt.PLAN_MIN_SHARED,
     sft_steps: int = opt.SFT_STEPS,
+    loss: str = opt.LOSS,
+    kd_temperature: float = opt.KD_TEMPERATURE,
     epochs: float = typer.Option(1.0, "--epochs", help="SFT epochs, used when --sft-steps is 0."),
     lr: float = opt.LR,
+    shared_lr: float = opt.SHARED_LR,
     batch_size: int = opt.BATCH_SIZE,
     grad_accum: int = opt.GRAD_ACCUM,
     max_len: int = opt.MAX_LEN,
     eval_fraction: float = opt.EVAL_FRACTION,
     seed: int = opt.SEED,
     template: str = opt.TEMPLATE,
-    train: str = typer.Option("recovery", "--train", help="recovery, or full-lora (+ LoRA on every layer)."),
+    train: str = typer.Option("recovery", "--train", help="recovery, full-lora (+ LoRA on every other linear), "
+                              "recovery+shared or full-lora+shared (+ the shared reference weights: no storage cost)."),
     full_lora_rank: int = opt.FULL_LORA_RANK,
     eval_steps: int = typer.Option(50, "--eval-steps", help="SFT eval loss every N steps (0: at the end)."),
     save_steps: int = typer.Option(50, "--save-steps", help="SFT checkpoint every N steps."),

@@ -117,10 +117,20 @@ def merge(
         raise SharpError(f"'{checkpoint}' is not a sharp checkpoint (no sharp_config.json)")
     model, tokenizer = load_model(str(checkpoint))
     merge_sharing(model)
+    config = model.sharp_config
     del model.sharp_config
-    with atomic_dir(out, overwrite) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+    if config.dropped_mlps:  # MLPs of width 0: a pruned-model folder, which records the per-layer widths
+        from sharp.baselines.io import save_pruned
+        from sharp.baselines.methods import PruneReport
+
+        report = PruneReport(method="plan", strategy=config.strategy, dropped_layers=config.dropped_blocks,
+                             dropped_mlps=config.dropped_mlps, params_original=config.base_parameters,
+                             params_stored=sum(p.numel() for p in model.parameters()))
+        save_pruned(model, out, report, tokenizer=tokenizer, overwrite=overwrite)
+    else:
+        with atomic_dir(out, overwrite) as tmp:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
     console.print(f"merged model written to [bold]{out}[/]")
 
 

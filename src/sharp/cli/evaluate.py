@@ -44,12 +44,17 @@ def _print_tables(model: str, tasks: dict, downstream: dict) -> None:
             table.add_row(name, f"{r['ppl']:.3f}", f"{r['tokens']:,}")
         console.print(table)
     if downstream:
-        table = Table(title=f"zero-shot accuracy of {model}")
+        table = Table(title=f"lm-eval scores of {model}")
         table.add_column("task", overflow="fold")
         table.add_column("acc", justify="right")
         table.add_column("acc_norm", justify="right")
+        other = any(r.get("other") for r in downstream.values())
+        if other:  # e.g. generative tasks' exact_match
+            table.add_column("other metrics", overflow="fold")
         for name, r in downstream.items():
-            table.add_row(name, _fmt(r.get("acc")), _fmt(r.get("acc_norm")))
+            label = f"{name} ({r['shots']}-shot)" if r.get("shots") else name
+            extra = [", ".join(f"{k} {v:.4f}" for k, v in r.get("other", {}).items())] if other else []
+            table.add_row(label, _fmt(r.get("acc")), _fmt(r.get("acc_norm")), *extra)
         console.print(table)
 
 
@@ -59,8 +64,12 @@ def evaluate(
     tasks: str = typer.Option(None, "--tasks", help="Perplexity tasks: ppl:FORMAT=PATH_OR_ALIAS[,...]; "
                               "FORMAT is alpaca, dolly, dialogsum, openorca, arxiv-math or text; "
                               "a slice such as PATH[-100:] selects records."),
-    lm_eval: str = typer.Option(None, "--lm-eval", help="Zero-shot benchmarks, e.g. arc_easy,piqa,boolq."),
-    data_dir: Path = typer.Option(None, "--data-dir", help="Folder with the benchmark files (--lm-eval)."),
+    lm_eval: str = typer.Option(None, "--lm-eval", help="lm-eval tasks, groups or tags, e.g. arc_easy,piqa "
+                                "or mmlu (zero-shot unless a task's YAML sets num_fewshot)."),
+    data_dir: Path = typer.Option(None, "--data-dir", help="Folder with local files for sharp's offline copies "
+                                  "of arc_easy, piqa, hellaswag, ... (README); without it those come from the Hub."),
+    include_path: list[Path] = typer.Option(None, "--include-path", help="Folder with your own lm-eval task "
+                                            "YAMLs (repeatable); its tasks win over others of the same name."),
     json_out: Path = typer.Option(None, "--json", help="Also write the results to this JSON file."),
     max_len: int = typer.Option(512, "--max-len", help="Tokens per example / per text window."),
     stride: int = typer.Option(None, "--stride", help="Tokens between text window starts (default --max-len)."),
@@ -71,13 +80,18 @@ def evaluate(
                                         "instruction data, split as training splits it."),
     seed: int = typer.Option(0, "--seed", help="Seed of the held-out split (with --eval-fraction)."),
 ) -> None:
-    """Perplexity (response-only for instruction data, sliding windows for text) and zero-shot accuracy."""
+    """Perplexity (response-only for instruction data, sliding windows for text) and lm-eval task scores."""
     from sharp.data import TEMPLATES, load_records, split_examples, text_windows
     from sharp.evaluation.perplexity import evaluate_tasks, parse_tasks
 
     # Everything the user typed is checked before the (slow) model load.
     if not tasks and not lm_eval:
         raise SharpError("nothing to evaluate; give --tasks ppl:FORMAT=PATH,... and/or --lm-eval TASK,...")
+    bench = [t.strip() for t in lm_eval.split(",") if t.strip()] if lm_eval else []
+    if lm_eval is not None and not bench:
+        raise SharpError("--lm-eval needs a task name, e.g. --lm-eval mmlu or --lm-eval arc_easy,piqa")
+    if (data_dir is not None or include_path) and not bench:
+        raise SharpError("--data-dir and --include-path only apply to --lm-eval TASK,...")
     if template not in TEMPLATES:
         raise SharpError(f"unknown --template '{template}'; choose one of {', '.join(TEMPLATES)}")
     for flag, value in (("--batch-size", batch_size), ("--limit", limit)):
@@ -90,15 +104,14 @@ def evaluate(
     for task in ppl_tasks:
         if task.spec.kind != "hub":
             load_records(task.spec)  # a record missing a field fails here, before the model loads
-    bench = [t.strip() for t in lm_eval.split(",") if t.strip()] if lm_eval else []
-    if lm_eval:
-        if data_dir is None:
-            raise SharpError("--lm-eval needs --data-dir DIR, the folder holding the benchmark files")
-        from sharp.evaluation.downstream import check_downstream
-
-        check_downstream(bench, data_dir)
     if json_out is not None:
         _check_json_out(json_out)
+    loaded_tasks = None
+    if bench:  # names, files and the tasks' data: a missing dataset fails before the model loads
+        from sharp.evaluation.downstream import load_tasks
+
+        with console.status("loading lm-eval tasks"):
+            loaded_tasks = load_tasks(bench, data_dir, include_path or None)
 
     from sharp.io.models import check_max_len, load_config, load_model
 
@@ -108,13 +121,15 @@ def evaluate(
                              limit=limit, template=template, eval_fraction=eval_fraction, seed=seed,
                              progress=True)
     downstream = {}
-    if bench:
-        from sharp.evaluation.downstream import run_downstream
+    if loaded_tasks is not None:
+        from sharp.evaluation.downstream import score_downstream
 
-        downstream = run_downstream(loaded, tokenizer, bench, data_dir, limit=limit, batch_size=batch_size)
+        downstream = score_downstream(loaded, tokenizer, loaded_tasks, limit=limit, batch_size=batch_size)
     _print_tables(model, results, downstream)
     if json_out is not None:
         settings = {"max_len": max_len, "stride": stride or max_len, "batch_size": batch_size, "limit": limit,
-                    "template": template, "eval_fraction": eval_fraction, "seed": seed}
+                    "template": template, "eval_fraction": eval_fraction, "seed": seed,
+                    "data_dir": str(data_dir) if data_dir else None,
+                    "include_path": [str(p) for p in include_path or []]}
         _write_json(json_out, {"model": model, "tasks": results, "downstream": downstream, "settings": settings})
         console.print(f"wrote {json_out}")

@@ -13,20 +13,39 @@ from typing import Any
 import typer
 
 MODEL = typer.Argument(..., help="Model folder, .gguf file, alias (smollm2-135m) or hub id.")
-STRATEGY = typer.Option(..., "--strategy", "-s", help="next:A-B, group:K:A-B or map:T=R,...")
-RECOVERY = typer.Option("lora:32", "--recovery", "-r", help="lora:R, scale or lora+scale:R")
+STRATEGY = typer.Option(..., "--strategy", "-s", help="next:A-B, group:K:A-B, map:T=R,... or auto:BUDGET (the "
+                        "planner mixes sharing, MLP-drop and block-drop: auto:40% or auto:107.5M).")
+RECOVERY = typer.Option("lora:32", "--recovery", "-r", help="lora:R, lora+gate:R, gate, scale or lora+scale:R "
+                        "(ranked forms take ,alpha=A for PEFT's LoRA scaling A/R).")
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace a non-empty --out.")
 TEMPLATE = typer.Option("plain", "--template", help="plain or chat (the model's chat template).")
 SEED = typer.Option(0, "--seed", help="Seed of the split, the recovery init and the data order.")
 
-SLW_FRACTION = typer.Option(0.1, "--slw-fraction", help="Share of training examples SLW captures.")
+SLW_FRACTION = typer.Option(0.1, "--slw-fraction", help="Share of training examples SLW captures (a random sample).")
+SLW_TOKENS = typer.Option(None, "--slw-tokens", help="Per-layer token budget of SLW (default: every token of the "
+                          "SLW sample; the summary reports what was used).")
 SLW_WORKERS = typer.Option(1, "--slw-workers", help="Target layers trained in parallel processes.")
 SLW_BACKEND = typer.Option("local", "--slw-backend", help="local (processes here) or ray (a Ray task per layer).")
 RAY_ADDRESS = typer.Option(None, "--ray-address", help="Ray cluster for --slw-backend ray (default: a local one).")
 SLW_TASK_GPUS = typer.Option(0.0, "--slw-task-gpus", help="GPUs per Ray SLW task (0: CPU tasks).")
 SLW_STEPS = typer.Option(300, "--slw-steps", help="SLW optimizer steps per target layer (at most).")
+SLW_LR = typer.Option(1e-2, "--slw-lr", help="SLW peak learning rate (AdamW, warmup + cosine).")
+SLW_BATCH_TOKENS = typer.Option(1024, "--slw-batch-tokens", help="Captured tokens per SLW step.")
+SLW_PATIENCE = typer.Option(4, "--slw-patience", help="SLW evaluations without improvement before stopping early.")
+SLW_INIT = typer.Option("closed-form", "--slw-init", help="closed-form (every shared projection fitted in closed "
+                        "form first), lstsq (the output projection only) or zero.")
+SLW_INPUTS = typer.Option("original", "--slw-inputs", help="original (layers fitted in parallel on the original "
+                          "model's activations) or sequential (in layer order, on the partly shared model's).")
+PLAN_ACTIONS = typer.Option("share,drop-mlp,drop-block", "--plan-actions", help="What --strategy auto:BUDGET may "
+                            "do per layer: share (with a recovery rank), drop-mlp, drop-block.")
+PLAN_MIN_SHARED = typer.Option(0.0, "--plan-min-shared", help="auto:BUDGET: shared MLPs must remove at least this "
+                               "share of the removed parameters (0.5: sharing does most of the work).")
 SFT_STEPS = typer.Option(200, "--sft-steps", help="SFT optimizer steps (0: use --epochs).")
-LR = typer.Option(2e-4, "--lr", help="SFT peak learning rate (AdamW, warmup + cosine).")
+LOSS = typer.Option("ce", "--loss", help="SFT / healing loss: ce (labels), kd (distill the original model) or ce+kd.")
+KD_TEMPERATURE = typer.Option(1.0, "--kd-temperature", help="Softmax temperature of the kd loss.")
+LR = typer.Option(1e-3, "--lr", help="SFT peak learning rate (AdamW, warmup + cosine).")
+SHARED_LR = typer.Option(None, "--shared-lr", help="SFT peak learning rate of the shared reference weights when "
+                         "--train ...+shared trains them (default: --lr / 10).")
 BATCH_SIZE = typer.Option(4, "--batch-size", help="Examples per micro-batch (SFT, SLW capture, eval).")
 GRAD_ACCUM = typer.Option(1, "--grad-accum", help="Micro-batches per SFT optimizer step.")
 MAX_LEN = typer.Option(512, "--max-len", help="Tokens per training example (longer ones are cut).")

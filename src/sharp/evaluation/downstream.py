@@ -1,151 +1,43 @@
-"""Zero-shot downstream accuracy through lm-evaluation-harness, fully offline.
+"""Downstream accuracy through lm-evaluation-harness: any lm-eval task, sharp's offline copies, or the user's own.
 
 Why this exists: sharp checkpoints contain custom modules (shared MLPs + recovery params), so they are
 evaluated *in memory* (`HFLM(pretrained=model, tokenizer=tok)`), with their sharing, never merged first.
-The task definitions are lm-eval's own (prompts, choices, targets, metrics copied verbatim into the YAMLs
-under `tasks/`) so numbers compare with published ones; only the data source differs: local files in
-the datasets' original release formats under a data dir (loaded by `tasks/utils.py`), never the Hub.
-
-The YAMLs are templates: `run_downstream` fills each task's data file in, writes them with `utils.py`
-into a temporary folder and hands that folder alone to `lm_eval.tasks.TaskManager`.
+Which task a name means and where its data comes from is `sharp.evaluation.lm_eval_tasks`: the user's
+`include_path` folders first, then sharp's offline copies of eight tasks (with `data_dir`; lm-eval's own
+definitions over local files, so numbers compare with published ones), then lm-eval's registry (Hub data).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
-import logging
-import os
-import tempfile
-from collections.abc import Iterator
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from sharp.errors import SharpError
-
-DOWNSTREAM_TASKS: tuple[str, ...] = (
-    "arc_easy",
-    "arc_challenge",
-    "piqa",
-    "boolq",
-    "hellaswag",
-    "winogrande",
-    "openbookqa",
-    "commonsense_qa",
+from sharp.evaluation.lm_eval_tasks import (
+    DOWNSTREAM_TASKS,
+    LoadedTasks,
+    load_tasks,
+    offline_hub,
+    plan_tasks,
+    quiet_lm_eval,
+    write_task_configs,
 )
 
-# Files each task needs under the data dir. A tuple lists interchangeable formats of the *same split*
-# (first found wins); splits are the ones lm-eval scores, so numbers compare with published ones.
-_DATA_FILES: dict[str, tuple[str, ...]] = {
-    "arc_easy": ("arc_easy/test.json", "arc_easy/ARC-Easy-Test.jsonl"),  # test, 2376
-    "arc_challenge": ("arc_challenge/ARC-Challenge-Test.jsonl", "arc_challenge/test.json"),  # test, 1172
-    "piqa": ("piqa/valid.jsonl",),  # validation, 1838 (+ valid-labels.lst)
-    "boolq": ("boolq/dev.jsonl",),  # validation, 3270
-    "hellaswag": ("hellaswag/hellaswag_val_full.txt.bz2", "hellaswag/hellaswag_val_full.txt"),  # 10042
-    "winogrande": ("winogrande/dev.jsonl",),  # winogrande_xl validation, 1267
-    "openbookqa": ("openbookqa/test.jsonl",),  # main test, 500
-    "commonsense_qa": ("commonsense_qa/dev_rand_split.jsonl",),  # validation, 1221
-}
-_EXTRA_FILES: dict[str, tuple[str, ...]] = {"piqa": ("piqa/valid-labels.lst",)}
-_TASKS_DIR = Path(__file__).parent / "tasks"  # package data (pyproject: evaluation/tasks/**)
-_PLACEHOLDER = "@DATA_FILE@"
+__all__ = ["DOWNSTREAM_TASKS", "check_downstream", "load_tasks", "run_downstream", "score_downstream",
+           "write_task_configs"]
+
+IncludePath = Path | str | Sequence[Path | str] | None
 
 
-def _resolve_data_file(task: str, data_dir: Path) -> Path:
-    for rel in _DATA_FILES[task]:
-        if (data_dir / rel).is_file():
-            return data_dir / rel
-    expected = " or ".join(str(data_dir / rel) for rel in _DATA_FILES[task])
-    raise SharpError(f"no data file for task {task!r}: expected {expected}; see the assets' SOURCES.md")
+def check_downstream(tasks: list[str], data_dir: Path | None = None, include_path: IncludePath = None) -> None:
+    """Validate task names, folders and sharp's offline data files, without loading data or a model.
 
-
-def check_downstream(tasks: list[str], data_dir: Path) -> None:
-    """Validate task names and that `data_dir` holds every task's file, without loading a model.
-
-    Called by the CLI before the (slow) model load, so a typo fails in a second, not after minutes.
+    A name that is neither in `include_path`, nor one of sharp's offline tasks (with `data_dir`), makes
+    this index lm-eval's registry (10-30 s, once per process).
     """
-    if not tasks:
-        raise SharpError(f"no downstream task given; choose from {', '.join(DOWNSTREAM_TASKS)}")
-    unknown = [t for t in tasks if t not in DOWNSTREAM_TASKS]
-    if unknown:
-        raise SharpError(
-            f"unknown downstream task {', '.join(map(repr, unknown))}; choose from {', '.join(DOWNSTREAM_TASKS)}"
-        )
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise SharpError(f"downstream data dir {data_dir} does not exist; pass --data-dir DIR with the task files")
-    for task in tasks:
-        _resolve_data_file(task, data_dir)
-        for rel in _EXTRA_FILES.get(task, ()):
-            if not (data_dir / rel).is_file():
-                raise SharpError(f"task {task!r} needs {data_dir / rel}, which is missing")
-
-
-def write_task_configs(tasks: list[str], data_dir: Path, out_dir: Path) -> None:
-    """Write the resolved task YAMLs (data file filled in) and their `utils.py` into `out_dir`."""
-    src = _TASKS_DIR
-    for task in tasks:
-        data_file = _resolve_data_file(task, Path(data_dir)).resolve()
-        # The placeholder sits inside a double-quoted YAML scalar: escape as a JSON string would.
-        quoted = str(data_file).replace("\\", "\\\\").replace('"', '\\"')
-        text = (src / f"{task}.yaml").read_text(encoding="utf-8").replace(_PLACEHOLDER, quoted)
-        (out_dir / f"{task}.yaml").write_text(text, encoding="utf-8")
-    (out_dir / "utils.py").write_text((src / "utils.py").read_text(encoding="utf-8"), encoding="utf-8")
-
-
-@contextlib.contextmanager
-def _offline() -> Iterator[None]:
-    """Forbid Hub access for the run (env vars for subprocesses/late imports, flags for loaded modules)."""
-    keys = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
-    saved_env = {k: os.environ.get(k) for k in keys}
-    os.environ.update({k: "1" for k in keys})
-    flags: list[tuple[Any, str, Any]] = []
-    for module_name, names in (
-        ("huggingface_hub.constants", ("HF_HUB_OFFLINE",)),
-        ("datasets.config", ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")),
-    ):
-        with contextlib.suppress(ImportError):
-            module = importlib.import_module(module_name)
-            flags += [(module, n, getattr(module, n)) for n in names if hasattr(module, n)]
-    for module, name, _ in flags:
-        setattr(module, name, True)
-    try:
-        yield
-    finally:
-        for module, name, value in flags:
-            setattr(module, name, value)
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
-class _DropBenignNotices(logging.Filter):
-    """Hide lm-eval warnings that are expected here and would only confuse a user."""
-
-    _PREFIXES = (
-        "`pretrained` model kwarg is not of type `str`",  # passing the model in memory is the point
-        "Passed an already-initialized model",
-    )
-    _FRAGMENTS = ("Custom kwargs can be passed to `--metadata`",)  # our custom_dataset loaders need none
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        msg = record.getMessage()
-        return not (msg.startswith(self._PREFIXES) or any(f in msg for f in self._FRAGMENTS))
-
-
-@contextlib.contextmanager
-def _quiet_lm_eval() -> Iterator[None]:
-    loggers = [logging.getLogger(n) for n in ("lm_eval.api.task", "lm_eval.models.huggingface")]
-    notice_filter = _DropBenignNotices()
-    for lg in loggers:
-        lg.addFilter(notice_filter)
-    try:
-        yield
-    finally:
-        for lg in loggers:
-            lg.removeFilter(notice_filter)
+    plan_tasks(tasks, data_dir, include_path)
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -153,38 +45,72 @@ def _mean(values: list[float | None]) -> float | None:
     return sum(present) / len(present) if present else None
 
 
-def run_downstream(
+def _row(metrics: dict[str, Any], n: int, shots: int) -> dict[str, Any]:
+    """`{"acc", "acc_norm" (None where the task has none), "n"}`, plus `other` metrics and `shots` if any."""
+    row: dict[str, Any] = {
+        "acc": float(metrics["acc,none"]) if "acc,none" in metrics else None,
+        "acc_norm": float(metrics["acc_norm,none"]) if "acc_norm,none" in metrics else None,
+        "n": n,
+    }
+    other = {
+        key: float(value)
+        for key, value in metrics.items()
+        if "," in key and key not in ("acc,none", "acc_norm,none") and "_stderr," not in key
+        and isinstance(value, (int, float)) and not isinstance(value, bool)
+    }  # e.g. generative tasks' "exact_match,strict-match"
+    if other:
+        row["other"] = other
+    if shots:
+        row["shots"] = shots
+    return row
+
+
+def _rows(loaded: LoadedTasks, out: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """One row per requested task; a group lm-eval aggregates is one row, a tag (or a group without an
+    aggregate) one row per task in it."""
+    results, n_samples, n_shot = out["results"], out["n-samples"], out.get("n-shot", {})
+
+    def leaves(obj: Any) -> list[str]:
+        return [t.task_name for t in obj.get_all_tasks()] if hasattr(obj, "get_all_tasks") else [obj.task_name]
+
+    def has_metric(name: str) -> bool:
+        return any("," in k and "_stderr," not in k for k in results.get(name, {}))
+
+    rows: dict[str, dict[str, Any]] = {}
+    for name in loaded.names:
+        objs = loaded.parts[name]
+        if len(objs) == 1 and has_metric(name):
+            tasks = leaves(objs[0])
+            n = sum(int(n_samples[t]["effective"]) for t in tasks)
+            rows[name] = _row(results[name], n, max((int(n_shot.get(t, 0)) for t in tasks), default=0))
+        else:
+            for obj in objs:
+                for task in leaves(obj):
+                    rows[task] = _row(results[task], int(n_samples[task]["effective"]), int(n_shot.get(task, 0)))
+    return rows
+
+
+def score_downstream(
     model: Any,
     tokenizer: Any,
-    tasks: list[str],
-    data_dir: Path,
+    loaded: LoadedTasks,
     limit: int | None = None,
     batch_size: int = 8,
     seed: int = 1234,
 ) -> dict[str, Any]:
-    """Zero-shot lm-eval accuracy of an in-memory model on local copies of the tasks.
-
-    Returns `{task: {"acc", "acc_norm" (None where lm-eval defines none), "n"}, ..., "mean": {"acc",
-    "acc_norm"}}`; the means are over the tasks that have the metric. `limit` takes the first N docs of
-    each task (quick checks only: published numbers use all of them). `seed` seeds python/numpy/torch.
-    """
-    check_downstream(tasks, data_dir)
+    """lm-eval scores of an in-memory model on tasks from `load_tasks` (see `run_downstream`)."""
     if limit is not None and limit < 1:
         raise SharpError(f"--limit must be a positive number of documents per task, got {limit}")
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
-    tasks = list(dict.fromkeys(tasks))  # keep order, drop repeats
     was_training = getattr(model, "training", False)
-    with _offline(), _quiet_lm_eval(), tempfile.TemporaryDirectory(prefix="sharp-lm-eval-") as tmp:
-        write_task_configs(tasks, Path(data_dir), Path(tmp))
-        manager = TaskManager(include_path=tmp, include_defaults=False)
+    with offline_hub() if loaded.offline else contextlib.nullcontext(), quiet_lm_eval():
         lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = simple_evaluate(
             model=lm,
-            tasks=tasks,
-            task_manager=manager,
+            tasks=loaded.objects,
+            task_manager=loaded.manager,  # the objects pass through it; no registry indexed again
             limit=limit,
             bootstrap_iters=0,  # no stderr: it costs time and we report point estimates
             log_samples=False,
@@ -196,16 +122,34 @@ def run_downstream(
     if was_training:  # HFLM switched the model to eval mode; give it back as we got it
         model.train()
     assert out is not None  # only None on non-zero ranks of a distributed run
-    result: dict[str, Any] = {}
-    for task in tasks:
-        metrics = out["results"][task]
-        result[task] = {
-            "acc": float(metrics["acc,none"]),
-            "acc_norm": float(metrics["acc_norm,none"]) if "acc_norm,none" in metrics else None,
-            "n": int(out["n-samples"][task]["effective"]),
-        }
+    result: dict[str, Any] = _rows(loaded, out)
     result["mean"] = {
-        "acc": _mean([result[t]["acc"] for t in tasks]),
-        "acc_norm": _mean([result[t]["acc_norm"] for t in tasks]),
+        "acc": _mean([r["acc"] for r in result.values()]),
+        "acc_norm": _mean([r["acc_norm"] for r in result.values()]),
     }
     return result
+
+
+def run_downstream(
+    model: Any,
+    tokenizer: Any,
+    tasks: list[str],
+    data_dir: Path | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    seed: int = 1234,
+    include_path: IncludePath = None,
+) -> dict[str, Any]:
+    """lm-eval accuracy of an in-memory model (zero-shot unless a task's YAML sets `num_fewshot`).
+
+    `tasks`: lm-eval task/group/tag names; `data_dir` makes sharp's eight offline tasks read local files;
+    `include_path`: folder(s) with the user's own task YAMLs (they win over any other task of that name).
+    Returns `{task: {"acc", "acc_norm" (None where the task defines none), "n"[, "other", "shots"]}, ...,
+    "mean": {"acc", "acc_norm"}}`; the means are over the tasks that have the metric. `limit` takes the
+    first N docs of each task (quick checks only: published numbers use all of them). `seed` seeds
+    python/numpy/torch and few-shot sampling.
+    """
+    if limit is not None and limit < 1:
+        raise SharpError(f"--limit must be a positive number of documents per task, got {limit}")
+    loaded = load_tasks(tasks, data_dir, include_path)
+    return score_downstream(model, tokenizer, loaded, limit=limit, batch_size=batch_size, seed=seed)

@@ -65,43 +65,53 @@ def _progress(total: int, description: str, show: bool) -> Iterator[Callable[[in
         yield lambda n: bar.advance(task, n)
 
 
-def _result(nll_sum: float, tokens: int) -> dict[str, float]:
+def _result(per_example: list[tuple[float, int]]) -> dict[str, float]:
+    """{ppl, nll, tokens, examples, nll_sem} from each example's (NLL sum, scored tokens).
+
+    `nll_sem` is the standard error of the token-weighted mean NLL over examples (the ratio estimator's
+    delta-method error): how far the measured nll could move with another sample of examples of the same kind.
+    Perplexities of two models differ beyond noise only where their nll differ by more than about 2x it."""
+    tokens = sum(n for _, n in per_example)
     if tokens == 0:
         raise SharpError("no tokens to score; give more data or a larger --max-len")
-    nll = nll_sum / tokens
-    return {"ppl": math.exp(nll), "nll": nll, "tokens": tokens}
+    nll = sum(s for s, _ in per_example) / tokens
+    k = len(per_example)
+    mean_tokens = tokens / k
+    spread = sum((s - nll * n) ** 2 for s, n in per_example) / (k - 1) if k > 1 else math.nan
+    sem = math.sqrt(spread / k) / mean_tokens if k > 1 else math.nan
+    return {"ppl": math.exp(nll), "nll": nll, "tokens": tokens, "examples": k, "nll_sem": sem}
 
 
-def _nll_sum(
+def _nll_per_example(
     model: nn.Module, examples: list[dict], batch_size: int, description: str = "perplexity", progress: bool = False
-) -> tuple[float, int]:
-    """(sum of NLL over scored tokens, number of scored tokens) of {input_ids, labels} examples."""
+) -> list[tuple[float, int]]:
+    """(NLL sum over scored tokens, number of scored tokens) of each {input_ids, labels} example, in order."""
     if batch_size < 1:
         raise SharpError(f"--batch-size {batch_size} must be at least 1")
     device = next(model.parameters()).device
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))  # less padding
-    total, tokens = 0.0, 0
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(examples)
     with _eval_mode(model), _progress(len(examples), description, progress) as advance:
         for start in range(0, len(order), batch_size):
-            chunk = [examples[i] for i in order[start : start + batch_size]]
+            index = order[start : start + batch_size]
+            chunk = [examples[i] for i in index]
             batch = {k: v.to(device) for k, v in collate_examples(chunk).items()}
             logits = model(
                 input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
             ).logits  # (B, T, V)
             targets = batch["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
-            for row in range(len(chunk)):  # one row at a time keeps the float32 copy of the logits small
+            for row, i in enumerate(index):  # one row at a time keeps the float32 copy of the logits small
                 nll = F.cross_entropy(logits[row, :-1].float(), targets[row], ignore_index=IGNORE, reduction="sum")
-                total += float(nll.double())
-            tokens += int((targets != IGNORE).sum())
+                out[i] = (float(nll.double()), int((targets[row] != IGNORE).sum()))
             advance(len(chunk))
-    return total, tokens
+    return [(s, n) for s, n in out if n > 0]
 
 
 def response_perplexity(
     model: nn.Module, examples: list[dict], batch_size: int = 8, progress: bool = False
 ) -> dict[str, float]:
     """Perplexity of the response tokens of tokenized instruction examples ({input_ids, labels})."""
-    return _result(*_nll_sum(model, examples, batch_size, "responses", progress))
+    return _result(_nll_per_example(model, examples, batch_size, "responses", progress))
 
 
 def text_perplexity(
@@ -115,7 +125,7 @@ def text_perplexity(
 ) -> dict[str, float]:
     """Sliding-window perplexity of a token stream (N,); `limit` keeps the first windows only."""
     examples = text_examples(token_ids, max_len, stride)[:limit]
-    return _result(*_nll_sum(model, examples, batch_size, "text windows", progress))
+    return _result(_nll_per_example(model, examples, batch_size, "text windows", progress))
 
 
 @dataclass(frozen=True)
@@ -181,5 +191,5 @@ def evaluate_tasks(
             if eval_fraction:
                 records = split_examples(records, eval_fraction, seed)[1]
             examples = tokenize_examples(records[:limit], task.spec.format, tokenizer, template, max_len)
-        results[task.name] = _result(*_nll_sum(model, examples, batch_size, task.name, progress))
+        results[task.name] = _result(_nll_per_example(model, examples, batch_size, task.name, progress))
     return results

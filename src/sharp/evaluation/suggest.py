@@ -7,7 +7,8 @@ perplexities, the relative L2 error of MLP_{t-1}(x) against MLP_t(x).
 
 Constraints (what `map:` strategies and sharing itself allow): a target's reference keeps its own weights, so
 no two targets are adjacent; layer 0 has no predecessor. Every MLP has the same size, so removing k of L MLPs
-reduces MLP parameters by k / L; the budget asks for at least ceil(budget * L) targets.
+reduces MLP parameters by k / L; the budget (`sharp analyze --budget`, a share in `sharp.budget`'s grammar)
+asks for at least ceil(budget * L) targets.
 
 Among all such sets of exactly k targets, `suggest_strategy` picks the one with the least total cost, exactly
 (dynamic programming over layers: f(i, j) = min(f(i-1, j), f(i-2, j-1) + c_i)). Total cost is additive in NLL,
@@ -17,7 +18,6 @@ a ranking and not a prediction: RESEARCH.md found that single-layer losses compo
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import asdict, dataclass
 
 from sharp.errors import SharpError
@@ -38,18 +38,6 @@ class Suggestion:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def parse_budget(text: str) -> float:
-    """'40%' or '0.4' → 0.4; one clear line for anything else."""
-    s = text.strip()
-    m = re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*(%?)", s)
-    if not m:
-        raise SharpError(f"malformed --budget '{text}'; write a share of the MLP parameters to remove, e.g. 40%")
-    value = float(m[1]) / (100 if m[2] else 1)
-    if not 0 < value <= 1:
-        raise SharpError(f"--budget '{text}' is out of range; it must be above 0% and at most 100%")
-    return value
 
 
 def cost_table(analysis: dict) -> tuple[dict[int, float], str]:

@@ -34,9 +34,10 @@ from torch import nn
 
 from sharp.errors import SharpError
 from sharp.io.atomic import atomic_dir, write_text_atomic
+from sharp.sharing.build import apply_layout
 from sharp.sharing.config import BaseIdentity, SharpConfig
 from sharp.sharing.recovery import parse_recovery
-from sharp.sharing.shared import apply_sharing, shared_linears
+from sharp.sharing.shared import shared_linears
 
 SHARP_CONFIG = "sharp_config.json"
 WEIGHTS = "model.safetensors"
@@ -215,7 +216,7 @@ def load(
     if mode not in ("shared", "merged"):
         raise SharpError(f"unknown runtime mode '{mode}'; choose shared or merged")
     config = SharpConfig.from_json((path / SHARP_CONFIG).read_text())
-    recovery = parse_recovery(config.recovery)
+    parse_recovery(config.recovery)  # a bad spec fails here, before any weight is read
     if is_adapter_only(path):
         model = _load_on_base(path, config, base, dtype)
     else:
@@ -225,9 +226,7 @@ def load(
             from sharp.io.quantize import QUANT_CONFIG, QuantConfig, load_quantized, merge_quantized
 
             qconfig = QuantConfig.from_json((path / QUANT_CONFIG).read_text())
-            model = load_quantized(
-                path, qconfig, lambda m: apply_sharing(m, _sharing(m, config, path), recovery, config.modules)
-            )
+            model = load_quantized(path, qconfig, lambda m: _apply_layout(m, config, path))
             model.sharp_config = config
             return merge_quantized(model) if mode == "merged" else model
         model = _load_full(path, config, dtype)
@@ -241,18 +240,26 @@ def load(
     return model
 
 
-def _sharing(model: nn.Module, config: SharpConfig, path: Path) -> dict[int, int]:
-    """The recorded sharing map, checked like a `map:` strategy against this model (an edited file fails here)."""
+def _apply_layout(model: nn.Module, config: SharpConfig, path: Path) -> nn.Module:
+    """The recorded layout (sharing map, per-target ranks, deleted MLPs), checked like a `map:` strategy against
+    this model (an edited file fails here with one line), then applied."""
     from sharp.arch import num_layers
     from sharp.sharing.strategy import parse_strategy
 
-    if not config.sharing:
+    if not config.sharing and not config.dropped_mlps:
         raise SharpError(f"checkpoint '{path}': {SHARP_CONFIG} has an empty sharing map; re-create it")
-    text = "map:" + ",".join(f"{t}={r}" for t, r in sorted(config.sharing.items()))
+    ranks = config.ranks
+    items = [f"{t}={r}" + (f"@{ranks[t]}" if t in ranks else "") for t, r in sorted(config.sharing.items())]
+    items += [f"{t}=drop-mlp" for t in config.dropped_mlps]
     try:
-        return parse_strategy(text).resolve(num_layers(model.config))
+        strategy = parse_strategy("map:" + ",".join(items))
+        strategy.resolve(num_layers(model.config))
+        if set(ranks) - set(config.sharing):
+            raise SharpError(f"ranks are recorded for layers {sorted(set(ranks) - set(config.sharing))} that share "
+                             "nothing")
     except SharpError as e:
         raise SharpError(f"checkpoint '{path}': bad sharing map in {SHARP_CONFIG} ({e}); re-create it") from None
+    return apply_layout(model, config)
 
 
 def _load_full(path: Path, config: SharpConfig, dtype) -> nn.Module:
@@ -280,7 +287,10 @@ def _load_full(path: Path, config: SharpConfig, dtype) -> nn.Module:
     # runs torch's Python decompositions: ~0.1 s of a 0.15 s SmolLM2 load before this was skipped)
     with init_empty_weights(include_buffers=False), no_init_weights():
         model = AutoModelForCausalLM.from_config(hf_config, dtype=stored_dtype)
-        apply_sharing(model, _sharing(model, config, path), parse_recovery(config.recovery), config.modules)
+        _apply_layout(model, config, path)
+    # a deleted MLP's projections have no elements: the file cannot hold them, so they are made here, not read
+    state.update({k: torch.empty(p.shape, dtype=p.dtype) for k, p in model.state_dict().items()
+                  if p.numel() == 0 and k not in state})
     try:
         result = model.load_state_dict(state, strict=False, assign=True)
     except RuntimeError as e:  # shapes that contradict config.json
@@ -327,7 +337,9 @@ def _load_on_base(path: Path, config: SharpConfig, base, dtype) -> nn.Module:
     else:
         raise TypeError(f"base must be a model spec or a model, not {type(base).__name__}")
     check_base_identity(model, ident, path)
-    apply_sharing(model, _sharing(model, config, path), parse_recovery(config.recovery), config.modules)
+    if config.dropped_mlps or config.dropped_blocks:
+        raise SharpError(f"'{path}' drops layers of its base, so it cannot be an adapter; use the full checkpoint")
+    _apply_layout(model, config, path)
     kept = _recovery_metadata(path).get(KEPT_SHA)
     if kept and tensors_sha256(split_state_dict(model)[0]) != kept:
         raise SharpError(f"adapter '{path}' was saved from a model whose kept base weights differ from this base "

@@ -75,6 +75,8 @@ def _add_vocab(w, folder: Path | None) -> bool:
 
     if folder is None:
         return False
+    if folder.suffix == ".gguf":  # a GGUF source: its tokenizer metadata as it is
+        return _copy_gguf_vocab(w, folder)
     for cls in (SentencePieceVocab, LlamaHfVocab, BpeVocab):  # tokenizer.model, Llama tokenizer.json, GPT-2 BPE
         try:
             vocab = cls(folder)
@@ -90,6 +92,17 @@ def _add_vocab(w, folder: Path | None) -> bool:
         return True
     del gguf
     return False
+
+
+def _copy_gguf_vocab(w, source: Path) -> bool:
+    """Copy every `tokenizer.*` key of the GGUF file `source` into the writer `w`."""
+    from gguf import GGUFReader, GGUFValueType
+
+    fields = [f for f in GGUFReader(source).fields.values() if f.name.startswith("tokenizer.")]
+    for f in fields:
+        sub_type = f.types[-1] if f.types[0] == GGUFValueType.ARRAY else None
+        w.add_key_value(f.name, f.contents(), f.types[0], sub_type=sub_type)
+    return bool(fields)
 
 
 def _tensors(model: nn.Module, outtype: str):
@@ -200,13 +213,17 @@ def export_gguf(source: str | os.PathLike, out: str | os.PathLike, outtype: str 
         raise SharpError(f"'{source}' is quantized; export the 16-bit checkpoint (llama-quantize then makes Q4)")
     if is_sharp_checkpoint(path):
         model = load(path, dtype=torch.float32)
-    else:
-        from transformers import AutoModelForCausalLM
+    else:  # a model folder, alias or .gguf file (dequantized on load)
+        from sharp.io.models import load_model
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        model, _ = load_model(str(source), dtype=torch.float32)
     if model.config.model_type not in ("llama", "mistral"):
         raise SharpError(f"GGUF export supports Llama-style models, not '{model.config.model_type}'")
-    name = path.name
+    plan = getattr(model, "sharp_config", None)
+    if plan is not None and plan.dropped_mlps:
+        raise SharpError(f"'{source}' deletes the MLPs of layers {plan.dropped_mlps}; GGUF holds one MLP width for "
+                         "every layer, so it cannot carry that (export a plan without drop-mlp)")
+    name = path.stem if path.is_file() else path.name
     files: dict[str, Path] = {}
     with atomic_dir(out, overwrite) as tmp:
         shared = shared_linears(model)

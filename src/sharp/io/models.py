@@ -93,6 +93,8 @@ def load_model(spec: str, dtype: torch.dtype | str | None = "auto") -> tuple[nn.
             from sharp.baselines.io import load_pruned
 
             model = load_pruned(path, dtype=dtype)
+        elif "gguf_file" in kwargs:
+            model = load_gguf(Path(path) / kwargs["gguf_file"], dtype=dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **kwargs)
     except SharpError:
@@ -102,6 +104,32 @@ def load_model(spec: str, dtype: torch.dtype | str | None = "auto") -> tuple[nn.
     model.eval()
     model.sharp_source = spec
     return model, tokenizer
+
+
+def load_gguf(path: str | os.PathLike, dtype: torch.dtype | str | None = "auto") -> nn.Module:
+    """A plain dense model from a .gguf file, whatever its quantization (no tokenizer: see `load_model`).
+
+    Without `dequantize=True` transformers keeps its GGUF quantizer attached (`hf_quantizer`, `is_quantized`,
+    `config.quantization_config`) even when the weights are unpacked to dense tensors, and then the Trainer
+    refuses to fine-tune ("purely quantized models"), `save_pretrained` refuses to save, and with the optional
+    `kernels` package quantized blocks would stay packed in `GgufLinear` modules that sharing cannot reuse.
+    """
+    from transformers import AutoModelForCausalLM, GgufConfig
+
+    path = Path(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        path.parent, gguf_file=path.name, dtype=dtype, quantization_config=GgufConfig(dequantize=True)
+    )
+    left = [what for what, value in (("hf_quantizer", getattr(model, "hf_quantizer", None)),
+                                     ("is_quantized", getattr(model, "is_quantized", False)),
+                                     ("config.quantization_config", getattr(model.config, "quantization_config", None)),
+                                     ("packed modules", any(type(m).__name__.startswith("Gguf")
+                                                            for m in model.modules())))
+            if value]
+    if left:  # a transformers upgrade changed what dequantize=True does: fail here, not deep inside the Trainer
+        raise RuntimeError(f"loading '{path.name}' left GGUF quantization in place ({', '.join(left)}); "
+                           "this transformers version changed how GGUF files load")
+    return model
 
 
 def _path_and_kwargs(spec: str) -> tuple[str, dict]:

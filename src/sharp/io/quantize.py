@@ -9,7 +9,8 @@ Methods (one small class each, `METHODS` maps the CLI name to it):
              size is a multiple of 128 get torch's packed CPU int4 matmul (`_weight_int4pack_mm_for_cpu`),
              the others dequantize on the fly.
     nf4      bitsandbytes NF4 (QLoRA's 4-bit NormalFloat), blocks of 64 with double-quantized absmax; runs on
-             the CPU through bitsandbytes' CPU backend (dequantize + matmul unless the CPU has AVX512-BF16).
+             the CPU through bitsandbytes' CPU backend, dequantize + matmul on every CPU (`BnbNF4` says why
+             its AVX512-BF16 kernel is turned off).
 
 A quantized checkpoint is an ordinary sharp checkpoint plus `quantization.json` (method, bits, dtype and the
 list of quantized modules). `sharp.load` reads it back as a quantized model with the same sharing.
@@ -61,7 +62,14 @@ class QuantoInt4:
 
 class BnbNF4:
     """bitsandbytes NF4 (`Linear4bit`). Its packed weight and quantization state are not ordinary
-    parameters, so loading rebuilds each weight with `Params4bit.from_prequantized`."""
+    parameters, so loading rebuilds each weight with `Params4bit.from_prequantized`.
+
+    On a CPU with AVX512-BF16, bitsandbytes (0.50) rewrites a `Linear4bit`'s weight in place into the layout of
+    its fused CPU kernel at the first no-grad eval forward. That rewrite needs out_features % 32 == 0 and
+    in_features a multiple of the block size (stories260K's 172-wide MLP fails them), turns the double-quantized
+    block scales into bf16, and saving afterwards re-quantizes them, so the same model saved before and after a
+    forward wrote different bytes. Our modules keep bitsandbytes' portable path on every CPU: any layer shape
+    runs, saves are exact, and no CPU takes a code path that the others do not."""
 
     def quantize(self, linear: nn.Linear, dtype: torch.dtype) -> nn.Module:
         from bitsandbytes.nn import Params4bit
@@ -81,6 +89,7 @@ class BnbNF4:
                             compute_dtype=dtype, quant_type="nf4", device="meta")
         if linear.bias is not None:
             module.bias = linear.bias
+        module.support_avx512bf16_for_cpu = False  # the in-place repacking the class docstring describes
         return module
 
     def assign(self, module: nn.Module, name: str, state: dict[str, torch.Tensor]) -> list[str]:
@@ -176,8 +185,10 @@ def _replace_modules(model: nn.Module, names: list[str], make, dtype: torch.dtyp
     """Swap each named nn.Linear for `make(linear, dtype)` (a quantized module, or an empty one to load into)."""
     for name in names:
         parent_name, _, attr = name.rpartition(".")
-        qmodule = make(model.get_submodule(name), dtype)
+        linear = model.get_submodule(name)
+        qmodule = make(linear, dtype)
         assert qmodule is not None, name
+        qmodule.train(linear.training)  # a new module starts in training mode; an eval model stays in eval
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, qmodule)
     relink_shared(model)  # SharedLinear.base_layer -> the reference's new quantized module
 

@@ -33,14 +33,25 @@ class RecoverySettings:
     recovery: str
     data: str
     out: str
-    slw_fraction: float = 0.1  # fraction of the training examples whose activations SLW captures
+    slw_fraction: float = 0.1  # fraction of the training examples (a random sample) whose activations SLW captures
+    slw_tokens: int | None = None  # per-layer token budget of SLW (None: every token of that sample)
     slw_workers: int = 1
     slw_backend: str = "local"  # "local" (processes on this machine) or "ray" (a Ray task per target layer)
     ray_address: str | None = None  # Ray cluster for --slw-backend ray; None: a local Ray instance
     slw_task_gpus: float = 0  # GPUs per Ray task (0: CPU tasks)
     slw_steps: int = 300  # per target layer (early stopping may end sooner)
+    slw_lr: float = 1e-2
+    slw_batch_tokens: int = 1024
+    slw_patience: int = 4
+    slw_init: str = "closed-form"  # closed-form | lstsq | zero (see sharp.recovery.slw)
+    slw_inputs: str = "original"  # original | sequential
+    plan_actions: str = "share,drop-mlp,drop-block"  # what --strategy auto:BUDGET may choose per layer
+    plan_min_shared: float = 0.0  # auto: shared MLPs remove at least this share of the removed parameters
     sft_steps: int = 200  # optimizer steps; 0 = `epochs` instead
-    lr: float = 2e-4
+    loss: str = "ce"  # SFT (and healing) loss: ce | kd | ce+kd
+    kd_temperature: float = 1.0
+    lr: float = 1e-3
+    shared_lr: float | None = None  # lr of trained shared reference weights (--train ...+shared); None: lr / 10
     batch_size: int = 4
     grad_accum: int = 1
     max_len: int = 512
@@ -50,16 +61,18 @@ class RecoverySettings:
     full_lora_rank: int = 8
     overwrite: bool = False
 
-    def slw_config(self):
-        from sharp.recovery.slw import SLWConfig
-
-        return SLWConfig(steps=self.slw_steps, workers=self.slw_workers, seed=self.seed, backend=self.slw_backend,
-                         ray_address=self.ray_address, task_gpus=self.slw_task_gpus)
-
     @property
     def work_dir(self) -> Path:
         out = Path(self.out).absolute()
         return out.parent / f"{out.name}.work"
+
+    def slw_config(self):
+        from sharp.recovery.slw import SLWConfig
+
+        return SLWConfig(steps=self.slw_steps, lr=self.slw_lr, batch_tokens=self.slw_batch_tokens,
+                         patience=self.slw_patience, init=self.slw_init, inputs=self.slw_inputs,
+                         max_tokens=self.slw_tokens, workers=self.slw_workers, seed=self.seed,
+                         backend=self.slw_backend, ray_address=self.ray_address, task_gpus=self.slw_task_gpus)
 
 
 @dataclass(kw_only=True)
@@ -69,7 +82,7 @@ class CompressConfig(RecoverySettings):
     eval_data: str | None = None  # held-out data; default: --eval-fraction of --data
     stages: str = "slw,sft"  # "slw,sft", "slw", "sft" or "none" (Direct Sharing)
     epochs: float = 1.0
-    train: str = "recovery"  # "recovery" or "full-lora"
+    train: str = "recovery"  # recovery | full-lora | recovery+shared | full-lora+shared (sharp.recovery.trainable)
     eval_steps: int = 50
     save_steps: int = 50
 
@@ -82,7 +95,8 @@ class CompressConfig(RecoverySettings):
 
         return SFTConfig(steps=self.sft_steps, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
                          grad_accum=self.grad_accum, eval_steps=self.eval_steps, save_steps=self.save_steps,
-                         seed=self.seed, progress=progress)
+                         seed=self.seed, progress=progress, loss=self.loss, kd_temperature=self.kd_temperature,
+                         shared_lr=self.shared_lr)
 
     def validate(self) -> None:
         """Every check that needs no weights: one `SharpError` line on the first problem."""
@@ -98,8 +112,8 @@ class CompressConfig(RecoverySettings):
             raise SharpError(f"--stages '{self.stages}' is not valid; use slw,sft, slw, sft or none")
         if stages and self.recovery.strip() == "none":
             raise SharpError("--recovery none has nothing to train; pick e.g. lora:32 or use --stages none")
-        if self.train not in TRAIN_CHOICES[:2]:
-            raise SharpError(f"unknown --train '{self.train}'; choose recovery or full-lora")
+        if self.train not in TRAIN_CHOICES or self.train == "none":
+            raise SharpError(f"unknown --train '{self.train}'; choose one of: {', '.join(TRAIN_CHOICES[:-1])}")
         if self.template not in TEMPLATES:
             raise SharpError(f"unknown --template '{self.template}'; choose one of: {', '.join(TEMPLATES)}")
         if not 0 < self.slw_fraction <= 1:
@@ -126,21 +140,27 @@ def _validate_model(model: str, strategy: str, recovery: str, max_len: int) -> N
     from transformers import AutoModelForCausalLM
 
     from sharp.arch import get_adapter, num_layers
-    from sharp.io.models import load_config
+    from sharp.io.models import check_max_len, load_config
+    from sharp.sharing.build import share
     from sharp.sharing.recovery import parse_recovery
-    from sharp.sharing.shared import apply_sharing
     from sharp.sharing.strategy import parse_strategy
 
     strat, rec = parse_strategy(strategy), parse_recovery(recovery)
     config = load_config(model)
     get_adapter(config)
-    sharing = strat.resolve(num_layers(config))
-    limit = getattr(config, "max_position_embeddings", None)
-    if max_len < 2 or (limit and max_len > limit):
-        raise SharpError(f"--max-len {max_len} must be between 2 and the model's limit ({limit})")
+    check_max_len(config, max_len)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
-    apply_sharing(skeleton, sharing, rec)
+    if strat.kind == "auto":
+        from sharp.recovery.planner import removal_needed
+
+        if not rec.rank:
+            raise SharpError(f"--strategy {strategy} allocates recovery ranks; pick a ranked --recovery such as "
+                             "lora+gate:64")
+        removal_needed(skeleton, strat.budget)
+        return
+    strat.resolve(num_layers(config))
+    share(skeleton, strat, rec)
 
 
 def prepare_work_dir(cfg: CompressConfig) -> Path:

@@ -39,15 +39,20 @@ class CompareConfig(RecoverySettings):
     eval_batch_size: int = 8
     eval_limit: int | None = None
     tolerance: float = 0.01  # largest allowed spread of the compressed rows' stored parameters
+    train: str = "full-lora"  # what SHARP's SFT trains (as compress --train)
+    match_trainable: bool = False  # heal each baseline with the LoRA rank whose trainable count is nearest SHARP's
+    planned: bool = False  # add a row `--strategy auto:BUDGET` (the planner) at SHARP's stored size
 
     @property
     def method_list(self) -> list[str]:
         return [m.strip() for m in self.methods.split(",") if m.strip()]
 
-    def compress_config(self, name: str, stages: str) -> CompressConfig:
+    def compress_config(self, name: str, stages: str, strategy: str | None = None) -> CompressConfig:
         shared = {f.name: getattr(self, f.name) for f in fields(RecoverySettings)}
+        if strategy:
+            shared["strategy"] = strategy
         return CompressConfig(**{**shared, "out": str(self.work_dir / name), "overwrite": True}, stages=stages,
-                              train="full-lora")
+                              train=self.train)
 
     def sft(self) -> dict:
         return self.compress_config("sharp", "slw,sft").sft_config(progress=False).__dict__
@@ -95,10 +100,9 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
     cache = _read_cache(cache_path)
     rows: list[Row] = []
 
-    def evaluate(model) -> dict[str, float]:
-        res = evaluate_tasks(model, tokenizer, tasks, max_len=cfg.eval_max_len, batch_size=cfg.eval_batch_size,
-                             limit=cfg.eval_limit, template=cfg.template, progress=progress)
-        return {t.name: res[t.name]["ppl"] for t in tasks}
+    def evaluate(model) -> dict[str, dict[str, float]]:
+        return evaluate_tasks(model, tokenizer, tasks, max_len=cfg.eval_max_len, batch_size=cfg.eval_batch_size,
+                              limit=cfg.eval_limit, template=cfg.template, progress=progress)
 
     def row(key: str, name: str, build: Callable[[], tuple[object, dict]], compressed: bool = True) -> None:
         settings = _row_settings(cfg, key)
@@ -108,13 +112,17 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
             return
         start = time.perf_counter()
         model, details = build()
-        ppl = evaluate(model)
-        r = Row(key, name, sharp.count_parameters(model)["stored"], ppl, compressed,
-                healed=key.endswith("+heal"), seconds=time.perf_counter() - start, details=details)
+        seconds = time.perf_counter() - start  # building and training; evaluation is the same for every row
+        res = evaluate(model)
+        training = details.get("heal") or details.get("compress", {}).get("sft") or {}
+        r = Row(key, name, sharp.count_parameters(model)["stored"], {t: v["ppl"] for t, v in res.items()},
+                compressed, healed=key.endswith("+heal"), seconds=seconds, details=details,
+                nll_sem={t: v["nll_sem"] for t, v in res.items()}, examples={t: v["examples"] for t, v in res.items()},
+                trainable=training.get("trainable", 0), train_tokens=training.get("train_tokens", 0))
         rows.append(r)
         cache[key] = {"settings": settings, "row": asdict(r)}
         write_text_atomic(cache_path, json.dumps({"version": 2, "rows": cache}, indent=2, sort_keys=True, default=str))
-        log(f"{name}: {r.stored:,} stored, " + ", ".join(f"{k} {v:.2f}" for k, v in ppl.items())
+        log(f"{name}: {r.stored:,} stored, " + ", ".join(f"{k} {v:.2f}" for k, v in r.ppl.items())
             + f" ({r.seconds:.0f} s)")
 
     original, tokenizer = sharp.load_model(cfg.model, dtype=torch.float32)
@@ -125,6 +133,7 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
 
     direct = sharp.share(copy.deepcopy(original), cfg.strategy, cfg.recovery, source=cfg.model)
     budget = sharp.count_parameters(direct)["stored"]  # SHARP's stored size: every compressed row matches it
+    sharp_trainable = _sharp_trainable(direct, cfg)
     row("direct", "Direct Sharing", lambda model=direct: (model, {}))
     del direct
 
@@ -143,18 +152,24 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
 
         def build_healed(method=method, pruned=pruned):
             model = pruned.pop("model", None) or build()[0]
-            summary = heal(model, train, held, _sft(cfg), cfg.full_lora_rank, pad_id=pad, seed=cfg.seed)
+            rank = lora_rank_for(model, sharp_trainable) if cfg.match_trainable else cfg.full_lora_rank
+            summary = heal(model, train, held, _sft(cfg), rank, pad_id=pad, seed=cfg.seed,
+                           teacher=original if cfg.loss != "ce" else None)
             return model, {"heal": summary}
 
         row(method, ROW_NAMES[method], build)
         if cfg.heal:
             row(f"{method}+heal", ROW_NAMES[method] + " + heal", build_healed)
 
-    for key, name, stages in (("sharp-slw", "SHARP without SFT (SLW only)", "slw"), ("sharp", "SHARP", "slw,sft")):
-        def build_sharp(key=key, stages=stages):
-            summary = compress(cfg.compress_config(key, stages), progress=progress)
+    sharp_rows = [("sharp-slw", "SHARP without SFT (SLW only)", "slw", None), ("sharp", "SHARP", "slw,sft", None)]
+    if cfg.planned:
+        sharp_rows.append(("sharp-plan", "SHARP planned (auto)", "slw,sft", f"auto:{budget}"))
+    for key, name, stages, strategy in sharp_rows:
+        def build_sharp(key=key, stages=stages, strategy=strategy):
+            summary = compress(cfg.compress_config(key, stages, strategy), progress=progress)
             model, _ = sharp.load_model(str(cfg.work_dir / key))
-            return model, {"compress": {k: summary[k] for k in ("perplexity", "timing", "params")}}
+            keep = ("perplexity", "timing", "params", "slw", "sft", "plan", "strategy")
+            return model, {"compress": {k: summary.get(k) for k in keep}}
 
         row(key, name, build_sharp)
     if cfg.reference_model:
@@ -165,12 +180,24 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
     header = {"model": cfg.model, "strategy": cfg.strategy, "recovery": cfg.recovery, "data": cfg.data,
               "budget (stored parameters)": f"{budget:,}",
               "fine-tuning (SHARP SFT and every heal)": f"{cfg.sft_steps} steps × batch {cfg.batch_size} × "
-              f"{cfg.grad_accum} accum, lr {cfg.lr}, LoRA r={cfg.full_lora_rank} on the remaining linears",
-              "SLW": f"{cfg.slw_steps} steps per target, {cfg.slw_fraction:.0%} of the training examples"}
+              f"{cfg.grad_accum} accum, lr {cfg.lr}, loss {cfg.loss}; SHARP trains {cfg.train}; baselines heal "
+              + (f"with the LoRA rank whose trainable count is nearest SHARP's ({sharp_trainable:,})"
+                 if cfg.match_trainable else f"with LoRA r={cfg.full_lora_rank}") + " on the remaining linears",
+              **({"planned row": "--strategy auto:BUDGET at SHARP's stored size (it may store fewer, never more), "
+                  f"actions {cfg.plan_actions}, shared MLPs ≥ {cfg.plan_min_shared:.0%} of the removal"}
+                 if cfg.planned else {}),
+              "SLW": f"{cfg.slw_steps} steps per target on {cfg.slw_fraction:.0%} of the training examples, init "
+              f"{cfg.slw_init}, inputs {cfg.slw_inputs}"}
     with atomic_dir(cfg.out, cfg.overwrite) as tmp:
         (tmp / "comparison.md").write_text(to_markdown(rows, names, header))
         (tmp / "comparison.json").write_text(to_json(rows, names, header))
-    result = {"rows": [asdict(r) for r in rows], "spread": compressed_spread(rows), "budget": budget}
+    # the planner removes at least the budget's parameters in whole layers' steps, so its row may store fewer
+    # (a handicap, never an advantage): it is held to "not more" instead of to the spread
+    matched = [r for r in rows if r.key != "sharp-plan"]
+    result = {"rows": [asdict(r) for r in rows], "spread": compressed_spread(matched), "budget": budget}
+    planned = next((r for r in rows if r.key == "sharp-plan"), None)
+    if planned and planned.stored > budget * (1 + cfg.tolerance):
+        raise SharpError(f"the planned row stores {planned.stored:,} parameters, more than SHARP's {budget:,}")
     log(f"stored-parameter spread of the compressed rows: {result['spread']:.3%}")
     if result["spread"] > cfg.tolerance:
         raise SharpError(f"compressed rows differ by {result['spread']:.2%} in stored parameters (> "
@@ -178,8 +205,8 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
     return result
 
 
-_NOT_ROW_SETTINGS = ("overwrite", "methods", "heal", "reference_model", "tolerance")
-_SLW_SETTINGS = ("slw_steps", "slw_fraction", "slw_workers")
+_NOT_ROW_SETTINGS = ("overwrite", "methods", "heal", "reference_model", "tolerance", "planned")
+_SLW_SETTINGS = tuple(f.name for f in fields(RecoverySettings) if f.name.startswith(("slw_", "plan_")))
 _BASELINE_SETTINGS = ("allocation", "calib_samples")
 
 
@@ -200,6 +227,23 @@ def _read_cache(path: Path) -> dict:
     old = data.get("settings", {})
     return {key: {"settings": _row_settings(CompareConfig(**old), key), "row": row}
             for key, row in data.get("rows", {}).items()}
+
+
+def _sharp_trainable(direct, cfg: CompareConfig) -> int:
+    """What SHARP's SFT will train (counted on a copy of the Direct-Sharing model, before any training)."""
+    from sharp.recovery.trainable import add_full_lora, mark_trainable
+
+    model = copy.deepcopy(direct)
+    if cfg.train.startswith("full-lora"):
+        add_full_lora(model, rank=cfg.full_lora_rank)
+    return mark_trainable(model, cfg.train)["trainable"]
+
+
+def lora_rank_for(model, trainable: int) -> int:
+    """The healing LoRA rank whose trainable count (every remaining linear) is nearest `trainable`."""
+    from sharp.baselines.heal import lora_parameters_per_rank
+
+    return max(1, round(trainable / lora_parameters_per_rank(model)))
 
 
 def _sft(cfg: CompareConfig):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import random
 import shutil
 import time
 from dataclasses import asdict
@@ -19,6 +20,7 @@ import torch
 from transformers import set_seed
 
 import sharp
+from sharp.arch import num_layers
 from sharp.data import collate_examples, load_records, parse_data_spec, split_examples, tokenize_examples
 from sharp.evaluation.perplexity import response_perplexity
 from sharp.io.atomic import atomic_dir, write_text_atomic
@@ -28,9 +30,15 @@ from sharp.io.models import load_tokenizer, resolve_model_path
 from sharp.recipes import CompressConfig, StageMeter, log_event, prepare_work_dir, text_examples
 from sharp.recipes import distributed as dist
 from sharp.recovery.lazy import SafetensorsWeights
+from sharp.recovery.planner import plan_strategy
 from sharp.recovery.sft import run_sft
 from sharp.recovery.slw import run_slw
 from sharp.recovery.trainable import add_full_lora, mark_trainable, merge_full_lora
+from sharp.sharing.recovery import parse_recovery
+from sharp.sharing.strategy import parse_strategy
+
+SLW_KEYS = ("rel_err_before", "rel_err_init", "rel_err_after", "sink_rel_err_before", "sink_rel_err_after",
+            "train_tokens", "eval_tokens", "sink_tokens", "step", "params", "init", "seconds")
 
 
 def compress(cfg: CompressConfig, progress: bool = True) -> dict:
@@ -48,6 +56,23 @@ def compress(cfg: CompressConfig, progress: bool = True) -> dict:
         work = prepare_work_dir(cfg)
         dist.barrier()
         return _compress(cfg, work, progress)
+
+
+def _plan(cfg: CompressConfig, model, batches, path: Path, meter: StageMeter) -> dict:
+    """The planner's choice for `auto:BUDGET` (cached in the work folder, so a resumed run shares the same;
+    under torchrun rank 0 plans and the other ranks read its file)."""
+    if not dist.is_main():
+        dist.wait_until(path.is_file, "rank 0's plan")
+    if path.is_file():
+        return json.loads(path.read_text())
+    budget = parse_strategy(cfg.strategy).budget
+    with meter("plan"):
+        text, plan, costs = plan_strategy(model, batches, parse_recovery(cfg.recovery), budget,
+                                          [a.strip() for a in cfg.plan_actions.split(",")], cfg.plan_min_shared,
+                                          max_tokens=cfg.slw_tokens)
+    result = {"strategy": text, "budget": budget, **plan.to_dict(), "costs": [asdict(c) for c in costs]}
+    write_text_atomic(path, json.dumps(result, indent=2, sort_keys=True))
+    return result
 
 
 def _finished(cfg: CompressConfig, clean: bool = True) -> dict | None:
@@ -70,6 +95,17 @@ def _finished(cfg: CompressConfig, clean: bool = True) -> dict | None:
     with output_lock(work):
         shutil.rmtree(work, ignore_errors=True)
     return summary
+
+
+def _original(cfg: CompressConfig, model, kd: bool, slw: bool):
+    """What SLW captures from and KD's teacher: the original model. SLW alone (rank 0) takes the model's folder
+    when it is plain safetensors, read one layer at a time (no second copy in memory); KD needs it loaded."""
+    if kd:
+        return copy.deepcopy(model)
+    if not (slw and dist.is_main()):
+        return None
+    source = resolve_model_path(cfg.model)
+    return source if SafetensorsWeights.available(source) else copy.deepcopy(model)
 
 
 def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
@@ -109,55 +145,65 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
 
     perplexity("original")
 
-    # 2. share: targets drop their MLP weights and reuse their reference's, plus untrained recovery
+    # 2. share: targets drop their MLP weights and reuse their reference's, plus untrained recovery (a planned
+    # strategy, auto:BUDGET, is chosen first from closed-form costs on the SLW sample)
     stages = cfg.stage_list
-    original = None
-    if "slw" in stages and not meter.done("slw") and dist.is_main():
-        # SLW's capture reads a plain model folder one layer at a time (no second copy of the model in memory)
-        source = resolve_model_path(cfg.model)
-        original = source if SafetensorsWeights.available(source) else copy.deepcopy(model)
+    kd = "sft" in stages and cfg.loss != "ce"
+    original = _original(cfg, model, kd, slw="slw" in stages and not meter.done("slw"))
+    n = max(1, round(len(train) * cfg.slw_fraction))
+    sample = [train[i] for i in sorted(random.Random(cfg.seed).sample(range(len(train)), n))]
+    batches = [collate(sample[i : i + cfg.batch_size]) for i in range(0, n, cfg.batch_size)]
+    strategy, plan = cfg.strategy, None
+    if parse_strategy(strategy).kind == "auto":
+        plan = _plan(cfg, model, batches, work / "plan.json", meter)
+        strategy = plan["strategy"]
     set_seed(cfg.seed)
-    sharp.share(model, cfg.strategy, cfg.recovery, source=cfg.model)
+    sharp.share(model, strategy, cfg.recovery, source=cfg.model)
     counts = sharp.count_parameters(model)
     perplexity("direct")
 
     # 3. SLW: fit each target's recovery to its original MLP on captured activations
+    slw_summary, sft_summary = {}, {}
     if "slw" in stages:
-        n = max(1, round(len(train) * cfg.slw_fraction))
-        batches = [collate(train[i : i + cfg.batch_size]) for i in range(0, n, cfg.batch_size)]
-        slw_cfg = cfg.slw_config()
+        layer_map = model.sharp_config.base_layers(num_layers(model.config))
         with meter("slw"):
             if not dist.is_main():  # rank 0 trains the layers; the others load its results
                 dist.wait_until(lambda: StageMeter(work / "stages.json").done("slw"), "rank 0's SLW stage")
                 batches = []
-            layers = run_slw(original, model, batches, slw_cfg, work / "slw", progress=progress)
-        del original
+            layers = run_slw(original, model, batches, cfg.slw_config(), work / "slw", progress=progress,
+                             layer_map=layer_map)
+        if not kd:
+            original = None  # only the KD teacher needs the original model after SLW
         if dist.is_main() and not meter.logged("slw"):
             for layer, res in layers.items():
                 log_event(log_path, {"stage": "slw", "layer": layer, **{k: v for k, v in res.items() if k != "curve"}})
             meter.mark_logged("slw")
+        slw_summary = {str(t): {k: r.get(k) for k in SLW_KEYS} for t, r in layers.items()}
         perplexity("slw")
 
     # 4. SFT: end-to-end next-token loss on the responses, only the recovery (or + LoRA everywhere) trainable
     if "sft" in stages:
-        if cfg.train == "full-lora":
+        if cfg.train.startswith("full-lora"):
             set_seed(cfg.seed)
             add_full_lora(model, rank=cfg.full_lora_rank)
         mark_trainable(model, cfg.train)
         with meter("sft"):
-            run_sft(model, train, held if cfg.eval_steps else [], cfg.sft_config(progress), work / "sft", collate,
-                    log_file=log_path if dist.is_main() else None)
-        if cfg.train == "full-lora":
+            sft_summary = run_sft(model, train, held if cfg.eval_steps else [], cfg.sft_config(progress),
+                                  work / "sft", collate, log_file=log_path if dist.is_main() else None,
+                                  teacher=original if kd else None)
+        if cfg.train.startswith("full-lora"):
             merge_full_lora(model)
         model.requires_grad_(False)
         perplexity("sft")
 
+    del original
     # 5. summary and save (atomic: the folder appears complete or not at all)
     summary = {
-        "model": cfg.model, "strategy": cfg.strategy, "recovery": cfg.recovery, "data": cfg.data,
+        "model": cfg.model, "strategy": strategy, "recovery": cfg.recovery, "data": cfg.data, "plan": plan,
         "stages": stages, "train": cfg.train, "params": counts,
         "mlp_reduction": 1 - counts["mlp_stored"] / counts["mlp_original"],
         "perplexity": evals, "eval_examples": len(held), "train_examples": len(train),
+        "slw": slw_summary, "sft": {k: sft_summary.get(k) for k in ("steps", "train_tokens", "trainable", "eval_loss")},
         "timing": meter.stages, "config": asdict(cfg),
     }
     if not dist.is_main():

@@ -1,4 +1,4 @@
-"""Recovery training: single-layer warmup (`slw`) and supervised fine-tuning (`sft`)."""
+"""Recovery training: single-layer warmup (`slw`, with its closed-form init) and supervised fine-tuning (`sft`)."""
 
 from __future__ import annotations
 

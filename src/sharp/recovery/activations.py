@@ -1,6 +1,6 @@
 """Capture the original model's MLP inputs and outputs at the target layers, sharded on disk.
 
-SLW trains each target's recovery to reproduce what the *original* target MLP computed on real inputs. One
+SLW trains each target's recovery to reproduce what the original target MLP computes on real inputs. One
 forward pass of the original model with hooks writes, per target layer t,
 
     x_t: the MLP input (the post-norm hidden state), (N, hidden)
@@ -106,7 +106,7 @@ def _keep_mask(attention_mask: torch.Tensor, skip_positions: int) -> torch.Tenso
 
 @torch.no_grad()
 def capture_activations(
-    original_model: nn.Module,
+    model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
     targets: list[int],
     work_dir: str | Path,
@@ -115,12 +115,15 @@ def capture_activations(
     dtype: str = "float16",
     flush_bytes: int = 64 << 20,
     progress: bool = True,
+    outputs: Mapping[int, nn.Module] | None = None,
 ) -> ActivationStore:
-    """One forward pass of the ORIGINAL model over `batches`, storing each target MLP's input and output.
+    """One forward pass of `model` over `batches`, storing each target MLP's input and output.
 
     `batches` yields dicts with `input_ids` (B, T) and optionally `attention_mask` (B, T); other keys (labels,
-    ...) are ignored. Stops once `max_tokens` kept tokens are stored per layer. Returns the finished store;
-    if `work_dir` already holds a finished capture it is reused as is (resumption).
+    ...) are ignored. Stops once `max_tokens` kept tokens are stored per layer. `outputs` maps a target to the
+    module whose output on the captured input is stored instead of the model's own MLP output (sequential SLW:
+    the shared model's inputs, the original MLP's outputs). Returns the finished store; if `work_dir` already
+    holds a finished capture it is reused as is (resumption).
     """
     root = Path(work_dir)
     if ActivationStore.is_complete(root):
@@ -133,9 +136,9 @@ def capture_activations(
         shutil.rmtree(root)  # an unfinished capture: start over (cheap compared with training)
     root.mkdir(parents=True)
     store_dtype = DTYPES[dtype]
-    adapter = get_adapter(original_model)
+    adapter = get_adapter(model)
     targets = sorted(set(targets))
-    device = next(original_model.parameters()).device
+    device = next(model.parameters()).device
     buffers: dict[int, tuple[list[torch.Tensor], ...]] = {t: ([], [], []) for t in targets}
     counts = dict.fromkeys(targets, 0)
     shard_ids = dict.fromkeys(targets, 0)
@@ -159,6 +162,8 @@ def capture_activations(
         def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
             keep = state["keep"]
             room = None if max_tokens is None else max_tokens - counts[t]
+            if outputs is not None and t in outputs:
+                output = outputs[t](args[0])
             x = args[0][keep][:room].to("cpu", store_dtype)  # (n, hidden)
             y = output[keep][:room].to("cpu", store_dtype)
             buffers[t][0].append(x)
@@ -171,10 +176,10 @@ def capture_activations(
 
         return hook
 
-    handles = [adapter.mlp(original_model, t).register_forward_hook(make_hook(t)) for t in targets]
-    decoder = _decoder(original_model)
-    was_training = original_model.training
-    original_model.eval()
+    handles = [adapter.mlp(model, t).register_forward_hook(make_hook(t)) for t in targets]
+    decoder = _decoder(model)
+    was_training = model.training
+    model.eval()
     bar = _progress_bar(progress, max_tokens)
     try:
         with bar:
@@ -198,7 +203,7 @@ def capture_activations(
     finally:
         for h in handles:
             h.remove()
-        original_model.train(was_training)
+        model.train(was_training)
     flush()
     if counts[targets[0]] == 0:
         shutil.rmtree(root)
@@ -206,7 +211,7 @@ def capture_activations(
                          f"skip_positions={skip_positions}); give more data")
     meta = {
         "layers": targets,
-        "hidden_size": _hidden(original_model),
+        "hidden_size": _hidden(model),
         "dtype": dtype,
         "skip_positions": skip_positions,
         "tokens": {str(t): counts[t] for t in targets},

@@ -14,8 +14,10 @@ model folder's safetensors files instead of a loaded model:
 Peak memory is the embedding, one decoder layer, and the hidden states of the captured batches
 (tokens × hidden × 4 bytes in float32), whatever the depth of the model.
 
-`frozen_sharing_copy` is the other half: a copy of a target's shared MLP for an SLW job that reuses the frozen
-reference weights' storage (float32 already) instead of duplicating it for each job.
+`DiskModule` / `original_mlps` give each SLW job its target's original MLP (the closed-form init fits towards
+it) as a meta skeleton plus where its tensors are: the job reads them when it starts, not before. And
+`frozen_sharing_copy` gives an SLW job a copy of a target's shared MLP that reuses the frozen reference weights'
+storage (float32 already) instead of duplicating it for each job.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -80,6 +83,48 @@ class SafetensorsWeights:
         module.load_state_dict(state, strict=True, assign=True)
 
 
+def meta_model(model_path: str | Path, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu") -> nn.Module:
+    """The model of a folder's config.json with every weight on the meta device (nothing allocated or read);
+    non-persistent buffers (rotary tables) are real, on `device`."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    config = AutoConfig.from_pretrained(model_path)
+    with init_empty_weights(include_buffers=False), no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    for module in model.modules():  # rotary tables etc. were computed for real; weights stay on meta
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.device.type != "meta":
+                module._buffers[name] = buf.to(device)
+    return model
+
+
+@dataclass
+class DiskModule:
+    """A module whose weights stay on disk until `load()`: a meta skeleton and the name prefix of its tensors
+    in a model folder. Small to pickle (to a spawned worker or a Ray task), so it is read where it is used."""
+
+    skeleton: nn.Module
+    folder: str
+    prefix: str
+
+    def load(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
+        module = copy.deepcopy(self.skeleton)
+        SafetensorsWeights(self.folder).load_into(module, self.prefix, dtype, device)
+        return module
+
+
+def original_mlps(model_path: str | Path, layers: Mapping[int, int]) -> dict[int, DiskModule]:
+    """{key: the MLP of decoder layer `layers[key]` of the model folder}, each read only when loaded."""
+    model = meta_model(model_path)
+    adapter = get_adapter(model)
+    return {k: DiskModule(adapter.mlp(model, i), str(model_path), f"{adapter.layers_path}.{i}.{adapter.mlp_attr}.")
+            for k, i in layers.items()}
+
+
 class _Stub(nn.Module):
     """Stands in for decoder layer `index` during the recording pass: keeps its arguments, returns its input."""
 
@@ -115,10 +160,6 @@ def capture_from_disk(
     device: str | torch.device = "cpu",
 ) -> ActivationStore:
     """`capture_activations` for a model folder read one layer at a time (see the module docstring)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
     root = Path(work_dir)
     if ActivationStore.is_complete(root):
         return ActivationStore(root)
@@ -129,14 +170,8 @@ def capture_from_disk(
     weights = SafetensorsWeights(model_path)
     targets = sorted(set(targets))
     last = targets[-1]
-    config = AutoConfig.from_pretrained(model_path)
-    with init_empty_weights(include_buffers=False), no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=compute_dtype)
-    model.eval()
-    for module in model.modules():  # rotary tables etc. were computed for real; weights stay on meta
-        for name, buf in module._buffers.items():
-            if buf is not None and buf.device.type != "meta":
-                module._buffers[name] = buf.to(device)
+    model = meta_model(model_path, compute_dtype, device)
+    config = model.config
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     prefix = adapter.layers_path + "."

@@ -4,6 +4,14 @@ Only what `mark_trainable` unfroze is trained (the recovery parameters by defaul
 cosine decay, gradient accumulation, bf16 autocast on a GPU that supports it, an eval loss every `eval_steps` and a
 checkpoint every `save_steps`.
 
+Loss (`loss`), over the response tokens:
+    ce      next-token cross-entropy on the data
+    kd      distillation: KL(teacher || student) of the next-token distributions at temperature `kd_temperature`
+            (scaled by T^2), the teacher being the original, uncompressed model run alongside (no gradients)
+    ce+kd   their sum
+The teacher's full distribution carries far more signal per token than the one-hot label, and it is the
+distribution the compressed model should reproduce; the baselines' healing takes the same option.
+
 Checkpoints hold the *trainable* tensors only (`trainable.safetensors`) plus the Trainer's optimizer, scheduler,
 RNG and state files. Saving the whole model the Hugging Face way would fail or duplicate data: a shared model
 reaches each reference weight under two names. Rerunning `run_sft` with the same `work_dir` resumes from the
@@ -27,12 +35,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from sharp.data import IGNORE
 from sharp.errors import SharpError
+from sharp.recovery.trainable import shared_reference_parameters
 
 log = logging.getLogger(__name__)
 
 TRAINABLE = "trainable.safetensors"
 STATE = "trainer_state.json"
+LOSSES = ("ce", "kd", "ce+kd")
 
 
 class NonFiniteLossError(SharpError):
@@ -57,6 +68,10 @@ class SFTConfig:
     save_total_limit: int = 2
     seed: int = 0
     progress: bool = True  # show the Trainer's progress bar
+    loss: str = "ce"  # "ce", "kd" or "ce+kd" (see the module docstring); kd needs a teacher
+    kd_temperature: float = 1.0
+    shared_lr: float | None = None  # peak lr of trained shared reference weights (None: lr / 10; full weights take
+    # smaller steps than adapters, and they serve two layers at once)
 
     def __post_init__(self) -> None:
         for name in ("steps", "eval_steps"):
@@ -71,6 +86,12 @@ class SFTConfig:
             raise SharpError(f"--lr must be a positive number, got {self.lr}")
         if not 0 <= self.warmup < 1:
             raise SharpError(f"SFT warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+        if self.loss not in LOSSES:
+            raise SharpError(f"unknown --loss '{self.loss}'; choose one of: {', '.join(LOSSES)}")
+        if self.shared_lr is not None and not (math.isfinite(self.shared_lr) and self.shared_lr > 0):
+            raise SharpError(f"--shared-lr must be a positive number, got {self.shared_lr}")
+        if not (math.isfinite(self.kd_temperature) and self.kd_temperature > 0):
+            raise SharpError(f"--kd-temperature must be a positive number, got {self.kd_temperature}")
 
 
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -101,14 +122,19 @@ def run_sft(
     collate: Callable[[list[dict]], dict[str, torch.Tensor]],
     log_file: str | Path | None = None,
     callbacks: Sequence = (),
+    teacher: nn.Module | None = None,
 ) -> dict:
     """Train `model`'s trainable parameters in place; resume from `work_dir` if it holds a checkpoint.
 
     `train`/`eval_examples` are tokenized examples ({"input_ids", "labels"}, labels -100 off the response);
-    `collate` pads a list of them into a batch. Returns {"steps", "train_loss", "eval_loss", "resumed_from"}.
+    `collate` pads a list of them into a batch; `teacher` (frozen, same tokenizer) is needed by the kd losses.
+    Returns {"steps", "train_tokens" (non-padding input tokens seen), "trainable" (parameters), "train_loss",
+    "eval_loss", "resumed_from"}.
     """
     if not any(p.requires_grad for p in model.parameters()):
         raise RuntimeError("run_sft: nothing is trainable; call mark_trainable(model, 'recovery') first")
+    if config.loss != "ce" and teacher is None:
+        raise RuntimeError(f"run_sft: loss '{config.loss}' needs the teacher model (teacher=...)")
     if not train:
         raise SharpError("SFT has no training examples; use more data or a smaller --eval-fraction")
     work_dir = Path(work_dir)
@@ -151,18 +177,27 @@ def run_sft(
         dataloader_pin_memory=False,
         remove_unused_columns=False,
         disable_tqdm=not config.progress,
+        include_num_input_tokens_seen="non_padding",  # reported: the training tokens behind a result
     )
     cbs = [JsonlLogCallback(log_file)] if log_file is not None else []
     use_cache = getattr(model.config, "use_cache", None)  # Trainer turns it off; the saved config must not change
     try:
-        return _train(model, args, train, eval_examples, collate, [*cbs, *callbacks], resume, config)
+        return _train(model, args, train, eval_examples, collate, [*cbs, *callbacks], resume, config, teacher)
     finally:
         if use_cache is not None:
             model.config.use_cache = use_cache
 
 
-def _train(model, args, train, eval_examples, collate, callbacks, resume, config) -> dict:
+def _train(model, args, train, eval_examples, collate, callbacks, resume, config, teacher) -> dict:
+    if teacher is not None and config.loss != "ce":
+        teacher.eval().requires_grad_(False)
+    shared = [p for p in shared_reference_parameters(model) if p.requires_grad]
     trainer = SharpTrainer(
+        slow_params=shared,
+        slow_lr=config.shared_lr if config.shared_lr is not None else config.lr / 10,
+        loss_kind=config.loss,
+        teacher=teacher if config.loss != "ce" else None,
+        kd_temperature=config.kd_temperature,
         model=model,
         args=args,
         train_dataset=list(train),
@@ -186,6 +221,8 @@ def _train(model, args, train, eval_examples, collate, callbacks, resume, config
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
         "steps": trainer.state.global_step,
+        "train_tokens": int(trainer.state.num_input_tokens_seen),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),  # each shared tensor once
         "train_loss": losses[-1] if losses else out.training_loss,
         "eval_loss": eval_loss,
         "resumed_from": str(resume) if resume else None,
@@ -194,7 +231,45 @@ def _train(model, args, train, eval_examples, collate, callbacks, resume, config
 
 
 class SharpTrainer(Trainer):
-    """`Trainer` that checkpoints only trainable tensors and stops on a non-finite loss."""
+    """`Trainer` that checkpoints only trainable tensors, stops on a non-finite loss and can distill."""
+
+    def __init__(self, *args, loss_kind: str = "ce", teacher: nn.Module | None = None, kd_temperature: float = 1.0,
+                 slow_params: Sequence[nn.Parameter] = (), slow_lr: float = 0.0, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.loss_kind, self.teacher, self.kd_temperature = loss_kind, teacher, kd_temperature
+        self.slow_params, self.slow_lr = list(slow_params), slow_lr
+        if loss_kind != "ce":
+            self.loss_is_scaled_for_ga = True  # compute_loss divides by the tokens of the whole accumulated batch
+
+    def create_optimizer(self, model=None):
+        """AdamW as the Trainer builds it, with `slow_params` (trained shared weights) in a group of their own at
+        `slow_lr`; the scheduler scales both groups alike."""
+        if self.optimizer is None and self.slow_params:
+            slow = {id(p) for p in self.slow_params}
+            params = [p for p in self.model.parameters() if p.requires_grad]
+            groups = [{"params": [p for p in params if id(p) not in slow], "lr": self.args.learning_rate},
+                      {"params": [p for p in params if id(p) in slow], "lr": self.slow_lr}]
+            self.optimizer = torch.optim.AdamW(groups, lr=self.args.learning_rate, weight_decay=self.args.weight_decay,
+                                               betas=(self.args.adam_beta1, self.args.adam_beta2),
+                                               eps=self.args.adam_epsilon)
+        return super().create_optimizer(model)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.loss_kind == "ce":
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
+        keep = labels != IGNORE
+        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
+        student = outputs.logits[:, :-1][keep].float()  # (n, V)
+        with torch.no_grad():
+            self.teacher.to(student.device)
+            teacher = self.teacher(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
+                                   use_cache=False).logits[:, :-1][keep].float()
+        tokens = num_items_in_batch if num_items_in_batch is not None else keep.sum()
+        loss = distillation_loss(student, teacher, self.kd_temperature) / tokens
+        if self.loss_kind == "ce+kd":
+            loss = loss + nn.functional.cross_entropy(student, labels[keep], reduction="sum") / tokens
+        return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -232,6 +307,14 @@ class SharpTrainer(Trainer):
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(saved[name])
+
+
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """sum over rows of T^2 KL(softmax(teacher / T) || softmax(student / T)); logits (n, V)."""
+    t = temperature
+    log_p = nn.functional.log_softmax(teacher / t, dim=-1)
+    log_q = nn.functional.log_softmax(student / t, dim=-1)
+    return (t * t) * (log_p.exp() * (log_p - log_q)).sum()
 
 
 class JsonlLogCallback(TrainerCallback):

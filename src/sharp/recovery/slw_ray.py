@@ -22,9 +22,10 @@ RETRIES = 3  # re-runs of a task whose worker or node died (application errors, 
 
 
 def _ray_task(train: Callable, job, threads: int, device: str | None) -> dict:
-    """Runs inside a Ray worker: put the job's module on the task's device, then train it like the local backend."""
-    if device is not None and getattr(job, "mlp", None) is not None:
-        job.mlp = job.mlp.to(device)
+    """Runs inside a Ray worker: train the job on the task's device (its GPU when it has one), like the local
+    backend."""
+    if device is not None:
+        job.device = device
     return train(job, threads, None)
 
 
@@ -32,7 +33,7 @@ def train_ray(train: Callable, jobs: list, threads: int, bar, address: str | Non
               retries: int = RETRIES) -> dict[int, dict]:
     """{job.layer: train(job, threads, None)} with each job a Ray task; `bar` gets each layer when it finishes.
 
-    Each task reserves `threads` CPUs (and `gpus` GPUs when > 0, its module then on `cuda`); Ray runs as many at
+    Each task reserves `threads` CPUs (and `gpus` GPUs when > 0, the job then on `cuda`); Ray runs as many at
     once as the cluster's resources allow.
     """
     try:

@@ -3,6 +3,9 @@
     recovery    only the `Recovery` modules of shared layers (default for SLW and SFT)
     full-lora   recovery + a PEFT LoRA on every linear layer outside the shared projections (the paper's
                 downstream runs); `merge_full_lora` folds those LoRAs back into the weights before saving
+    +shared     (suffix: `recovery+shared`, `full-lora+shared`) also the reference weights of every shared
+                projection. They are stored once whatever their values, so training them costs no storage (RRT
+                trains its shared block the same way); they then serve the reference and its targets at once.
     none        everything frozen (evaluation)
 
 A shared model reaches each reference projection under two names (its own and a target's `base_layer`).
@@ -22,7 +25,7 @@ from sharp.sharing.shared import recoveries, relink_shared, shared_linears, uniq
 
 log = logging.getLogger(__name__)
 
-TRAIN_CHOICES = ("recovery", "full-lora", "none")
+TRAIN_CHOICES = ("recovery", "full-lora", "recovery+shared", "full-lora+shared", "none")
 
 
 def mark_trainable(model: nn.Module, stage: str = "recovery") -> dict[str, int]:
@@ -41,8 +44,11 @@ def mark_trainable(model: nn.Module, stage: str = "recovery") -> dict[str, int]:
         for _, rec in recs:
             for p in rec.parameters():
                 p.requires_grad_(True)
-    if stage == "full-lora":
+    if stage.startswith("full-lora"):
         for p in _lora_parameters(model):
+            p.requires_grad_(True)
+    if stage.endswith("+shared"):
+        for p in shared_reference_parameters(model):
             p.requires_grad_(True)
     counts = trainable_counts(model)
     log.info(
@@ -50,6 +56,18 @@ def mark_trainable(model: nn.Module, stage: str = "recovery") -> dict[str, int]:
         stage, f"{counts['trainable']:,}", f"{counts['frozen']:,}", f"{counts['shared']:,}",
     )
     return counts
+
+
+def shared_reference_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The reference projections' own weights (and biases) that some target reuses, each once. A LoRA-wrapped
+    reference (full-lora) contributes its frozen base weight, not its LoRA."""
+    seen: dict[int, nn.Parameter] = {}
+    for _, shared in shared_linears(model):
+        base = shared.base_layer
+        base = base.get_base_layer() if hasattr(base, "get_base_layer") else base
+        for p in base.parameters(recurse=False):
+            seen.setdefault(id(p), p)
+    return list(seen.values())
 
 
 def trainable_counts(model: nn.Module) -> dict[str, int]:

@@ -1,4 +1,9 @@
-"""`share()`: the one call that turns a pretrained model into a SHARP model (untrained recovery)."""
+"""`share()`: the one call that turns a pretrained model into a SHARP model (untrained recovery).
+
+A strategy that also drops (a planner's `map:` with `drop-mlp` / `drop-block` items) is applied in this order:
+whole blocks first (the model gets shallower and its layers are renumbered), then MLPs (width 0), then the
+sharing. `SharpConfig` records everything in the new numbering, so `apply_layout` rebuilds the same structure
+on a skeleton made from the checkpoint's own config.json."""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ import torch
 from torch import nn
 
 from sharp.arch import get_adapter, num_layers
+from sharp.sharing import surgery
 from sharp.sharing.config import BaseIdentity, SharpConfig
 from sharp.sharing.recovery import RecoveryConfig, parse_recovery
 from sharp.sharing.shared import apply_sharing
@@ -28,19 +34,52 @@ def share(
     recovery = parse_recovery(recovery) if isinstance(recovery, str) else recovery
     sharing = strategy.resolve(num_layers(model.config))
     identity = base_identity(model, source)
-    apply_sharing(model, sharing, recovery, modules)
+    total, mlp = _parameter_counts(model) if strategy.drops else (0, 0)
+    new = _renumbering(num_layers(model.config), strategy.block_drops)
+    if strategy.block_drops:
+        surgery.drop_layers(model, list(strategy.block_drops))
     from sharp import __version__
 
     model.sharp_config = SharpConfig(
-        sharing=sharing,
+        sharing={new[t]: new[r] for t, r in sharing.items()},
         recovery=recovery.text,
         modules=modules,
         strategy=strategy.text,
         base=identity,
         sharp_version=__version__,
+        ranks={new[t]: k for t, k in strategy.ranks},
+        dropped_mlps=[new[t] for t in strategy.mlp_drops],
+        dropped_blocks=list(strategy.block_drops),
+        base_parameters=total,
+        base_mlp_parameters=mlp,
     )
+    apply_layout(model, model.sharp_config)
     assert adapter.model_type == identity.model_type
     return model
+
+
+def apply_layout(model: nn.Module, config: SharpConfig) -> nn.Module:
+    """Delete the recorded MLPs and share the recorded pairs (each target with its own rank where recorded), in
+    place; `model` already has the checkpoint's number of layers."""
+    if config.dropped_mlps:
+        surgery.drop_mlps(model, config.dropped_mlps)
+    recovery = parse_recovery(config.recovery)
+    per_target = {t: recovery.with_rank(config.ranks[t]) if t in config.ranks else recovery for t in config.sharing}
+    apply_sharing(model, config.sharing, per_target, config.modules)
+    return model
+
+
+def _renumbering(n: int, dropped: tuple[int, ...]) -> dict[int, int]:
+    kept = [i for i in range(n) if i not in set(dropped)]
+    return {old: new for new, old in enumerate(kept)}
+
+
+def _parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """(all parameters, MLP parameters) of an unshared model, each tensor once."""
+    adapter = get_adapter(model)
+    total = sum(p.numel() for p in model.parameters())
+    mlp = sum(p.numel() for i in range(num_layers(model.config)) for p in adapter.mlp(model, i).parameters())
+    return total, mlp
 
 
 def config_sha256(config) -> str:

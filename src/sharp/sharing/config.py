@@ -35,10 +35,23 @@ class SharpConfig:
     base: BaseIdentity = field(default_factory=lambda: BaseIdentity(model_type=""))
     format_version: int = FORMAT_VERSION
     sharp_version: str = ""
+    # A plan that also drops (strategy map:...=drop-mlp / drop-block): every index above and below is a layer of
+    # the checkpoint's own config.json, i.e. after the dropped blocks are gone.
+    ranks: dict[int, int] = field(default_factory=dict)  # target -> its own recovery rank (the spec's family)
+    dropped_mlps: list[int] = field(default_factory=list)  # layers whose MLP is deleted (width 0)
+    dropped_blocks: list[int] = field(default_factory=list)  # the base model's layers deleted as a whole
+    base_parameters: int = 0  # the base model's parameter count (0: derived from the model, nothing dropped)
+    base_mlp_parameters: int = 0
+
+    def base_layers(self, num_layers: int) -> dict[int, int]:
+        """{layer of this model: the same layer of the base model} (they differ after dropped blocks)."""
+        kept = [i for i in range(num_layers + len(self.dropped_blocks)) if i not in set(self.dropped_blocks)]
+        return dict(enumerate(kept))
 
     def to_dict(self) -> dict:
         d = asdict(self)
         d["sharing"] = {str(t): r for t, r in sorted(self.sharing.items())}
+        d["ranks"] = {str(t): r for t, r in sorted(self.ranks.items())}
         return d
 
     def to_json(self) -> str:
@@ -60,8 +73,13 @@ class SharpConfig:
         d = dict(d)
         try:
             d["sharing"] = {int(t): int(r) for t, r in d["sharing"].items()}
+            d["ranks"] = {int(t): int(r) for t, r in d.get("ranks", {}).items()}
+            for key in ("dropped_mlps", "dropped_blocks"):
+                d[key] = [int(v) for v in d.get(key, [])]
+            for key in ("base_parameters", "base_mlp_parameters"):
+                d[key] = int(d.get(key, 0))
             d["base"] = BaseIdentity(**d.get("base", {"model_type": ""}))
-        except (KeyError, TypeError, ValueError, AttributeError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:  # Overflow: int(Infinity)
             raise SharpError(f"sharp_config.json is malformed ({e}); re-create the checkpoint") from None
         texts = [(k, d.get(k, "")) for k in ("recovery", "modules", "strategy", "sharp_version")]
         texts += [(f"base.{k}", v) for k, v in asdict(d["base"]).items()]

@@ -6,6 +6,8 @@ layer's own module object (not a copy), so the weight exists once in memory, on 
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 from torch import nn
 
@@ -42,7 +44,7 @@ class SharedLinear(nn.Module):
     @torch.no_grad()
     def merged(self) -> nn.Linear:
         """A plain nn.Linear holding the target's materialized weight W_t."""
-        weight = _dense_weight(self.base_layer)
+        weight = dense_weight(self.base_layer)
         bias = getattr(self.base_layer, "bias", None)
         linear = nn.Linear(self.in_features, self.out_features, bias=bias is not None,
                            device=weight.device, dtype=weight.dtype)
@@ -55,7 +57,8 @@ class SharedLinear(nn.Module):
         return f"reference={self.reference}, recovery={type(self.recovery).__name__}"
 
 
-def _dense_weight(module: nn.Module) -> torch.Tensor:
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """A projection's weight as a plain dense tensor (quantized weights dequantized)."""
     w = module.weight
     if getattr(w, "quant_state", None) is not None:  # bitsandbytes Params4bit (nf4)
         from bitsandbytes.functional import dequantize_4bit
@@ -77,10 +80,11 @@ def recoveries(model: nn.Module) -> list[tuple[str, Recovery]]:
 def apply_sharing(
     model: nn.Module,
     sharing: dict[int, int],
-    recovery: RecoveryConfig,
+    recovery: RecoveryConfig | Mapping[int, RecoveryConfig],
     modules: str = "mlp",
 ) -> nn.Module:
-    """Make each target layer reuse its reference layer's projections (in place) and attach recovery."""
+    """Make each target layer reuse its reference layer's projections (in place) and attach recovery (one spec
+    for every target, or one per target)."""
     if modules not in MODULE_CHOICES:
         raise SharpError(f"unknown --modules '{modules}'; choose one of: {', '.join(MODULE_CHOICES)}")
     adapter = get_adapter(model)
@@ -92,7 +96,8 @@ def apply_sharing(
             ref_proj = getattr(getattr(layers[ref], block_attr), proj)
             target_block = getattr(layers[target], block_attr)
             old = getattr(target_block, proj)
-            rec = recovery.build(ref_proj.in_features, ref_proj.out_features)
+            spec = recovery[target] if isinstance(recovery, Mapping) else recovery
+            rec = spec.build(ref_proj.in_features, ref_proj.out_features)
             rec.to(device=ref_proj.weight.device, dtype=_param_dtype(ref_proj))
             setattr(target_block, proj, SharedLinear(ref_proj, rec, reference=ref))
             del old
@@ -155,10 +160,14 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
     for _, shared in shared_linears(model):
         base = shared.base_layer
         removed += _numel(base.weight) + (_numel(base.bias) if getattr(base, "bias", None) is not None else 0)
+    original = stored - recovery + removed
+    config = getattr(model, "sharp_config", None)
+    if config is not None and config.base_parameters:  # a plan that dropped MLPs or blocks: counted before
+        original, mlp_original = config.base_parameters, config.base_mlp_parameters
     return {
-        "original": stored - recovery + removed,
+        "original": original,
         "stored": stored,
-        "removed": removed,
+        "removed": original - stored + recovery,
         "recovery": recovery,
         "mlp_original": mlp_original,
         "mlp_stored": mlp_kept,

@@ -6,7 +6,7 @@ formats (see the assets' SOURCES.md) through `custom_dataset:` functions. Each l
 in the schema of the Hub dataset lm-eval uses, so the YAML's `doc_to_*` lines are copied verbatim.
 
 lm-eval calls `custom_dataset(**metadata, **dataset_kwargs)`; the YAML's `dataset_kwargs` carries
-`data_file` (filled in by `sharp.evaluation.downstream`), everything else is ignored.
+`data_file` (filled in by `sharp.evaluation.lm_eval_tasks`), everything else is ignored.
 
 This file is loaded by lm-eval from a temporary task folder (next to the resolved YAMLs), not imported
 as part of the `sharp` package.

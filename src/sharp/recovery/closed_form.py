@@ -1,0 +1,198 @@
+"""Closed-form recovery: the best low-rank (and gated) correction of each shared projection on real activations.
+
+For one projection with inputs H (N, m), reference outputs P = base(H) (N, out) and wanted outputs Y (N, out), we
+solve, in float64 from accumulated statistics,
+
+    min_{g, M: rank M <= r}  || Y - P diag(g) - H M^T ||^2            (g fixed to 1 without a gate)
+
+M step (g fixed): reduced-rank regression. The full least-squares solution is M* = R^T H (H^T H + lam I)^-1 with
+R = Y - P diag(g); in the data's own metric ||M H^T||, the best rank-r approximation of M* is found by whitening
+the input covariance (Cholesky L of H^T H + lam I, lam = `damping` x its mean diagonal), truncating the SVD of
+M* L and un-whitening: M = U_r S_r V_r^T L^-1 (the SVD-LLM / reduced-rank-regression construction).
+g step (M fixed): each output channel's gate is its own 1-d least-squares problem,
+    g_c = <P_c, (Y - H M^T)_c> / ||P_c||^2.
+The two steps alternate from g = 0, M = 0 (= the projection's output deleted); each step can only lower the
+training error, so with a gate the fit is never worse than deleting the output on the data it saw.
+
+The energy of the fit, sum(S_r^2) / sum(S^2), is the share of the whitened correction that rank r captures: near 1
+the rank suffices, near r / m the correction is full-rank and the layer needs more rank or should not be shared.
+
+`fit_mlp` applies this to a whole shared MLP: first the input-side projections (gate/up), whose wanted outputs
+are the target's own projections (so the statistics are just the input covariance: H^T Y = H^T H W_t^T), then
+the output projection (down) on the features the corrected gate/up now produce, towards the target MLP's output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sharp.sharing.recovery import GateRecovery, LowRankMixin, Recovery
+from sharp.sharing.shared import SharedLinear, dense_weight
+
+
+@dataclass
+class ProjectionStats:
+    """Sums over rows of one projection's inputs H, reference outputs P and wanted outputs Y (float64)."""
+
+    hh: torch.Tensor  # (m, m)  H^T H
+    hy: torch.Tensor  # (m, out) H^T Y
+    hp: torch.Tensor  # (m, out) H^T P
+    pp: torch.Tensor  # (out,)   sum_i P_ic^2
+    py: torch.Tensor  # (out,)   sum_i P_ic Y_ic
+    yy: torch.Tensor  # (out,)   sum_i Y_ic^2
+
+    @classmethod
+    def zeros(cls, m: int, out: int) -> ProjectionStats:
+        z = dict(dtype=torch.float64)
+        return cls(torch.zeros(m, m, **z), torch.zeros(m, out, **z), torch.zeros(m, out, **z),
+                   torch.zeros(out, **z), torch.zeros(out, **z), torch.zeros(out, **z))
+
+    def add(self, h: torch.Tensor, p: torch.Tensor, y: torch.Tensor) -> None:
+        h, p, y = h.double().cpu(), p.double().cpu(), y.double().cpu()
+        self.hh += h.T @ h
+        self.hy += h.T @ y
+        self.hp += h.T @ p
+        self.pp += (p * p).sum(0)
+        self.py += (p * y).sum(0)
+        self.yy += (y * y).sum(0)
+
+    @classmethod
+    def linear(cls, xx: torch.Tensor, w_ref: torch.Tensor, w_target: torch.Tensor) -> ProjectionStats:
+        """Exact statistics of a linear map fitted to another on inputs with second moment xx = X^T X: P = X W_ref^T,
+        Y = X W_t^T, so every sum follows from xx (no pass over the data)."""
+        xx, w_ref, w_target = xx.double(), w_ref.double().cpu(), w_target.double().cpu()
+        hp, hy = xx @ w_ref.T, xx @ w_target.T
+        return cls(xx, hy, hp, (w_ref * hp.T).sum(1), (w_ref * hy.T).sum(1), (w_target * hy.T).sum(1))
+
+
+@dataclass
+class ProjectionFit:
+    """A fitted correction: y = g * base(h) + h (B A)^T. `energy`: share of the whitened correction rank r holds;
+    `rel_err`: training relative error (1.0 = the output deleted)."""
+
+    gate: torch.Tensor | None  # (out,)
+    b: torch.Tensor | None  # (out, r)
+    a: torch.Tensor | None  # (r, m)
+    energy: float
+    rel_err: float
+
+
+def whitener(cov: torch.Tensor, damping: float) -> torch.Tensor:
+    """Lower Cholesky factor of cov + lam I, lam = damping x mean diagonal (float64); damping grows until the
+    factorization succeeds (rank-deficient statistics from few tokens)."""
+    cov = cov.double()
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype)
+    scale = cov.diagonal().mean().clamp_min(1e-30)
+    for _ in range(8):
+        factor, info = torch.linalg.cholesky_ex(cov + damping * scale * eye)
+        if int(info) == 0:
+            return factor
+        damping *= 10
+    raise RuntimeError("input covariance could not be factorized; the captured activations are degenerate")
+
+
+def reduced_rank(full: torch.Tensor, chol: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-r approximation of `full` (out, m) in the metric ||. L||: (B (out, r), A (r, m), energy)."""
+    u, s, vh = torch.linalg.svd(full @ chol, full_matrices=False)
+    total = float((s * s).sum())
+    energy = float((s[:rank] ** 2).sum()) / total if total > 0 else 1.0
+    root = s[:rank].sqrt()
+    # A = V_r^T L^-1: solve A L = V_r^T  <=>  L^T A^T = V_r
+    a = torch.linalg.solve_triangular(chol.T, vh[:rank].T, upper=True).T
+    return u[:, :rank] * root, root[:, None] * a, energy
+
+
+def fit_projection(stats: ProjectionStats, rank: int, gate: bool, damping: float = 1e-4,
+                   iters: int = 6) -> ProjectionFit:
+    """Alternate M and g steps (see the module docstring); `rank` 0 fits the gate alone."""
+    out = stats.hy.shape[1]
+    chol = whitener(stats.hh, damping)
+    g = torch.zeros(out, dtype=torch.float64) if gate else torch.ones(out, dtype=torch.float64)
+    b = a = None
+    energy = 1.0
+    m_hp = torch.zeros(out, dtype=torch.float64)  # <P_c, (H M^T)_c>
+    for _ in range(iters if gate and rank else 1):
+        if rank:
+            hr = stats.hy - stats.hp * g  # H^T R, R = Y - P diag(g)
+            full = torch.cholesky_solve(hr, chol).T  # (out, m): M* = R^T H (H^T H + lam I)^-1
+            b, a, energy = reduced_rank(full, chol, rank)
+            m_hp = ((b @ a) * stats.hp.T).sum(1)  # diag(M H^T P)
+        if gate:
+            g = (stats.py - m_hp) / stats.pp.clamp_min(1e-30)
+    return ProjectionFit(g if gate else None, b, a, energy, _rel_err(stats, g, b, a))
+
+
+def _rel_err(stats: ProjectionStats, g: torch.Tensor, b: torch.Tensor | None, a: torch.Tensor | None) -> float:
+    """sqrt(||Y - P diag(g) - H M^T||^2 / ||Y||^2) from the statistics."""
+    err = stats.yy - 2 * g * stats.py + g * g * stats.pp
+    total = float(err.sum())
+    if b is not None:
+        m = b @ a  # (out, m)
+        total += float(((m @ stats.hh) * m).sum()) - 2 * float((m * (stats.hy.T - g[:, None] * stats.hp.T)).sum())
+    return max(total, 0.0) ** 0.5 / max(float(stats.yy.sum()), 1e-30) ** 0.5
+
+
+def apply_fit(shared: SharedLinear, fit: ProjectionFit) -> None:
+    """Write a fit into the projection's recovery parameters."""
+    rec = shared.recovery
+    with torch.no_grad():
+        if fit.gate is not None:
+            rec.gate.copy_(fit.gate.to(rec.gate.dtype))
+        if fit.b is not None:
+            rec.set_delta(fit.b, fit.a)
+
+
+def fittable(rec: Recovery) -> tuple[bool, int]:
+    """(has a gate, rank of its low-rank term) of a recovery. Scales (`lora+scale`) are left at the identity they
+    start from; a parameterization with neither a gate nor a low-rank term is not fitted."""
+    return isinstance(rec, GateRecovery), rec.rank if isinstance(rec, LowRankMixin) else 0
+
+
+@torch.no_grad()
+def fit_mlp(mlp: nn.Module, original: nn.Module, projections: tuple[str, ...], chunks: Iterable[tuple[torch.Tensor,
+            torch.Tensor]], damping: float = 1e-4, iters: int = 6) -> dict[str, dict[str, float]]:
+    """Fit every shared projection of `mlp` (in place) to the `original` target MLP on captured rows.
+
+    `projections`: the MLP's projection attributes, the output projection last. `chunks` yields (x, y): MLP inputs
+    and the original MLP's outputs; it is iterated twice (input side, then output side), so pass a re-iterable.
+    Returns {projection: {"energy", "rel_err"}} (training statistics)."""
+    *inputs, output = projections
+    report: dict[str, dict[str, float]] = {}
+    chunks = list(chunks) if not isinstance(chunks, list | tuple) else chunks
+    xx = None
+    for x, _ in chunks:
+        x = x.double()
+        xx = x.T @ x if xx is None else xx + x.T @ x
+    for name in inputs:
+        shared = getattr(mlp, name)
+        if not isinstance(shared, SharedLinear):
+            continue
+        gate, rank = fittable(shared.recovery)
+        if not (gate or rank):
+            continue
+        stats = ProjectionStats.linear(xx, dense_weight(shared.base_layer), getattr(original, name).weight)
+        fit = fit_projection(stats, rank, gate, damping, iters)
+        apply_fit(shared, fit)
+        report[name] = {"energy": fit.energy, "rel_err": fit.rel_err}
+    shared = getattr(mlp, output)
+    if isinstance(shared, SharedLinear) and any(fittable(shared.recovery)):
+        gate, rank = fittable(shared.recovery)
+        stats = ProjectionStats.zeros(shared.in_features, shared.out_features)
+        seen: list[torch.Tensor] = []
+        handle = shared.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+        try:
+            for x, y in chunks:
+                seen.clear()
+                mlp(x.float())
+                h = seen[0].reshape(-1, shared.in_features)
+                stats.add(h, shared.base_layer(h), y.reshape(-1, shared.out_features))
+        finally:
+            handle.remove()
+        fit = fit_projection(stats, rank, gate, damping, iters)
+        apply_fit(shared, fit)
+        report[output] = {"energy": fit.energy, "rel_err": fit.rel_err}
+    return report

@@ -1,0 +1,319 @@
+"""A planner that may mix methods: per layer, share its MLP (with a recovery rank), drop its MLP, drop the whole
+block, or keep it, under one stored-parameter budget, from cheap closed-form measurements.
+
+Costs come from one pass of the original model over calibration data (`measure_costs`). For every layer t, with
+h_t the residual stream entering it and what it adds to it measured in squared norm over the tokens:
+
+    drop-mlp     || mlp_t(x) ||^2                       (what the MLP writes, lost)
+    drop-block   || h_{t+1} - h_t ||^2                  (what attention and MLP write, lost)
+    share(r)     || y - g * D_ref h_ref - M h_ref ||^2  at the closed-form optimum of a rank-r correction with a
+                                                        gate (`closed_form.fit_projection`), reference t - 1
+
+each divided by || h_{t+1} ||^2, so a cost is the relative perturbation of the residual stream at that layer. The
+plan minimizes the sum of the chosen costs subject to the parameters it removes (net of recovery parameters)
+reaching the budget; a share needs its reference (t - 1) to keep its own MLP and block. Costs are summed as if
+independent, which they are not (RESEARCH.md: losses compound), so the plan is a ranking, not a prediction.
+
+Sharing where it fits and dropping where it does not can never lose to either alone *on this cost*: every pure
+strategy (all shares, all MLP drops) is among the candidates the exact search (dynamic programming over layers)
+compares. `min_shared` asks that shared MLPs account for at least that share of the removed parameters (SHARP's
+own method doing most of the work); it is met by a Lagrangian penalty on the other actions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from sharp.arch import get_adapter
+from sharp.errors import SharpError
+from sharp.recovery.closed_form import ProjectionStats, fit_projection
+from sharp.sharing.recovery import RecoveryConfig
+
+ACTIONS = ("keep", "share", "drop-mlp", "drop-block")
+
+
+@dataclass
+class LayerCosts:
+    """Measured costs of one layer's options (relative residual perturbations) and their parameter counts."""
+
+    layer: int
+    drop_mlp: float
+    drop_block: float
+    share: dict[int, float] = field(default_factory=dict)  # rank -> cost (reference = layer - 1); empty for 0
+    mlp_params: int = 0
+    block_params: int = 0
+
+
+@dataclass
+class Plan:
+    """What to do with each layer; `shares` maps target -> (reference, rank)."""
+
+    shares: dict[int, tuple[int, int]] = field(default_factory=dict)
+    mlp_drops: list[int] = field(default_factory=list)
+    block_drops: list[int] = field(default_factory=list)
+    removed: int = 0  # parameters removed, net of recovery parameters
+    removed_by_sharing: int = 0  # of which by shared MLPs (net of their recovery)
+    cost: float = 0.0
+
+    @property
+    def shared_fraction(self) -> float:
+        return self.removed_by_sharing / self.removed if self.removed else 0.0
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["shares"] = {str(t): list(v) for t, v in sorted(self.shares.items())}
+        d["shared_fraction"] = self.shared_fraction
+        return d
+
+
+@torch.no_grad()
+def measure_costs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], ranks: Iterable[int],
+                  damping: float = 1e-4, max_tokens: int | None = None) -> list[LayerCosts]:
+    """One pass of `model` over `batches` (padding excluded, position 0 included): every layer's costs."""
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    n = len(layers)
+    ranks = sorted(set(ranks))
+    inter = getattr(adapter.mlp(model, 0), adapter.mlp_projs[-1]).in_features
+    stats = {t: ProjectionStats.zeros(inter, model.config.hidden_size) for t in range(1, n)}
+    mlp_e, block_e, resid_e = np.zeros(n), np.zeros(n), np.zeros(n)
+    keep: dict[str, torch.Tensor] = {}
+    seen = {"tokens": 0}
+
+    def layer_hook(t: int):
+        def hook(module, args, kwargs, output):
+            h_in = (args[0] if args else kwargs["hidden_states"])[keep["mask"]].double()
+            out = output[0] if isinstance(output, tuple) else output
+            h_out = out[keep["mask"]].double()
+            block_e[t] += float(((h_out - h_in) ** 2).sum())
+            resid_e[t] += float((h_out**2).sum())
+        return hook
+
+    def mlp_hook(t: int):
+        def hook(module, args, output):
+            if keep.get("inner"):  # the reference's own hook, fired by the call below
+                return
+            x, y = args[0][keep["mask"]], output[keep["mask"]]
+            mlp_e[t] += float((y.double() ** 2).sum())
+            if t >= 1:
+                ref = adapter.mlp(model, t - 1)
+                *_, down_name = adapter.mlp_projs
+                down = getattr(ref, down_name)
+                captured: list[torch.Tensor] = []
+                handle = down.register_forward_hook(lambda m, a, o: captured.append(a[0]))
+                keep["inner"] = True
+                try:
+                    ref(x)
+                finally:
+                    keep["inner"] = False
+                    handle.remove()
+                h = captured[0]
+                stats[t].add(h, down(h), _post(adapter, layers[t], y))
+        return hook
+
+    handles = [layers[t].register_forward_hook(layer_hook(t), with_kwargs=True) for t in range(n)]
+    handles += [adapter.mlp(model, t).register_forward_hook(mlp_hook(t)) for t in range(n)]
+    was_training = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            ids = batch["input_ids"]
+            mask = batch.get("attention_mask")
+            mask = torch.ones_like(ids) if mask is None else mask
+            keep["mask"] = mask.bool().to(ids.device)
+            model(input_ids=ids, attention_mask=mask, use_cache=False)
+            seen["tokens"] += int(mask.sum())
+            if max_tokens is not None and seen["tokens"] >= max_tokens:
+                break
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    if seen["tokens"] == 0:
+        raise SharpError("the planner's calibration data gave no tokens; give more data")
+    out = []
+    for t in range(n):
+        norm = max(resid_e[t], 1e-30)
+        share = {}
+        if t >= 1:
+            for r in ranks:
+                fit = fit_projection(stats[t], r, gate=True, damping=damping)
+                share[r] = fit.rel_err**2 * float(stats[t].yy.sum()) / norm
+        out.append(LayerCosts(t, mlp_e[t] / norm, block_e[t] / norm, share,
+                              sum(p.numel() for p in adapter.mlp(model, t).parameters()),
+                              sum(p.numel() for p in layers[t].parameters())))
+    return out
+
+
+def _post(adapter, layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """The MLP output as the fit sees it (pre-norm: the closed form is linear in it)."""
+    return y
+
+
+def recovery_params(recovery: RecoveryConfig, rank: int, shapes: Iterable[tuple[int, int]]) -> int:
+    """Parameters of one target's recovery at `rank` (the spec's family) over its projections' (in, out) shapes."""
+    spec = recovery.with_rank(rank)
+    return sum(spec.num_params(i, o) for i, o in shapes)
+
+
+def plan_layers(costs: list[LayerCosts], need: int, recovery_cost: Mapping[int, int],
+                actions: Iterable[str] = ACTIONS, min_shared: float = 0.0, protect: Iterable[int] = (0,),
+                unit: int = 1000) -> Plan:
+    """The least-cost choice per layer removing at least `need` parameters (net); see the module docstring.
+
+    `recovery_cost`: rank -> recovery parameters of one target; `protect`: layers never changed (layer 0 by
+    default: the first block turns embeddings into features every later layer relies on)."""
+    actions = set(actions)
+    unknown = actions - set(ACTIONS)
+    if unknown:
+        raise SharpError(f"unknown planner action(s) {sorted(unknown)}; choose from {', '.join(ACTIONS[1:])}")
+    protect = set(protect)
+    if need <= 0:
+        return Plan()
+    if min_shared > 0 and "share" not in actions:
+        raise SharpError("min_shared needs the share action")
+    best = _solve(costs, need, recovery_cost, actions, protect, unit, 0.0)
+    if best is None:
+        most = sum(max(c.block_params if "drop-block" in actions else 0, c.mlp_params) for c in costs
+                   if c.layer not in protect)
+        raise SharpError(f"no plan removes {need:,} parameters with actions {sorted(actions)} (at most about "
+                         f"{most:,}); lower the budget or allow more actions")
+    if best.shared_fraction >= min_shared:
+        return best
+    low, high = 0.0, 1.0  # penalty per removed parameter (in cost units per unit) on the non-sharing actions
+    while (p := _solve(costs, need, recovery_cost, actions, protect, unit, high)) is not None \
+            and p.shared_fraction < min_shared and high < 1e6:
+        low, high = high, high * 4
+    if p is None or p.shared_fraction < min_shared:
+        raise SharpError(f"no plan removes {need:,} parameters with shared MLPs doing at least {min_shared:.0%} "
+                         "of it; lower the budget or min_shared")
+    best = p
+    for _ in range(30):
+        mid = (low + high) / 2
+        p = _solve(costs, need, recovery_cost, actions, protect, unit, mid)
+        if p is not None and p.shared_fraction >= min_shared:
+            best, high = p, mid
+        else:
+            low = mid
+    return best
+
+
+def _solve(costs, need, recovery_cost, actions, protect, unit, penalty) -> Plan | None:
+    """Exact DP over layers; state = (does the previous layer keep its own MLP and block, units removed, capped
+    at the need). `penalty` (cost per removed unit) is added to the non-sharing actions (see `min_shared`)."""
+    cap = math.ceil(need / unit)
+    f = np.full((2, cap + 1), math.inf)  # f[intact, s]: least cost with s units removed
+    f[0, 0] = 0.0  # layer 0 has no predecessor to share with
+    steps = []  # per layer: (options, chosen option, previous intact, previous s) arrays over (intact, s)
+    for c in costs:
+        options = [("keep", 0, 0, 0.0, 1)]
+        if c.layer not in protect:
+            if "share" in actions:
+                options += [("share", r, c.mlp_params - recovery_cost[r], cost, 0) for r, cost in c.share.items()
+                            if c.mlp_params > recovery_cost[r]]
+            if "drop-mlp" in actions:
+                options.append(("drop-mlp", 0, c.mlp_params, c.drop_mlp + penalty * c.mlp_params / unit, 0))
+            if "drop-block" in actions:
+                options.append(("drop-block", 0, c.block_params, c.drop_block + penalty * c.block_params / unit, 0))
+        g = np.full((2, cap + 1), math.inf)
+        choice = np.full((2, cap + 1), -1)
+        prev_of = np.zeros((2, cap + 1), dtype=np.int8)
+        src_of = np.zeros((2, cap + 1), dtype=np.int64)
+        for k, (name, _, save, cost, intact) in enumerate(options):
+            units = min(save // unit, cap)
+            for prev in (0, 1):
+                if name == "share" and not prev:
+                    continue  # the reference (layer - 1) must keep its own MLP and block
+                cand = f[prev] + cost
+                shifted = np.full(cap + 1, math.inf)
+                src = np.zeros(cap + 1, dtype=np.int64)
+                shifted[units:cap] = cand[: cap - units]
+                src[units:cap] = np.arange(cap - units)
+                tail = cand[cap - units :]  # every state that reaches the cap lands on it
+                j = int(np.argmin(tail))
+                if tail[j] < shifted[cap]:
+                    shifted[cap], src[cap] = tail[j], cap - units + j
+                better = shifted < g[intact]
+                g[intact][better] = shifted[better]
+                choice[intact][better] = k
+                prev_of[intact][better] = prev
+                src_of[intact][better] = src[better]
+        steps.append((options, choice, prev_of, src_of))
+        f = g
+    intact = int(np.argmin(f[:, cap]))
+    if not math.isfinite(f[intact, cap]):
+        return None
+    plan, s = Plan(), cap
+    for c, (options, choice, prev_of, src_of) in zip(reversed(costs), reversed(steps), strict=True):
+        name, rank, save, _, _ = options[choice[intact, s]]
+        if name == "share":
+            plan.shares[c.layer] = (c.layer - 1, rank)
+            plan.removed_by_sharing += save
+            plan.cost += c.share[rank]
+        elif name == "drop-mlp":
+            plan.mlp_drops.append(c.layer)
+            plan.cost += c.drop_mlp
+        elif name == "drop-block":
+            plan.block_drops.append(c.layer)
+            plan.cost += c.drop_block
+        plan.removed += save
+        intact, s = int(prev_of[intact, s]), int(src_of[intact, s])
+    plan.mlp_drops.sort()
+    plan.block_drops.sort()
+    return plan
+
+
+def removal_needed(model: nn.Module, budget: str) -> int:
+    """Parameters a plan must remove for `budget`: `40%` or `0.4` = that share of the MLP parameters (net of
+    recovery: what `next:` strategies report as MLP reduction), `107.5M` / `107500000` = the stored total."""
+    import re
+
+    adapter = get_adapter(model)
+    total = sum(p.numel() for p in model.parameters())
+    mlp = sum(p.numel() for i in range(len(adapter.layers(model))) for p in adapter.mlp(model, i).parameters())
+    text = budget.strip()
+    if m := re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*%", text):
+        fraction = float(m[1]) / 100
+    elif m := re.fullmatch(r"(\d+(?:\.\d*)?|\.\d+)\s*([kKmMbB]?)", text):
+        value = float(m[1]) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9}[m[2].lower()]
+        if value <= 1:
+            fraction = value
+        else:
+            if not value < total:
+                raise SharpError(f"budget '{budget}' keeps {value:,.0f} parameters, not fewer than the model's "
+                                 f"{total:,}")
+            return int(total - value)
+    else:
+        raise SharpError(f"malformed budget '{budget}'; write a share of the MLP parameters (40% or 0.4) or a "
+                         "stored-parameter count (107.5M)")
+    if not 0 < fraction < 1:
+        raise SharpError(f"budget '{budget}' must remove more than 0% and less than 100% of the MLP parameters")
+    return int(round(fraction * mlp))
+
+
+def plan_strategy(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], recovery: RecoveryConfig,
+                  budget: str, actions: Iterable[str] = ACTIONS, min_shared: float = 0.0,
+                  max_tokens: int | None = None) -> tuple[str, Plan, list[LayerCosts]]:
+    """Measure, plan and spell the plan as a `map:` strategy (ranks R/4, R/2, R, 2R of `recovery`'s family)."""
+    need = removal_needed(model, budget)
+    adapter = get_adapter(model)
+    mlp = adapter.mlp(model, 0)
+    shapes = [(getattr(mlp, p).in_features, getattr(mlp, p).out_features) for p in adapter.mlp_projs]
+    if not recovery.rank:
+        raise SharpError(f"the planner allocates recovery ranks; pick a ranked recovery (e.g. lora+gate:64), not "
+                         f"'{recovery.text}'")
+    ranks = sorted({r for r in (recovery.rank // 4, recovery.rank // 2, recovery.rank, 2 * recovery.rank)
+                    if 1 <= r <= min(min(shape) for shape in shapes)})
+    costs = measure_costs(model, batches, ranks, max_tokens=max_tokens)
+    per_rank = {r: recovery_params(recovery, r, shapes) for r in ranks}
+    unit = max(1000, need // 20000)
+    plan = plan_layers(costs, need, per_rank, actions, min_shared, unit=unit)
+    items = [f"{t}={ref}" + (f"@{r}" if r != recovery.rank else "") for t, (ref, r) in plan.shares.items()]
+    items += [f"{t}=drop-mlp" for t in plan.mlp_drops] + [f"{t}=drop-block" for t in plan.block_drops]
+    return "map:" + ",".join(sorted(items, key=lambda i: int(i.split("=")[0]))), plan, costs

@@ -1,0 +1,152 @@
+"""Distillation loss and the SFT trainer's kd / ce+kd losses; training the shared reference weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import sharp
+from sharp.recovery.sft import SFTConfig, SharpTrainer, distillation_loss, run_sft
+from sharp.recovery.trainable import mark_trainable, shared_reference_parameters
+from tests.conftest import tiny_model
+
+
+def test_distillation_loss_is_zero_for_the_teacher_itself_and_positive_otherwise():
+    logits = torch.randn(7, 11, dtype=torch.float64)
+    assert float(distillation_loss(logits, logits)) == pytest.approx(0.0, abs=1e-12)
+    assert float(distillation_loss(logits + torch.randn(7, 11, dtype=torch.float64), logits)) > 0.01
+    # a constant shift of the logits is the same distribution
+    assert float(distillation_loss(logits + 3.0, logits, temperature=2.0)) == pytest.approx(0.0, abs=1e-10)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_distillation_gradient_matches_finite_differences(temperature):
+    torch.manual_seed(0)
+    teacher = torch.randn(3, 5, dtype=torch.float64)
+    student = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda s: distillation_loss(s, teacher, temperature), (student,))
+    # and the analytic form: d/ds KL(p || softmax(s/T)) * T^2 = T (softmax(s/T) - p)
+    loss = distillation_loss(student, teacher, temperature)
+    (grad,) = torch.autograd.grad(loss, student)
+    p = torch.softmax(teacher / temperature, -1)
+    q = torch.softmax(student.detach() / temperature, -1)
+    torch.testing.assert_close(grad, temperature * (q - p))
+
+
+def _batch(vocab: int, n: int = 2, t: int = 9) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(vocab, (n, t), generator=g)
+    labels = ids.clone()
+    labels[:, :3] = -100  # prompt
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def _trainer(model, teacher, kind: str, tmp_path) -> SharpTrainer:
+    from transformers import TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    return SharpTrainer(model=model, args=args, loss_kind=kind, teacher=teacher)
+
+
+def test_trainer_kd_loss_is_zero_when_student_is_teacher(tmp_path):
+    teacher = tiny_model()
+    student = copy.deepcopy(teacher)
+    batch = _batch(teacher.config.vocab_size)
+    loss = _trainer(student, teacher, "kd", tmp_path).compute_loss(student, batch)
+    assert float(loss) == pytest.approx(0.0, abs=1e-6)
+    ce_kd = _trainer(student, teacher, "ce+kd", tmp_path).compute_loss(student, batch)
+    ce = _trainer(student, None, "ce", tmp_path).compute_loss(student, dict(batch))
+    assert float(ce_kd) == pytest.approx(float(ce), rel=1e-5)  # ce+kd = ce when kd is 0
+
+
+def test_trainer_kd_loss_is_the_mean_kl_over_response_tokens(tmp_path):
+    teacher = tiny_model(seed=0)
+    student = tiny_model(seed=1)
+    batch = _batch(teacher.config.vocab_size)
+    loss = _trainer(student, teacher, "kd", tmp_path).compute_loss(student, batch)
+    with torch.no_grad():
+        s = student(input_ids=batch["input_ids"]).logits[:, :-1]
+        t = teacher(input_ids=batch["input_ids"]).logits[:, :-1]
+    keep = batch["labels"][:, 1:] != -100
+    kl = torch.nn.functional.kl_div(torch.log_softmax(s[keep], -1), torch.log_softmax(t[keep], -1),
+                                    log_target=True, reduction="batchmean")
+    assert float(loss) == pytest.approx(float(kl), rel=1e-5)
+
+
+def test_kd_sft_moves_the_student_towards_the_teacher(tmp_path):
+    """A shared model distilled from its original gets closer to it (KL on held-out batches drops)."""
+    teacher = tiny_model()
+    student = sharp.share(copy.deepcopy(teacher), "next:1-4", "lora:4")
+    mark_trainable(student, "recovery")
+    vocab = teacher.config.vocab_size
+    g = torch.Generator().manual_seed(0)
+    examples = [{"input_ids": (ids := torch.randint(vocab, (16,), generator=g).tolist()), "labels": ids}
+                for _ in range(32)]
+
+    def kl() -> float:
+        batch = torch.tensor([e["input_ids"] for e in examples[:8]])
+        with torch.no_grad():
+            return float(distillation_loss(student(input_ids=batch).logits.flatten(0, 1),
+                                           teacher(input_ids=batch).logits.flatten(0, 1)))
+
+    from sharp.data import collate_examples
+
+    before = kl()
+    run_sft(student, examples, [], SFTConfig(steps=15, lr=1e-2, batch_size=8, eval_steps=0, save_steps=100,
+                                             loss="kd", progress=False), tmp_path, collate_examples, teacher=teacher)
+    assert kl() < 0.7 * before
+
+
+def test_kd_without_a_teacher_is_refused(tmp_path):
+    model = sharp.share(tiny_model(), "next:1-4", "lora:4")
+    mark_trainable(model)
+    with pytest.raises(RuntimeError, match="teacher"):
+        run_sft(model, [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]}], [], SFTConfig(steps=1, loss="kd"),
+                tmp_path, lambda b: b)
+
+
+def test_recovery_plus_shared_trains_the_reference_weights_once():
+    model = sharp.share(tiny_model(), "next:1-4", "lora:4")  # targets 2, 4 reuse 1, 3
+    plain = mark_trainable(model, "recovery")
+    counts = mark_trainable(model, "recovery+shared")
+    layers = model.model.layers
+    refs = shared_reference_parameters(model)
+    assert len(refs) == 2 * 3  # two references x gate/up/down weights
+    assert all(p.requires_grad for p in refs)
+    assert layers[2].mlp.up_proj.base_layer.weight.requires_grad  # the target sees the trained reference
+    assert not layers[0].mlp.up_proj.weight.requires_grad  # unshared layers stay frozen
+    assert not layers[1].self_attn.q_proj.weight.requires_grad
+    assert counts["trainable"] == plain["trainable"] + sum(p.numel() for p in refs)
+
+
+def test_trained_shared_weights_get_their_own_learning_rate(tmp_path):
+    model = sharp.share(tiny_model(), "next:1-4", "lora:4")
+    mark_trainable(model, "recovery+shared")
+    refs = {id(p) for p in shared_reference_parameters(model)}
+    seen = {}
+
+    class Probe(SharpTrainer):
+        def create_optimizer(self, model=None):
+            opt = super().create_optimizer(model)
+            seen["groups"] = [({id(p) for p in g["params"]}, g["lr"]) for g in opt.param_groups]
+            return opt
+
+    import sharp.recovery.sft as sft
+
+    original = sft.SharpTrainer
+    sft.SharpTrainer = Probe
+    try:
+        g = torch.Generator().manual_seed(0)
+        examples = [{"input_ids": (ids := torch.randint(128, (8,), generator=g).tolist()), "labels": ids}
+                    for _ in range(4)]
+        from sharp.data import collate_examples
+
+        run_sft(model, examples, [], SFTConfig(steps=1, lr=1e-3, batch_size=2, eval_steps=0, progress=False),
+                tmp_path, collate_examples)
+    finally:
+        sft.SharpTrainer = original
+    fast, slow = seen["groups"]
+    assert slow == (refs, pytest.approx(1e-4)) and fast[1] == pytest.approx(1e-3)
+    assert not fast[0] & refs and fast[0]  # the recovery parameters, at --lr

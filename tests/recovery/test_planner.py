@@ -1,0 +1,123 @@
+"""The planner: exact on its cost model (checked by brute force), never worse than a pure strategy, and its
+measured costs mean what they say."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sharp
+from sharp.recovery.planner import LayerCosts, Plan, measure_costs, plan_layers
+from tests.conftest import tiny_model
+
+REC = {4: 30, 16: 120}  # rank -> recovery parameters of one target
+
+
+def _random_costs(seed: int, n: int) -> list[LayerCosts]:
+    g = torch.Generator().manual_seed(seed)
+    u = lambda: float(torch.rand(1, generator=g))  # noqa: E731
+    return [LayerCosts(t, drop_mlp=u(), drop_block=1.5 * u(), share={4: 0.8 * u(), 16: 0.5 * u()} if t else {},
+                       mlp_params=300, block_params=400) for t in range(n)]
+
+
+def _brute_force(costs, need, actions, protect=(0,)):
+    best = None
+    per_layer = []
+    for c in costs:
+        opts = [("keep", 0)]
+        if c.layer not in protect:
+            opts += [("share", r) for r in c.share if "share" in actions]
+            opts += [(a, 0) for a in ("drop-mlp", "drop-block") if a in actions]
+        per_layer.append(opts)
+    for combo in itertools.product(*per_layer):
+        removed = cost = 0.0
+        ok = True
+        for i, (name, r) in enumerate(combo):
+            c = costs[i]
+            if name == "share":
+                if i == 0 or combo[i - 1][0] != "keep":
+                    ok = False
+                    break
+                removed += c.mlp_params - REC[r]
+                cost += c.share[r]
+            elif name == "drop-mlp":
+                removed, cost = removed + c.mlp_params, cost + c.drop_mlp
+            elif name == "drop-block":
+                removed, cost = removed + c.block_params, cost + c.drop_block
+        if ok and removed >= need and (best is None or cost < best - 1e-12):
+            best = cost
+    return best
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000), st.integers(100, 1200),
+       st.sampled_from([("share",), ("share", "drop-mlp"), ("share", "drop-mlp", "drop-block"), ("drop-mlp",)]))
+def test_plan_is_the_exact_optimum_of_its_cost(seed, need, actions):
+    costs = _random_costs(seed, 6)
+    expected = _brute_force(costs, need, actions)
+    if expected is None:
+        with pytest.raises(sharp.SharpError, match="no plan"):
+            plan_layers(costs, need, REC, actions, unit=1)
+        return
+    plan = plan_layers(costs, need, REC, actions, unit=1)
+    assert plan.cost == pytest.approx(expected, abs=1e-9)
+    assert plan.removed >= need
+    for t, (ref, _) in plan.shares.items():  # every reference keeps its own MLP and block
+        assert ref == t - 1 and ref not in plan.shares and ref not in plan.mlp_drops + plan.block_drops
+
+
+def test_mixing_never_loses_to_a_pure_strategy():
+    costs = _random_costs(3, 8)
+    need = 700
+    mixed = plan_layers(costs, need, REC, unit=1)
+    for pure in (("share",), ("drop-mlp",), ("drop-block",)):
+        try:
+            assert mixed.cost <= plan_layers(costs, need, REC, pure, unit=1).cost + 1e-12
+        except sharp.SharpError:
+            pass  # that pure strategy cannot reach the budget at all
+
+
+def test_min_shared_makes_sharing_do_most_of_the_removal():
+    costs = _random_costs(5, 10)
+    for c in costs:  # dropping is cheap here, so the unconstrained plan avoids sharing
+        c.drop_mlp /= 10
+    free = plan_layers(costs, 1000, REC, unit=1)
+    assert free.shared_fraction < 0.5
+    constrained = plan_layers(costs, 1000, REC, min_shared=0.5, unit=1)
+    assert constrained.shared_fraction >= 0.5 and constrained.removed >= 1000
+    assert constrained.cost >= free.cost
+
+
+def test_measured_costs_mean_what_they_say():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(128, (4, 20), generator=g)} for _ in range(4)]
+    costs = measure_costs(model, batches, ranks=[0, 4, 16])
+    assert [c.layer for c in costs] == list(range(6)) and costs[0].share == {}
+    for c in costs[1:]:
+        assert 0 < c.drop_mlp and 0 < c.drop_block
+        assert c.share[16] <= c.share[4] + 1e-9 <= c.share[0] + 2e-9  # more rank, less error
+        assert c.share[0] <= c.drop_mlp * (1 + 1e-6)  # the gate can always switch the reference off
+    # drop-mlp cost = what the MLP writes, over the residual after the layer, computed independently
+    layer = model.model.layers[3]
+    xs, ys, hs = [], [], []
+    h1 = layer.post_attention_layernorm.register_forward_hook(lambda m, a, o: xs.append(o))
+    h2 = layer.mlp.register_forward_hook(lambda m, a, o: ys.append(o))
+    h3 = layer.register_forward_hook(lambda m, a, o: hs.append(o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    for h in (h1, h2, h3):
+        h.remove()
+    y, h = torch.cat(ys), torch.cat(hs)
+    assert costs[3].drop_mlp == pytest.approx(float((y.double() ** 2).sum() / (h.double() ** 2).sum()), rel=1e-6)
+
+
+def test_plan_counts_what_it_removes():
+    plan = Plan(shares={2: (1, 4)}, mlp_drops=[4], removed=270 + 300, removed_by_sharing=270)
+    assert plan.shared_fraction == pytest.approx(270 / 570)
+    assert plan.to_dict()["shares"] == {"2": [1, 4]}
