@@ -5,9 +5,10 @@ weights), as `sharp compress` runs the stage.
     .venv/bin/python benchmarks/slw_memory_smollm2.py                 # next:6-29, lora:64, 2 rounds
     .venv/bin/python benchmarks/slw_memory_smollm2.py --rounds 3 --steps 20
 
-Each measurement is a fresh process: load the model in float32 (as compress does), then reset the kernel's
+Needs `sharp assets fetch` (SmolLM2-135M and the GPT4-Alpaca demo sample in the asset cache). Each measurement
+is a fresh process: load the model in float32 (as compress does), then reset the kernel's
 peak-RSS mark (`/proc/self/clear_refs`) and run the SLW stage (copy or not, share, capture, train every target
-sequentially), and read the peak (VmHWM). Variants alternate within each round. Writes
+sequentially, closed-form init), and read the peak (VmHWM). Variants alternate within each round. Writes
 docs/results/slw_memory_smollm2.{json,md}.
 """
 
@@ -26,7 +27,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ALPACA = ROOT / ".." / "shared" / "assets" / "instruct" / "alpaca_en_demo.json"
 VARIANTS = ("in-memory copy (before)", "weights from disk")
 
 
@@ -48,7 +48,7 @@ def measure(variant: str, args) -> dict:
 
     torch.set_num_threads(args.threads)
     model, tok = sharp.load_model(args.model, dtype=torch.float32)
-    records = load_records(parse_data_spec(f"alpaca:{ALPACA}[:{args.examples}]"))
+    records = load_records(parse_data_spec(f"alpaca-demo[:{args.examples}]"))
     examples = tokenize_examples(records, "alpaca", tok, "plain", 512)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     batches = [collate_examples(examples[i : i + 4], pad) for i in range(0, len(examples), 4)]

@@ -1,7 +1,7 @@
 """`sharp compress` under torchrun: 2 CPU processes over gloo train SFT like 1 process with the same effective
 batch, only rank 0 writes, and a 2-process run killed mid-SFT resumes to the uninterrupted result.
 
-Tolerance: recovery tensors within 1e-5 absolute (they are ~0.1 in size; measured MEASURED here): the two runs
+Tolerance: recovery tensors within 1e-5 absolute (they are ~0.1 in size; measured 3.5e-7 here): the two runs
 differ only in the order of float32 reductions (per-rank gradients averaged by DDP vs one batch). The 8 steps
 (32 examples) stay inside the first epoch (the 44 vendored records less the held-out 10%): at an epoch's end a
 single process runs a short last batch, while accelerate fills the last rank's batch with examples from the
@@ -74,8 +74,8 @@ def test_two_gloo_processes_match_one_process_with_the_same_effective_batch(runs
     assert max(t.abs().max().item() for t in trained.values()) > 0.01  # SFT moved the recovery
     assert _max_diff(one, two) < TOL
     rows = [json.loads(line) for line in (two / "train_log.jsonl").read_text().splitlines()]
-    steps = [r["step"] for r in rows if r.get("stage") == "sft" and "loss" in r]
-    assert steps == sorted(set(steps)) and steps[-1] == 8  # one line per step: rank 1 does not log
+    steps = [r["step"] for r in rows if r.get("stage") == "sft"]
+    assert steps == sorted(set(steps)) and steps[-1] == 8  # each logged step once: rank 1 does not log
     from sharp.io.checkpoint import verify_manifest
 
     assert not verify_manifest(two)

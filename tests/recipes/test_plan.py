@@ -53,6 +53,26 @@ def test_counts_match_a_real_shared_model(stories_path):
     assert p["params"]["trainable"] == mark_trainable(model, "full-lora")["trainable"]
 
 
+def test_planner_map_with_ranks_and_drops_matches_a_real_shared_model(stories_path):
+    """A planner's map (a per-target rank, a dropped MLP, a dropped block) and --train recovery+shared: plan
+    counts what `sharp.share` + `mark_trainable` give, and SLW's targets in the original model's numbering."""
+    strategy = "map:3=2@2,4=2,0=drop-mlp,1=drop-block"
+    p = _plan(stories_path, strategy=strategy, recovery="lora:4", train="recovery+shared")
+    model, _ = sharp.load_model(str(stories_path))
+    sharp.share(model, strategy, "lora:4")
+    counts = sharp.count_parameters(model)
+    assert {k: p["params"][k] for k in counts} == counts
+    from sharp.recovery.trainable import mark_trainable
+
+    assert p["params"]["trainable"] == mark_trainable(model, "recovery+shared")["trainable"] > counts["recovery"]
+    assert p["targets"] == [3, 4]
+
+
+def test_auto_strategy_is_refused_in_one_line(capsys):
+    code, _, err = run_cli(["plan", LLAMA2, "-s", "auto:40%", "--data-size", "1000", "--no-probe"], capsys)
+    assert code != 0 and "planner" in err and "Traceback" not in err
+
+
 def test_sharded_sft_divides_weights_and_state_over_devices():
     one = _plan(dtype="bfloat16", tflops=100)["stages"]["sft"]
     ddp = _plan(dtype="bfloat16", tflops=100, devices=8)["stages"]["sft"]

@@ -45,6 +45,7 @@ class PlanSettings:
     dtype: str = "float32"  # weights and compute during the run (sharp compress loads float32 today)
     slw_fraction: float = _like_compress("slw_fraction")
     slw_workers: int = _like_compress("slw_workers")
+    slw_tokens: int | None = _like_compress("slw_tokens")
     slw_steps: int = _like_compress("slw_steps")
     sft_steps: int = _like_compress("sft_steps")
     epochs: float = _like_compress("epochs")
@@ -113,7 +114,7 @@ def plan(s: PlanSettings) -> dict:
 
     if "slw" in stages:
         n_slw = max(1, round(n_train * s.slw_fraction))
-        captured = min(slw.max_tokens or n_slw * tokens, n_slw * tokens)  # rows per target layer
+        captured = min(s.slw_tokens or n_slw * tokens, n_slw * tokens)  # rows per target layer
         last = max(shape.targets) + 1
         disk_per_target = slw_disk_bytes(captured, shape.hidden, slw.dtype)
         out["slw_disk"] = {"tokens_per_target": captured, "bytes_per_target": disk_per_target,
@@ -154,12 +155,13 @@ def _slw_stage(s: PlanSettings, shape: ModelShape, slw, captured: int, rate: flo
     per_target = [
         slw.steps * 2 * shape.mlp_flops(step_rows, x)  # forward + backward (input grads, recovery grads)
         + (slw.steps // slw.eval_every + 2) * shape.mlp_flops(held, x)  # held-out evaluations
-        + (2.0 * captured * (i * i + h * i) if rec and slw.init == "lstsq" else 0.0)  # closed-form init Gram
+        + (2.0 * captured * (i * i + h * i) if rec and slw.init != "zero" else 0.0)  # closed-form init statistics
+        + (2.0 * captured * h * h if rec and slw.init == "closed-form" else 0.0)  # + gate/up's input covariance
         for x in shape.targets
     ]
     parallel = min(len(shape.targets), s.devices if s.slw_backend == "ray" else s.slw_workers)
     waves = math.ceil(len(shape.targets) / parallel)
-    init = 8 * (3 * i * i + 4 * h * i + 2 * h * h) if rec and slw.init == "lstsq" else 0
+    init = 8 * (3 * i * i + 4 * h * i + 2 * h * h) if rec and slw.init != "zero" else 0  # float64 statistics
     return _stage(
         weights=(shape.mlp_matmul[t] + rec) * 4,  # the job's float32 copy of the shared MLP
         activations=2 * captured * 2 * h * DTYPE_BYTES[slw.dtype]  # x, y loaded, then split (a copy)

@@ -72,20 +72,19 @@ def read_config(spec: str):
 
 def model_shape(config, strategy: str, recovery: str, modules: str = "mlp", train: str = "recovery",
                 full_lora_rank: int = 8) -> ModelShape:
-    """Build the model on the meta device, share it as `strategy`/`recovery` would, and measure it."""
+    """Build the model on the meta device, share it as `strategy`/`recovery` would (`sharp.share`: per-target
+    ranks, dropped MLPs and blocks included), and measure it. Per-layer lists and `targets` are in the original
+    model's numbering (what SLW captures)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    from sharp.arch import get_adapter, num_layers
+    from sharp.arch import get_adapter
     from sharp.recovery.trainable import add_full_lora, mark_trainable
-    from sharp.sharing.recovery import parse_recovery
-    from sharp.sharing.shared import apply_sharing, count_parameters, recoveries
-    from sharp.sharing.strategy import parse_strategy
+    from sharp.sharing.build import share
+    from sharp.sharing.shared import count_parameters, recoveries
 
     adapter = get_adapter(config)
-    sharing = parse_strategy(strategy).resolve(num_layers(config))
-    rec = parse_recovery(recovery)
     with init_empty_weights(include_buffers=False), no_init_weights():
         model = AutoModelForCausalLM.from_config(config)
     model.tie_weights()  # a tied LM head is the embedding, counted once (this fails inside the context)
@@ -96,15 +95,18 @@ def model_shape(config, strategy: str, recovery: str, modules: str = "mlp", trai
     head = model.get_output_embeddings()
     embed = model.get_input_embeddings()
     with init_empty_weights(include_buffers=False), no_init_weights():
-        apply_sharing(model, sharing, rec, modules)
+        share(model, strategy, recovery, modules)
+        shared = model.sharp_config
+        base = shared.base_layers(len(adapter.layers(model)))  # shared model's layer -> original layer
         counts = count_parameters(model)
-        recovery_per_layer = {t: 0 for t in sharing}
+        recovery_per_layer = {base[t]: 0 for t in shared.sharing}
         for name, module in recoveries(model):
-            index = _layer_index(name, adapter.layers_path)
+            index = base[_layer_index(name, adapter.layers_path)]
             recovery_per_layer[index] = recovery_per_layer.get(index, 0) + sum(p.numel() for p in module.parameters())
         trainable = counts["recovery"]
-        if train == "full-lora":
-            add_full_lora(model, rank=full_lora_rank)
+        if train != "recovery":  # full-lora adds LoRA everywhere; "+shared" trains the reference weights too
+            if train.startswith("full-lora"):
+                add_full_lora(model, rank=full_lora_rank)
             trainable = _quiet(mark_trainable, model, train)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
@@ -112,7 +114,8 @@ def model_shape(config, strategy: str, recovery: str, modules: str = "mlp", trai
         model_type=adapter.model_type, layers=len(layers), hidden=int(config.hidden_size),
         intermediate=int(config.intermediate_size), vocab=int(config.vocab_size),
         q_dim=int(config.num_attention_heads * head_dim), kv_dim=int(kv_heads * head_dim), counts=counts,
-        trainable=int(trainable), targets=sorted(sharing), layer_matmul=layer_matmul, layer_params=layer_params,
+        trainable=int(trainable), targets=sorted(base[t] for t in shared.sharing), layer_matmul=layer_matmul,
+        layer_params=layer_params,
         mlp_matmul=mlp_matmul, recovery_per_layer=recovery_per_layer,
         head_matmul=int(head.weight.shape[0] * head.weight.shape[1]), embed_params=int(embed.weight.numel()),
         max_positions=getattr(config, "max_position_embeddings", None),
