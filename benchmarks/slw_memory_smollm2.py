@@ -1,6 +1,6 @@
 """Peak RSS of SLW on SmolLM2-135M: today's path (a deep copy of the original model to capture from, a deep
-copy of each target's MLP per job) vs weights from disk (`capture_from_disk` + jobs sharing the reference
-weights), as `sharp compress` runs the stage.
+copy of each target's MLP and original MLP per job) vs weights from disk (`capture_from_disk`, jobs sharing the
+reference weights and reading their original MLP from disk), as `sharp compress` runs the stage.
 
     .venv/bin/python benchmarks/slw_memory_smollm2.py                 # next:6-29, lora:64, 2 rounds
     .venv/bin/python benchmarks/slw_memory_smollm2.py --rounds 3 --steps 20
@@ -122,9 +122,10 @@ GPT4-Alpaca examples, {a['steps']} steps per layer, layers trained one after ano
 Machine: {r['machine']['cpus']} CPUs, load average {r['machine']['load_avg'][0]:.1f} at the end (shared).
 
 The stage starts with the float32 model loaded; "extra" is the peak above that. Before: a deep copy of the
-original model to capture from, and a float32 deep copy of each target's MLP (reference weights included) for
-its job. From disk: the capture reads one decoder layer at a time from `model.safetensors`, and each job's MLP
-reuses the reference weights' storage.
+original model to capture from, and float32 deep copies of each target's shared MLP (reference weights included)
+and of its original MLP for its job. From disk: the capture reads one decoder layer at a time from
+`model.safetensors`, each job's MLP reuses the reference weights' storage, and each job reads its original MLP
+from disk when it starts.
 
 | SLW stage | loaded model (MiB) | peak RSS (MiB) | extra (MiB) | seconds |
 |---|---:|---:|---:|---:|
