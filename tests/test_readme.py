@@ -244,6 +244,9 @@ def _check(cmd: Command, proc: subprocess.CompletedProcess, cwd: Path) -> None:
         assert all((out / f).stat().st_size > 0 for f in ("model.pte", "weights.ptd"))
     elif verb == "export":  # merged, and base + adapter for the LoRA recovery
         assert all((out / f).stat().st_size > 0 for f in ("model.gguf", "base.gguf", "recovery.lora.gguf"))
+    elif verb == "plan":  # the stored count of what compress stored with the same strategy and recovery
+        stored = re.search(r"parameters stored\D*?([\d,]+)", proc.stdout)
+        assert stored and int(stored[1].replace(",", "")) == _stored(cwd / "runs" / "sharp"), proc.stdout
     else:
         raise AssertionError(f"test_readme.py does not know what `sharp {verb}` claims; add it to _check")
 

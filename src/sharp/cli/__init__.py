@@ -13,3 +13,4 @@ from sharp.cli import baselines  # noqa: F401, E402  isort: skip
 from sharp.cli import analyze  # noqa: F401, E402  isort: skip
 from sharp.cli import compress  # noqa: F401, E402  isort: skip
 from sharp.cli import deploy  # noqa: F401, E402  isort: skip
+from sharp.cli import plan  # noqa: F401, E402  isort: skip

@@ -1,4 +1,5 @@
-"""`python -m sharp.cli ...`: the `sharp` command without its console script (also `accelerate launch -m sharp.cli`)."""
+"""`python -m sharp.cli ...` (and `torchrun -m sharp.cli` / `accelerate launch -m sharp.cli`): the `sharp` command
+without its console script."""
 
 from sharp.cli import main
 

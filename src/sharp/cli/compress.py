@@ -77,6 +77,9 @@ def compress(
     slw_fraction: float = opt.SLW_FRACTION,
     slw_tokens: int = opt.SLW_TOKENS,
     slw_workers: int = opt.SLW_WORKERS,
+    slw_backend: str = opt.SLW_BACKEND,
+    ray_address: str = opt.RAY_ADDRESS,
+    slw_task_gpus: float = opt.SLW_TASK_GPUS,
     slw_steps: int = opt.SLW_STEPS,
     slw_lr: float = opt.SLW_LR,
     slw_batch_tokens: int = opt.SLW_BATCH_TOKENS,
@@ -113,5 +116,9 @@ def compress(
     cfg = opt.settings_from(CompressConfig, locals())
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     summary = run(cfg)
+    from sharp.recipes.distributed import is_main
+
+    if not is_main():  # under torchrun rank 0 reports
+        return
     print_summary(summary)
     console.print(f"checkpoint written to [bold]{out}[/] (summary.json, train_log.jsonl)")

@@ -25,6 +25,9 @@ SLW_FRACTION = typer.Option(0.1, "--slw-fraction", help="Share of training examp
 SLW_TOKENS = typer.Option(None, "--slw-tokens", help="Per-layer token budget of SLW (default: every token of the "
                           "SLW sample; the summary reports what was used).")
 SLW_WORKERS = typer.Option(1, "--slw-workers", help="Target layers trained in parallel processes.")
+SLW_BACKEND = typer.Option("local", "--slw-backend", help="local (processes here) or ray (a Ray task per layer).")
+RAY_ADDRESS = typer.Option(None, "--ray-address", help="Ray cluster for --slw-backend ray (default: a local one).")
+SLW_TASK_GPUS = typer.Option(0.0, "--slw-task-gpus", help="GPUs per Ray SLW task (0: CPU tasks).")
 SLW_STEPS = typer.Option(300, "--slw-steps", help="SLW optimizer steps per target layer (at most).")
 SLW_LR = typer.Option(1e-2, "--slw-lr", help="SLW peak learning rate (AdamW, warmup + cosine).")
 SLW_BATCH_TOKENS = typer.Option(1024, "--slw-batch-tokens", help="Captured tokens per SLW step.")

@@ -37,6 +37,9 @@ class RecoverySettings:
     slw_fraction: float = 0.1  # fraction of the training examples (a random sample) whose activations SLW captures
     slw_tokens: int | None = None  # per-layer token budget of SLW (None: every token of that sample)
     slw_workers: int = 1
+    slw_backend: str = "local"  # "local" (processes on this machine) or "ray" (a Ray task per target layer)
+    ray_address: str | None = None  # Ray cluster for --slw-backend ray; None: a local Ray instance
+    slw_task_gpus: float = 0  # GPUs per Ray task (0: CPU tasks)
     slw_steps: int = 300  # per target layer (early stopping may end sooner)
     slw_lr: float = 1e-2
     slw_batch_tokens: int = 1024
@@ -71,7 +74,8 @@ class RecoverySettings:
 
         return SLWConfig(steps=self.slw_steps, lr=self.slw_lr, batch_tokens=self.slw_batch_tokens,
                          patience=self.slw_patience, init=self.slw_init, inputs=self.slw_inputs,
-                         max_tokens=self.slw_tokens, workers=self.slw_workers, seed=self.seed)
+                         max_tokens=self.slw_tokens, workers=self.slw_workers, seed=self.seed,
+                         backend=self.slw_backend, ray_address=self.ray_address, task_gpus=self.slw_task_gpus)
 
 
 @dataclass(kw_only=True)
@@ -192,8 +196,9 @@ def log_event(path: Path, row: dict) -> None:
 class StageMeter:
     """Wall time and peak RSS of each stage, persisted so a resumed run reports the finished stages' numbers."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, write: bool = True) -> None:
         self.path = path
+        self.write = write  # False on the ranks of a distributed run other than 0 (rank 0 writes the file)
         self.stages: dict[str, dict] = json.loads(path.read_text()) if path.is_file() else {}
 
     def done(self, name: str) -> bool:
@@ -223,7 +228,8 @@ class StageMeter:
         self._write()
 
     def _write(self) -> None:
-        write_text_atomic(self.path, json.dumps(self.stages, indent=2, sort_keys=True))
+        if self.write:
+            write_text_atomic(self.path, json.dumps(self.stages, indent=2, sort_keys=True))
 
 
 def _reset_peak_rss() -> None:

@@ -35,6 +35,8 @@ from sharp.io.device import cast_to, dtype_name, place, resolve_device, resolve_
 from sharp.io.lock import output_lock
 from sharp.io.models import load_tokenizer, resolve_model_path
 from sharp.recipes import RUNTIME_ONLY, CompressConfig, StageMeter, log_event, prepare_work_dir
+from sharp.recipes import distributed as dist
+from sharp.recovery.lazy import SafetensorsWeights
 from sharp.recovery.planner import plan_strategy
 from sharp.recovery.sft import run_sft
 from sharp.recovery.slw import run_slw
@@ -49,16 +51,26 @@ SLW_KEYS = ("rel_err_before", "rel_err_init", "rel_err_after", "sink_rel_err_bef
 
 def compress(cfg: CompressConfig, progress: bool = True) -> dict:
     """Run the stages of `cfg` and write the checkpoint to `cfg.out`. Returns the summary (also saved)."""
-    finished = _finished(cfg)
+    dist.barrier()  # under torchrun every rank looks at the same folders before rank 0 changes them
+    finished = _finished(cfg, clean=dist.is_main())
+    dist.barrier()
     if finished is not None:
         return finished
     cfg.validate()
+    if not dist.is_main():  # rank 0 holds the lock and writes the work folder; see `distributed.py`
+        dist.barrier()
+        return _compress(cfg, cfg.work_dir, progress=False)
     with output_lock(cfg.work_dir):
-        return _compress(cfg, prepare_work_dir(cfg), progress)
+        work = prepare_work_dir(cfg)
+        dist.barrier()
+        return _compress(cfg, work, progress)
 
 
 def _plan(cfg: CompressConfig, model, batches, path: Path, meter: StageMeter) -> dict:
-    """The planner's choice for `auto:BUDGET` (cached in the work folder, so a resumed run shares the same)."""
+    """The planner's choice for `auto:BUDGET` (cached in the work folder, so a resumed run shares the same;
+    under torchrun rank 0 plans and the other ranks read its file)."""
+    if not dist.is_main():
+        dist.wait_until(path.is_file, "rank 0's plan")
     if path.is_file():
         return json.loads(path.read_text())
     budget = parse_strategy(cfg.strategy).budget
@@ -71,7 +83,7 @@ def _plan(cfg: CompressConfig, model, batches, path: Path, meter: StageMeter) ->
     return result
 
 
-def _finished(cfg: CompressConfig) -> dict | None:
+def _finished(cfg: CompressConfig, clean: bool = True) -> dict | None:
     """The summary of this very run when a kill caught it after publishing `out` but before removing its work
     folder: the rerun then only finishes the clean-up (instead of refusing the non-empty `out`)."""
     from sharp.io.checkpoint import verify_manifest
@@ -86,14 +98,27 @@ def _finished(cfg: CompressConfig) -> dict | None:
         return None
     if not same or verify_manifest(out):
         return None
+    if not clean:
+        return summary
     with output_lock(work):
         shutil.rmtree(work, ignore_errors=True)
     return summary
 
 
+def _original(cfg: CompressConfig, model, kd: bool, slw: bool):
+    """What SLW captures from and KD's teacher: the original model. SLW alone (rank 0) takes the model's folder
+    when it is plain safetensors, read one layer at a time (no second copy in memory); KD needs it loaded."""
+    if kd:
+        return copy.deepcopy(model)
+    if not (slw and dist.is_main()):
+        return None
+    source = resolve_model_path(cfg.model)
+    return source if SafetensorsWeights.available(source) else copy.deepcopy(model)
+
+
 def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
     log_path = work / "train_log.jsonl"
-    meter = StageMeter(work / "stages.json")
+    meter = StageMeter(work / "stages.json", write=dist.is_main())
     evals_path = work / "evals.json"
     evals: dict = json.loads(evals_path.read_text()) if evals_path.is_file() else {}
 
@@ -128,8 +153,9 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
         if name not in evals:
             with meter("eval", accumulate=True):
                 evals[name] = response_perplexity(model, held, cfg.batch_size, progress=progress)["ppl"]
-            write_text_atomic(evals_path, json.dumps(evals, indent=2))
-            log_event(log_path, {"stage": "eval", "model": name, "ppl": evals[name]})
+            if dist.is_main():
+                write_text_atomic(evals_path, json.dumps(evals, indent=2))
+                log_event(log_path, {"stage": "eval", "model": name, "ppl": evals[name]})
 
     perplexity("original")
 
@@ -137,7 +163,7 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
     # strategy, auto:BUDGET, is chosen first from closed-form costs on the SLW sample)
     stages = cfg.stage_list
     kd = "sft" in stages and cfg.loss != "ce"
-    original = copy.deepcopy(model) if kd or ("slw" in stages and not meter.done("slw")) else None
+    original = _original(cfg, model, kd, slw="slw" in stages and not meter.done("slw"))
     n = max(1, round(len(train) * cfg.slw_fraction))
     sample = [train[i] for i in sorted(random.Random(cfg.seed).sample(range(len(train)), n))]
     batches = [collate(sample[i : i + cfg.batch_size]) for i in range(0, n, cfg.batch_size)]
@@ -156,10 +182,15 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
     if "slw" in stages:
         layer_map = model.sharp_config.base_layers(num_layers(model.config))
         with meter("slw"):
+            if not dist.is_main():  # rank 0 trains the layers; the others load its results
+                dist.wait_until(lambda: StageMeter(work / "stages.json").done("slw"), "rank 0's SLW stage")
+                batches = []
             layers = run_slw(original, model, batches, cfg.slw_config(), work / "slw", progress=progress,
                              layer_map=layer_map)
         round_to(model, storage)  # the fit is float32; score what the checkpoint will store
-        if not meter.logged("slw"):
+        if not kd:
+            original = None  # only the KD teacher needs the original model after SLW
+        if dist.is_main() and not meter.logged("slw"):
             for layer, res in layers.items():
                 log_event(log_path, {"stage": "slw", "layer": layer, **{k: v for k, v in res.items() if k != "curve"}})
             meter.mark_logged("slw")
@@ -174,7 +205,8 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
         mark_trainable(model, cfg.train)
         with meter("sft"):
             sft_summary = run_sft(model, train, held if cfg.eval_steps else [], cfg.sft_config(progress),
-                                  work / "sft", collate, log_file=log_path, teacher=original if kd else None)
+                                  work / "sft", collate, log_file=log_path if dist.is_main() else None,
+                                  teacher=original if kd else None)
         if cfg.train.startswith("full-lora"):
             merge_full_lora(model)
         model.requires_grad_(False)
@@ -191,6 +223,8 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
         "slw": slw_summary, "sft": {k: sft_summary.get(k) for k in ("steps", "train_tokens", "trainable", "eval_loss")},
         "timing": meter.stages, "config": asdict(cfg), "dtype": dtype_name(storage), "device": str(device),
     }
+    if not dist.is_main():
+        return summary
     start = time.perf_counter()
     with atomic_dir(cfg.out, cfg.overwrite) as tmp:
         sharp.save(cast_to(model, storage), tmp, tokenizer=tokenizer, overwrite=True)

@@ -149,9 +149,10 @@ def run_sft(
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     resume = last_checkpoint(work_dir)
-    _drop_incomplete(work_dir, resume)
-    if log_file is not None:
-        _truncate_log(Path(log_file), _step_of(resume))
+    if _is_main_process():  # under torchrun rank 0 owns the work folder (the Trainer saves from it alone too)
+        _drop_incomplete(work_dir, resume)
+        if log_file is not None:
+            _truncate_log(Path(log_file), _step_of(resume))
     if resume is not None:
         log.info("SFT resumes from %s", resume)
 
@@ -248,6 +249,12 @@ def _train(model, args, train, eval_examples, collate, callbacks, resume, config
         data_collator=collate,
         callbacks=list(callbacks),
     )
+    if trainer.is_fsdp_enabled:
+        raise SharpError(
+            "SFT cannot run under FSDP: FSDP gathers each wrapped layer's weights only around that layer's own "
+            "forward, but a SHARP target runs its reference layer's weights; use DeepSpeed ZeRO-3 "
+            "(configs/accelerate/zero3-8gpu.yaml) for a model that does not fit one device, or DDP"
+        )
     out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     if evals and evals[-1].get("step") == trainer.state.global_step:
@@ -320,9 +327,17 @@ class SharpTrainer(Trainer):
         return loss
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        if not self.args.should_save:  # every DDP rank calls this; the main process alone writes
+            return
         out = Path(output_dir or self.args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        save_file(trainable_state(self.model), out / TRAINABLE, metadata={"format": "pt"})
+        tensors = trainable_state(self.model)
+        if state_dict:  # DeepSpeed ZeRO-3 gathered the full weights; `self.model` holds only this rank's shards
+            missing = sorted(set(tensors) - set(state_dict))
+            if missing:
+                raise RuntimeError(f"the gathered state dict lacks trainable tensor {missing[0]}")
+            tensors = {n: state_dict[n].detach().cpu().contiguous() for n in tensors}
+        save_file(tensors, out / TRAINABLE, metadata={"format": "pt"})
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         model = model or self.model
@@ -358,6 +373,13 @@ class JsonlLogCallback(TrainerCallback):
         row = {"stage": "sft", "step": state.global_step, **{k: _plain(v) for k, v in logs.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row, sort_keys=True) + "\n")
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a `torchrun` / `accelerate launch` run, or a single process (the launcher sets RANK)."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _plain(v):

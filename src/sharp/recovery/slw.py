@@ -37,13 +37,18 @@ Inputs (`inputs`):
 Every layer keeps its state in `work_dir/layer_NNN/` (`slw_layer.py`): `state.pt` every `checkpoint_every`
 steps, then `recovery.safetensors` + `result.json` when done. A rerun skips finished layers and resumes
 unfinished ones, ending where an uninterrupted run ends. With `workers > 1` each layer trains in its own spawned
-process (a script calling this needs the usual `if __name__ == "__main__":` guard).
+process (a script calling this needs the usual `if __name__ == "__main__":` guard); with `backend="ray"` each
+layer is a Ray task (`slw_ray.py`).
 
 Devices and dtypes: the capture runs where the model it runs is (in its compute dtype). Each layer then trains on
 `device` (default: `config.device`, else the shared model's), in float32 whatever the model's dtype: a job carries
 float32 CPU copies of the MLPs (they cross to worker processes), the closed-form fit accumulates its statistics in
 float64 and solves on the CPU, and the result is cast back to the model's dtype when loaded into it. With
 `device` a CUDA device without an index and several GPUs visible, parallel workers take them round-robin.
+
+The original model may be given as its folder (plain safetensors): then nothing of it is loaded whole. The
+capture reads it one decoder layer at a time (`lazy.capture_from_disk`), and each job reads its target's original
+MLP when it starts (`lazy.DiskModule`). Each job's MLP copy reuses the frozen reference weights' storage.
 """
 
 from __future__ import annotations
@@ -63,6 +68,7 @@ from sharp.arch import get_adapter
 from sharp.errors import SharpError
 from sharp.io.device import worker_devices
 from sharp.recovery.activations import DTYPES, ActivationStore, capture_activations
+from sharp.recovery.lazy import DiskModule, frozen_sharing_copy, original_mlps
 from sharp.recovery.slw_layer import RESULT, LayerJob, is_done, load_result, train_layer
 from sharp.recovery.slw_parallel import LayerProgress, train_parallel
 from sharp.sharing.shared import SharedLinear
@@ -72,6 +78,7 @@ ACTIVATIONS = "activations"
 LOSSES = ("relative", "token")
 INITS = ("closed-form", "lstsq", "zero")
 INPUTS = ("original", "sequential")
+BACKENDS = ("local", "ray")
 
 
 @dataclass
@@ -105,6 +112,9 @@ class SLWConfig:
     dtype: str = "float16"  # stored activations (float16/bfloat16 halve the disk of float32)
     keep_activations: bool = False  # keep the captured shards once every layer is trained
     device: str | None = None  # where the fits run (None: where the shared model is); see the module docstring
+    backend: str = "local"  # "local": this process or `workers` processes; "ray": one Ray task per layer
+    ray_address: str | None = None  # Ray cluster to join ("auto", "ray://host:10001"); None: a local instance
+    task_gpus: float = 0  # GPUs per Ray task (0: CPU tasks with threads = CPUs / workers)
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_tokens", "eval_every", "eval_tokens", "checkpoint_every", "workers", "patience",
@@ -117,11 +127,14 @@ class SLWConfig:
         if not self.damping > 0:
             raise SharpError(f"SLW damping must be positive (got {self.damping})")
         for name, value, choices in (("loss", self.loss, LOSSES), ("init", self.init, INITS),
-                                     ("inputs", self.inputs, INPUTS), ("activation dtype", self.dtype, DTYPES)):
+                                     ("inputs", self.inputs, INPUTS), ("activation dtype", self.dtype, DTYPES),
+                                     ("backend", self.backend, BACKENDS)):
             if value not in choices:
                 raise SharpError(f"unknown SLW {name} '{value}'; choose one of: {', '.join(choices)}")
         if self.max_tokens is not None and self.max_tokens < 2:
             raise SharpError(f"SLW max_tokens must be at least 2 (got {self.max_tokens})")
+        if self.task_gpus < 0:
+            raise SharpError(f"SLW GPUs per task must be >= 0 (got {self.task_gpus})")
 
     @classmethod
     def from_dict(cls, d: Mapping) -> SLWConfig:
@@ -143,7 +156,7 @@ def target_mlps(model: nn.Module) -> dict[int, nn.Module]:
 
 
 def run_slw(
-    original_model: nn.Module,
+    original_model: nn.Module | str | Path | None,
     shared_model: nn.Module,
     batches: Iterable[Mapping[str, torch.Tensor]],
     config: SLWConfig,
@@ -156,10 +169,11 @@ def run_slw(
     """Capture the target MLPs' inputs and outputs on `batches` (where the models are), then train every target
     on `device` (resumable; see the module docstring for the default).
 
-    `targets` defaults to every layer of `shared_model` that shares its MLP. `layer_map` maps a layer of
-    `shared_model` to the same layer of `original_model` where a plan dropped whole blocks (default: the same
-    number). Returns `train_slw`'s results; `shared_model`'s recovery parameters are trained in place;
-    `original_model` is not modified.
+    `original_model` is the loaded original model, or its folder (read from disk layer by layer, see the module
+    docstring), or None when every target is finished already. `targets` defaults to every layer of
+    `shared_model` that shares its MLP. `layer_map` maps a layer of `shared_model` to the same layer of
+    `original_model` where a plan dropped whole blocks (default: the same number). Returns `train_slw`'s results;
+    `shared_model`'s recovery parameters are trained in place; `original_model` is not modified.
     """
     work_dir = Path(work_dir)
     targets = sorted(target_mlps(shared_model)) if targets is None else sorted(targets)
@@ -167,15 +181,25 @@ def run_slw(
         raise SharpError("the model shares no MLP, so SLW has nothing to train; pick a --strategy with targets")
     batches = list(batches)
     source = {t: (layer_map or {}).get(t, t) for t in targets}
-    originals = {}  # a resumed run whose layers are all done needs no original model (compress passes None)
-    if original_model is not None:
+    from_disk = isinstance(original_model, str | Path)
+    weight = next(shared_model.parameters())  # a folder is computed as the loaded model would: its dtype, device
+    originals: dict = {}  # a resumed run whose layers are all done needs no original model (compress passes None)
+    if from_disk:
+        originals = original_mlps(original_model, source)
+    elif original_model is not None:
         originals = {t: get_adapter(original_model).mlp(original_model, source[t]) for t in targets}
     elif any(not is_done(_layer_dir(work_dir, t)) for t in targets):
         raise SharpError("SLW needs the original model for the layers it has not finished")
     if config.inputs == "original":
         pending = [t for t in targets if not is_done(_layer_dir(work_dir, t))]
         store = None
-        if pending:
+        if pending and from_disk:
+            from sharp.recovery.lazy import capture_from_disk
+
+            store = capture_from_disk(original_model, batches, sorted(source.values()), work_dir / ACTIVATIONS,
+                                      config.max_tokens, config.skip_positions, config.dtype, progress=progress,
+                                      compute_dtype=weight.dtype, device=weight.device)
+        elif pending:
             store = capture_activations(original_model, batches, sorted(source.values()), work_dir / ACTIVATIONS,
                                         config.max_tokens, config.skip_positions, config.dtype, progress=progress)
         results = train_slw(shared_model, store, config, work_dir, targets, progress, originals=originals,
@@ -187,8 +211,12 @@ def run_slw(
         root = work_dir / ACTIVATIONS / f"layer_{t:03d}"
         store = None
         if not is_done(_layer_dir(work_dir, t)):
+            original = originals[t]  # from a folder: only this target's original MLP is read, for this capture
+            if isinstance(original, DiskModule):
+                original = original.load(weight.dtype, weight.device)
             store = capture_activations(shared_model, batches, [t], root, config.max_tokens, config.skip_positions,
-                                        config.dtype, progress=progress, outputs={t: originals[t]})
+                                        config.dtype, progress=progress, outputs={t: original})
+            del original
         results.update(train_slw(shared_model, store, config, work_dir, [t], progress, originals=originals,
                                  device=device))
         _remove_activations(root, config)
@@ -241,11 +269,13 @@ def train_slw(
             raise SharpError("SLW init 'closed-form' needs the original target MLPs (originals=...); "
                              "use init='lstsq' or 'zero' without them")
         post_norm = adapter.mlp_post_norm(layers[t])
-        jobs.append(LayerJob(
-            layer=t, store_layer=captured, mlp=_fp32_cpu(mlps[t]), projections=adapter.mlp_projs,
+        original = originals[t] if originals is not None else None
+        if isinstance(original, nn.Module):  # frozen: a float32 CPU view where it is one already, no copy
+            original = frozen_sharing_copy(original)
+        jobs.append(LayerJob(  # the MLP copy shares the frozen reference weights, so N jobs hold 1 copy of them
+            layer=t, store_layer=captured, mlp=frozen_sharing_copy(mlps[t]), projections=adapter.mlp_projs,
             store_root=store.root,
-            config=config, layer_dir=str(layer_dir), log_path=str(work_dir / LOG),
-            original=_fp32_cpu(originals[t]) if originals is not None else None,
+            config=config, layer_dir=str(layer_dir), log_path=str(work_dir / LOG), original=original,
             post_norm=_fp32_cpu(post_norm) if post_norm is not None else None,
             device=str(device), stop_after=_stop_after))
     if jobs:
@@ -253,7 +283,11 @@ def train_slw(
         workers = min(config.workers, len(jobs))
         threads = max(1, cpus // workers)
         with LayerProgress(progress, [j.layer for j in jobs], config.steps) as bar:
-            if workers == 1:
+            if config.backend == "ray":
+                from sharp.recovery.slw_ray import train_ray
+
+                results.update(train_ray(train_layer, jobs, threads, bar, config.ray_address, config.task_gpus))
+            elif workers == 1:
                 previous = torch.get_num_threads()
                 try:
                     for job in jobs:

@@ -22,6 +22,7 @@ from sharp.errors import SharpError
 from sharp.io.atomic import replaced_file, write_text_atomic
 from sharp.recovery.activations import ActivationStore
 from sharp.recovery.closed_form import fit_mlp, fittable
+from sharp.recovery.lazy import DiskModule
 from sharp.sharing.recovery import Recovery
 from sharp.sharing.shared import SharedLinear
 
@@ -45,7 +46,8 @@ class LayerJob:
     config: SLWConfig
     layer_dir: str
     log_path: str
-    original: nn.Module | None = None  # the target's original MLP (closed-form fit of the input projections)
+    original: nn.Module | DiskModule | None = None  # the target's original MLP (closed-form fit of the input
+    # projections); a DiskModule is read from the model folder when the job starts
     post_norm: nn.Module | None = None  # the target's norm after its MLP (Gemma3): fitted quantity = norm(mlp(x))
     device: str = "cpu"
     stop_after: int | None = None  # tests: end after that many steps in this call, as a crash would
@@ -256,6 +258,8 @@ def train_layer(job: LayerJob, threads: int, report: Callable[..., None] | None 
     layer_dir = Path(job.layer_dir)
     layer_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(job.device)
+    if isinstance(job.original, DiskModule):  # read in the worker, so only running jobs hold an original MLP
+        job.original = job.original.load(torch.float32, device)
     for module in (job.mlp, job.original, job.post_norm):
         if module is not None:
             module.to(device).requires_grad_(False)
