@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -80,6 +81,7 @@ def prune(
 
 
 @app.command()
+@opt.recovery_options
 def compare(
     model: str = opt.MODEL,
     strategy: str = opt.STRATEGY,
@@ -92,40 +94,15 @@ def compare(
     heal: bool = typer.Option(True, "--heal/--no-heal", help="Also fine-tune every baseline (same SFT as SHARP)."),
     allocation: str = typer.Option("even", "--allocation", help="width: even or global."),
     calib_samples: int = typer.Option(32, "--calib-samples", help="Calibration examples for the baselines."),
-    slw_fraction: float = opt.SLW_FRACTION,
-    slw_tokens: int = opt.SLW_TOKENS,
-    slw_workers: int = opt.SLW_WORKERS,
-    slw_steps: int = opt.SLW_STEPS,
-    slw_lr: float = opt.SLW_LR,
-    slw_batch_tokens: int = opt.SLW_BATCH_TOKENS,
-    slw_patience: int = opt.SLW_PATIENCE,
-    slw_init: str = opt.SLW_INIT,
-    slw_inputs: str = opt.SLW_INPUTS,
-    plan_actions: str = opt.PLAN_ACTIONS,
-    plan_min_shared: float = opt.PLAN_MIN_SHARED,
-    sft_steps: int = opt.SFT_STEPS,
-    loss: str = opt.LOSS,
-    kd_temperature: float = opt.KD_TEMPERATURE,
-    lr: float = opt.LR,
-    shared_lr: float = opt.SHARED_LR,
-    batch_size: int = opt.BATCH_SIZE,
-    grad_accum: int = opt.GRAD_ACCUM,
-    full_lora_rank: int = opt.FULL_LORA_RANK,
-    max_len: int = opt.MAX_LEN,
-    eval_fraction: float = opt.EVAL_FRACTION,
     eval_max_len: int = typer.Option(512, "--eval-max-len", help="Tokens per evaluation example / window."),
     eval_limit: int = typer.Option(None, "--eval-limit", help="First N examples / windows per task."),
-    template: str = opt.TEMPLATE,
-    seed: int = opt.SEED,
     tolerance: float = typer.Option(0.01, "--tolerance", help="Allowed stored-parameter spread of the rows."),
     train: str = typer.Option("full-lora", "--train", help="What SHARP's SFT trains, as sharp compress --train."),
     match_trainable: bool = typer.Option(False, "--match-trainable", help="Heal each baseline with the LoRA rank "
                                          "whose trainable parameter count is nearest SHARP's."),
     planned: bool = typer.Option(False, "--planned", help="Add a row planned by --strategy auto:BUDGET (share, drop "
                                  "MLPs or blocks per layer) at SHARP's stored size; see --plan-min-shared."),
-    device: str = opt.DEVICE,
-    dtype: str = opt.DTYPE,
-    overwrite: bool = opt.OVERWRITE,
+    **settings: Any,
 ) -> None:
     """Every baseline, Direct Sharing and SHARP at the same stored size, evaluated on the same tasks."""
     from sharp.recipes.compare import CompareConfig

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.table import Table
@@ -66,6 +67,7 @@ def slw_table(layers: dict) -> Table:
 
 
 @app.command()
+@opt.recovery_options
 def compress(
     model: str = opt.MODEL,
     strategy: str = opt.STRATEGY,
@@ -74,40 +76,12 @@ def compress(
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint folder (written atomically)."),
     eval_data: str = typer.Option(None, "--eval-data", help="Held-out data (default: part of --data)."),
     stages: str = typer.Option("slw,sft", "--stages", help="slw,sft | slw | sft | none (Direct Sharing)."),
-    slw_fraction: float = opt.SLW_FRACTION,
-    slw_tokens: int = opt.SLW_TOKENS,
-    slw_workers: int = opt.SLW_WORKERS,
-    slw_backend: str = opt.SLW_BACKEND,
-    ray_address: str = opt.RAY_ADDRESS,
-    slw_task_gpus: float = opt.SLW_TASK_GPUS,
-    slw_steps: int = opt.SLW_STEPS,
-    slw_lr: float = opt.SLW_LR,
-    slw_batch_tokens: int = opt.SLW_BATCH_TOKENS,
-    slw_patience: int = opt.SLW_PATIENCE,
-    slw_init: str = opt.SLW_INIT,
-    slw_inputs: str = opt.SLW_INPUTS,
-    plan_actions: str = opt.PLAN_ACTIONS,
-    plan_min_shared: float = opt.PLAN_MIN_SHARED,
-    sft_steps: int = opt.SFT_STEPS,
-    loss: str = opt.LOSS,
-    kd_temperature: float = opt.KD_TEMPERATURE,
     epochs: float = typer.Option(1.0, "--epochs", help="SFT epochs, used when --sft-steps is 0."),
-    lr: float = opt.LR,
-    shared_lr: float = opt.SHARED_LR,
-    batch_size: int = opt.BATCH_SIZE,
-    grad_accum: int = opt.GRAD_ACCUM,
-    max_len: int = opt.MAX_LEN,
-    eval_fraction: float = opt.EVAL_FRACTION,
-    seed: int = opt.SEED,
-    template: str = opt.TEMPLATE,
     train: str = typer.Option("recovery", "--train", help="recovery, full-lora (+ LoRA on every other linear), "
                               "recovery+shared or full-lora+shared (+ the shared reference weights: no storage cost)."),
-    full_lora_rank: int = opt.FULL_LORA_RANK,
     eval_steps: int = typer.Option(50, "--eval-steps", help="SFT eval loss every N steps (0: at the end)."),
     save_steps: int = typer.Option(50, "--save-steps", help="SFT checkpoint every N steps."),
-    device: str = opt.DEVICE,
-    dtype: str = opt.DTYPE,
-    overwrite: bool = opt.OVERWRITE,
+    **settings: Any,
 ) -> None:
     """Share layers, train the recovery (SLW then SFT), evaluate, save. Rerun the same command to resume."""
     from sharp.recipes import CompressConfig

@@ -1,16 +1,24 @@
 """CLI options that several commands share, defined once so flags, defaults and help never drift apart.
 
-`sharp compress` and `sharp compare` take every field of `sharp.recipes.RecoverySettings` with these options;
-`settings_from` turns a command's arguments into the config dataclass.
+`sharp compress` and `sharp compare` take every field of `sharp.recipes.RecoverySettings` with these options
+(`recovery_options` adds them to a command, so both always take the same flags); `settings_from` turns a
+command's arguments into the config dataclass.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+import types
+import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
+
+from sharp.recipes import RecoverySettings
 
 MODEL = typer.Argument(..., help="Model folder, .gguf file, alias (smollm2-135m) or hub id.")
 STRATEGY = typer.Option(..., "--strategy", "-s", help="next:A-B, group:K:A-B, map:T=R,... or auto:BUDGET (the "
@@ -61,8 +69,45 @@ OUT_DTYPE = typer.Option("auto", "--dtype", help="Dtype of the weights written: 
                          "GGUF), bf16, fp16 or fp32.")
 
 
+RECOVERY_OPTIONS = {  # RecoverySettings field → its flag (the model, strategy, recovery, data and out are the
+    # commands' own: their help differs); tests/cli/test_options.py checks the defaults against the dataclass
+    "slw_fraction": SLW_FRACTION, "slw_tokens": SLW_TOKENS, "slw_workers": SLW_WORKERS, "slw_backend": SLW_BACKEND,
+    "ray_address": RAY_ADDRESS, "slw_task_gpus": SLW_TASK_GPUS, "slw_steps": SLW_STEPS, "slw_lr": SLW_LR,
+    "slw_batch_tokens": SLW_BATCH_TOKENS, "slw_patience": SLW_PATIENCE, "slw_init": SLW_INIT, "slw_inputs": SLW_INPUTS,
+    "plan_actions": PLAN_ACTIONS, "plan_min_shared": PLAN_MIN_SHARED, "sft_steps": SFT_STEPS, "loss": LOSS,
+    "kd_temperature": KD_TEMPERATURE, "lr": LR, "shared_lr": SHARED_LR, "batch_size": BATCH_SIZE,
+    "grad_accum": GRAD_ACCUM, "max_len": MAX_LEN, "eval_fraction": EVAL_FRACTION, "seed": SEED, "template": TEMPLATE,
+    "full_lora_rank": FULL_LORA_RANK, "device": DEVICE, "dtype": DTYPE, "overwrite": OVERWRITE,
+}
+
+
+def recovery_options(command: Callable) -> Callable:
+    """Give `command` (which takes `**settings`) every option of `RECOVERY_OPTIONS` after its own parameters.
+    Typer reads a command's parameters from its signature, so the added ones go into `__signature__`."""
+    hints = typing.get_type_hints(RecoverySettings)
+    own = [p for p in inspect.signature(command).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=_plain(hints[name]))
+             for name, option in RECOVERY_OPTIONS.items()]
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        return command(*args, **kwargs)
+
+    wrapper.__signature__ = inspect.Signature(own + added)
+    return wrapper
+
+
+def _plain(annotation: Any) -> Any:
+    """`int | None` → `int` (typer takes the None default without the Optional)."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
 def settings_from(cls: type, arguments: dict[str, Any], **overrides: Any) -> Any:
-    """`cls(...)` from a command's `locals()`: every dataclass field found there (Paths as strings)."""
+    """`cls(...)` from a command's `locals()`: every dataclass field found there (Paths as strings), including
+    those in its `**settings` (`recovery_options`)."""
     names = {f.name for f in dataclasses.fields(cls)}
+    arguments = {**arguments, **arguments.get("settings", {})}
     values = {k: str(v) if isinstance(v, Path) else v for k, v in arguments.items() if k in names}
     return cls(**{**values, **overrides})

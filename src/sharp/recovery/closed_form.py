@@ -153,8 +153,8 @@ def apply_fit(shared: SharedLinear, fit: ProjectionFit) -> None:
 
 
 def fittable(rec: Recovery) -> tuple[bool, int]:
-    """(has a gate, rank of its low-rank term) of a recovery. Scales (`lora+scale`) are left at the identity they
-    start from; a parameterization with neither a gate nor a low-rank term is not fitted."""
+    """(has a gate, rank of its low-rank term) of a recovery. `scale`'s output scale is its gate and is fitted;
+    its input scales are left at the identity they start from."""
     return isinstance(rec, GateRecovery), rec.rank if isinstance(rec, LowRankMixin) else 0
 
 

@@ -4,8 +4,8 @@ Each is one small `nn.Module` (a `Recovery`) with a paired config, registered by
 
     none          W_t = W_ref                                   (Direct Sharing)
     lora:R        W_t = W_ref + s B A,        B: (out, R) zeros, A: (R, in), s = alpha / R
-    scale         W_t = diag(r) W_ref diag(c),  r: (out,) ones,  c: (in,) ones
-    lora+scale:R  W_t = diag(r) W_ref diag(c) + s B A
+    scale         W_t = diag(g) W_ref diag(c),  g: (out,) ones,  c: (in,) ones (a gate plus input scales)
+    lora+scale:R  W_t = diag(g) W_ref diag(c) + s B A
     gate          W_t = diag(g) W_ref,          g: (out,) ones
     lora+gate:R   W_t = diag(g) W_ref + s B A
 
@@ -187,45 +187,6 @@ class LoRARecovery(LowRankMixin, Recovery):
         return rank * (in_features + out_features)
 
 
-class ScaleRecovery(Recovery):
-    """W_t = diag(r) W_ref diag(c): one scale per output row and per input column (bias scaled by r)."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int = 0, scaling: float = 1.0) -> None:
-        super().__init__(in_features, out_features, rank, scaling)
-        self.row_scale = nn.Parameter(torch.ones(out_features))
-        self.col_scale = nn.Parameter(torch.ones(in_features))
-
-    @staticmethod
-    def count(in_features: int, out_features: int, rank: int) -> int:
-        return in_features + out_features
-
-    def reset_parameters(self) -> None:
-        nn.init.ones_(self.row_scale)
-        nn.init.ones_(self.col_scale)
-
-    def forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
-        return base(x * self.col_scale.to(x.dtype)) * self.row_scale.to(x.dtype)
-
-    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        return (self.row_scale[:, None] * weight * self.col_scale[None, :]).to(weight.dtype)
-
-    def merged_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
-        return None if bias is None else (bias * self.row_scale).to(bias.dtype)
-
-
-class LoRAScaleRecovery(LowRankMixin, ScaleRecovery):
-    """W_t = diag(r) W_ref diag(c) + s B A."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int, scaling: float = 1.0) -> None:
-        super().__init__(in_features, out_features, rank, scaling)
-        self._add_low_rank()
-        self.reset_parameters()
-
-    @staticmethod
-    def count(in_features: int, out_features: int, rank: int) -> int:
-        return in_features + out_features + rank * (in_features + out_features)
-
-
 class GateRecovery(Recovery):
     """W_t = diag(g) W_ref: one gate per output channel on the reference's output (bias gated too)."""
 
@@ -248,6 +209,42 @@ class GateRecovery(Recovery):
 
     def merged_bias(self, bias: torch.Tensor | None) -> torch.Tensor | None:
         return None if bias is None else (bias * self.gate).to(bias.dtype)
+
+
+class ScaleRecovery(GateRecovery):
+    """W_t = diag(g) W_ref diag(c): the gate of each output channel and a scale of each input column (so the
+    closed-form fit, which fits the gate, applies to it too)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int = 0, scaling: float = 1.0) -> None:
+        super().__init__(in_features, out_features, rank, scaling)
+        self.col_scale = nn.Parameter(torch.ones(in_features))
+
+    @staticmethod
+    def count(in_features: int, out_features: int, rank: int) -> int:
+        return in_features + out_features
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        nn.init.ones_(self.col_scale)
+
+    def forward(self, x: torch.Tensor, base: nn.Module) -> torch.Tensor:
+        return super().forward(x * self.col_scale.to(x.dtype), base)
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return super().merged_weight(weight * self.col_scale[None, :]).to(weight.dtype)
+
+
+class LoRAScaleRecovery(LowRankMixin, ScaleRecovery):
+    """W_t = diag(g) W_ref diag(c) + s B A."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, scaling: float = 1.0) -> None:
+        super().__init__(in_features, out_features, rank, scaling)
+        self._add_low_rank()
+        self.reset_parameters()
+
+    @staticmethod
+    def count(in_features: int, out_features: int, rank: int) -> int:
+        return in_features + out_features + rank * (in_features + out_features)
 
 
 class LoRAGateRecovery(LowRankMixin, GateRecovery):

@@ -1,0 +1,41 @@
+"""`sharp compress` and `sharp compare` take every recovery setting with the same flag and the API's default."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from sharp.cli import options as opt
+from sharp.recipes import RecoverySettings
+from tests.conftest import run_cli
+
+OWN = {"model", "strategy", "recovery", "data", "out"}  # each command's own parameters (their help differs)
+
+
+def test_every_recovery_setting_has_one_flag_with_the_api_default():
+    fields = {f.name: f.default for f in dataclasses.fields(RecoverySettings) if f.name not in OWN}
+    assert set(opt.RECOVERY_OPTIONS) == set(fields)
+    for name, option in opt.RECOVERY_OPTIONS.items():
+        assert option.default == fields[name], name
+        assert option.param_decls[0] == "--" + name.replace("_", "-")
+
+
+@pytest.mark.parametrize("command", ["compress", "compare"])
+def test_the_flags_reach_the_command_config(command, capsys, tmp_path):
+    # an out-of-range value of an added flag is refused by the config's own check: the flag got through
+    args = [command, "stories", "-s", "next:1-4", "--data", "alpaca-demo", "--out", tmp_path / "o",
+            "--slw-fraction", "0", "--slw-backend", "ray"]
+    if command == "compare":
+        args += ["--eval", "ppl:alpaca=alpaca-demo[-4:]"]
+    code, out, err = run_cli(args, capsys)
+    assert code != 0
+    assert "--slw-fraction must be in (0, 1]" in out + err
+    assert "Traceback" not in out + err
+
+
+def test_compare_help_lists_the_scale_out_flags(capsys):
+    code, out, _ = run_cli(["compare", "--help"], capsys)
+    assert code == 0
+    for flag in ("--slw-backend", "--ray-address", "--slw-task-gpus", "--device", "--dtype", "--shared-lr"):
+        assert flag in out
