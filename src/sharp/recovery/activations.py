@@ -104,6 +104,17 @@ def _keep_mask(attention_mask: torch.Tensor, skip_positions: int) -> torch.Tenso
     return mask & (positions >= skip_positions)
 
 
+def finished_capture(root: Path, dtype: str, targets: list[int]) -> ActivationStore | None:
+    """The finished capture in `root` (a resumed run reuses it), else None once the settings are checked."""
+    if ActivationStore.is_complete(root):
+        return ActivationStore(root)
+    if dtype not in DTYPES:
+        raise SharpError(f"unknown activation dtype '{dtype}'; choose one of: {', '.join(DTYPES)}")
+    if not targets:
+        raise SharpError("no target layers to capture; the sharing strategy selects none")
+    return None
+
+
 @torch.no_grad()
 def capture_activations(
     model: nn.Module,
@@ -126,12 +137,8 @@ def capture_activations(
     holds a finished capture it is reused as is (resumption).
     """
     root = Path(work_dir)
-    if ActivationStore.is_complete(root):
-        return ActivationStore(root)
-    if dtype not in DTYPES:
-        raise SharpError(f"unknown activation dtype '{dtype}'; choose one of: {', '.join(DTYPES)}")
-    if not targets:
-        raise SharpError("no target layers to capture; the sharing strategy selects none")
+    if (finished := finished_capture(root, dtype, targets)) is not None:
+        return finished
     if root.exists():
         shutil.rmtree(root)  # an unfinished capture: start over (cheap compared with training)
     root.mkdir(parents=True)

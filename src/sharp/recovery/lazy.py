@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from torch import nn
 from sharp.arch import get_adapter
 from sharp.errors import SharpError
 from sharp.io.atomic import write_text_atomic
-from sharp.recovery.activations import DTYPES, META, ActivationStore, _keep_mask, _progress_bar
+from sharp.recovery.activations import DTYPES, META, ActivationStore, _keep_mask, _progress_bar, finished_capture
 
 INDEX = "model.safetensors.index.json"
 
@@ -161,12 +162,8 @@ def capture_from_disk(
 ) -> ActivationStore:
     """`capture_activations` for a model folder read one layer at a time (see the module docstring)."""
     root = Path(work_dir)
-    if ActivationStore.is_complete(root):
-        return ActivationStore(root)
-    if dtype not in DTYPES:
-        raise SharpError(f"unknown activation dtype '{dtype}'; choose one of: {', '.join(DTYPES)}")
-    if not targets:
-        raise SharpError("no target layers to capture; the sharing strategy selects none")
+    if (finished := finished_capture(root, dtype, targets)) is not None:
+        return finished
     weights = SafetensorsWeights(model_path)
     targets = sorted(set(targets))
     last = targets[-1]
@@ -208,8 +205,6 @@ def capture_from_disk(
 
     # 2. layer by layer: read it, run every batch through it, store the targets' MLP rows, free it
     if root.exists():
-        import shutil
-
         shutil.rmtree(root)  # an unfinished capture: start over
     root.mkdir(parents=True)
     counts = dict.fromkeys(targets, 0)

@@ -143,9 +143,15 @@ class LowRankMixin:
 
     has_rank: ClassVar[bool] = True
 
-    def _add_low_rank(self) -> None:
+    def __init__(self, in_features: int, out_features: int, rank: int, scaling: float = 1.0) -> None:
+        super().__init__(in_features, out_features, rank, scaling)
         self.lora_A = nn.Parameter(torch.empty(self.rank, self.in_features))
         self.lora_B = nn.Parameter(torch.empty(self.out_features, self.rank))
+        self.reset_parameters()
+
+    @classmethod
+    def count(cls, in_features: int, out_features: int, rank: int) -> int:
+        return super().count(in_features, out_features, rank) + rank * (in_features + out_features)
 
     def reset_parameters(self) -> None:
         super().reset_parameters()
@@ -176,15 +182,6 @@ class LowRankMixin:
 
 class LoRARecovery(LowRankMixin, Recovery):
     """W_t = W_ref + s B A, with B zero-initialized so training starts from Direct Sharing."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int, scaling: float = 1.0) -> None:
-        super().__init__(in_features, out_features, rank, scaling)
-        self._add_low_rank()
-        self.reset_parameters()
-
-    @staticmethod
-    def count(in_features: int, out_features: int, rank: int) -> int:
-        return rank * (in_features + out_features)
 
 
 class GateRecovery(Recovery):
@@ -237,27 +234,9 @@ class ScaleRecovery(GateRecovery):
 class LoRAScaleRecovery(LowRankMixin, ScaleRecovery):
     """W_t = diag(g) W_ref diag(c) + s B A."""
 
-    def __init__(self, in_features: int, out_features: int, rank: int, scaling: float = 1.0) -> None:
-        super().__init__(in_features, out_features, rank, scaling)
-        self._add_low_rank()
-        self.reset_parameters()
-
-    @staticmethod
-    def count(in_features: int, out_features: int, rank: int) -> int:
-        return in_features + out_features + rank * (in_features + out_features)
-
 
 class LoRAGateRecovery(LowRankMixin, GateRecovery):
     """W_t = diag(g) W_ref + s B A: the gate turns the reference down, the low-rank term adds what it lacks."""
-
-    def __init__(self, in_features: int, out_features: int, rank: int, scaling: float = 1.0) -> None:
-        super().__init__(in_features, out_features, rank, scaling)
-        self._add_low_rank()
-        self.reset_parameters()
-
-    @staticmethod
-    def count(in_features: int, out_features: int, rank: int) -> int:
-        return out_features + rank * (in_features + out_features)
 
 
 RECOVERIES: dict[str, type[Recovery]] = {
