@@ -148,7 +148,8 @@ def load_paths(original: Path, shared: Path, repeats: int = 5) -> dict:
     from transformers import AutoModelForCausalLM
 
     import sharp
-    from sharp.bench.measure import evict, weight_files
+    from sharp.bench.measure import weight_files
+    from sharp.bench.protocol import evict
 
     ways = {
         "original, from_pretrained": (original, lambda: AutoModelForCausalLM.from_pretrained(original, dtype="auto")),

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import sharp
-from sharp.bench.measure import evict, measure, unique_bytes, weight_files
+from sharp.bench.measure import measure, unique_bytes, weight_files
+from sharp.bench.protocol import evict
 from sharp.bench.runner import FIELDS, RATIO_FIELDS, add_ratios, parse_spec
 from sharp.errors import SharpError
 from tests.conftest import randomize_recovery, run_cli

@@ -2,10 +2,8 @@
 per model, so peak RSS belongs to that model only.
 
 Order of events: import libraries and the model class, then one untimed load (it pays one-time costs: lazy
-imports such as bitsandbytes', first-call initialization) -> baseline RSS -> evict the model's files from the page
-cache (`posix_fadvise(POSIX_FADV_DONTNEED)`, checked with `mincore`) -> cold load #1 -> one warm-up decode -> R
-timed decodes (prefill + first token = TTFT, then N single-token greedy steps, batch 1) -> peak RSS (load + decode
-of this model) -> R-1 more cold loads and R warm loads. Times are medians.
+imports such as bitsandbytes', first-call initialization), then `sharp.bench.protocol.load_and_decode` (cold and
+warm loads, R timed decodes: prefill + first token = TTFT, then N single-token greedy steps, batch 1).
 
     python -m sharp.bench.measure SPEC [--mode shared|merged] [--tokens 64] [--repeats 5] [--device cpu]  # JSON
 
@@ -17,19 +15,16 @@ weights are there, and every timing waits for the device to finish (`synchronize
 from __future__ import annotations
 
 import argparse
-import ctypes
-import gc
 import json
-import mmap
 import os
-import resource
-import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from sharp.bench.protocol import load_and_decode, prompt_ids
+from sharp.bench.pte import measure_pte
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt")
 
@@ -40,52 +35,6 @@ def weight_files(path: str | os.PathLike) -> list[Path]:
     if p.is_file():
         return [p]
     return sorted(f for f in p.iterdir() if f.is_file() and f.name.endswith(WEIGHT_SUFFIXES))
-
-
-def evict(files: list[Path]) -> float:
-    """Drop `files` from the page cache; returns the fraction of their pages still resident afterwards."""
-    resident = total = 0
-    for f in files:
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # dirty pages cannot be dropped
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            r, t = _resident_pages(fd, f.stat().st_size)
-        finally:
-            os.close(fd)
-        resident, total = resident + r, total + t
-    return resident / total if total else 0.0
-
-
-def _resident_pages(fd: int, size: int) -> tuple[int, int]:
-    """(resident, total) pages of an open file in the page cache, via mmap + mincore(2); (0, 0) off Linux."""
-    if size == 0 or not sys.platform.startswith("linux"):
-        return 0, 0
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
-    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-    if addr in (None, ctypes.c_void_p(-1).value):
-        return 0, 0
-    try:
-        n = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-        vec = (ctypes.c_ubyte * n)()
-        if libc.mincore(addr, size, vec) != 0:
-            return 0, 0
-        return sum(v & 1 for v in vec), n
-    finally:
-        libc.munmap(addr, size)
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def tensor_bytes(t: torch.Tensor) -> int:
@@ -157,11 +106,6 @@ def _import_model_class(spec: str) -> None:
     AutoModelForCausalLM._model_mapping[type(config)]  # noqa: B018  (the lookup imports the module)
 
 
-def prompt_ids(vocab_size: int, length: int) -> torch.Tensor:
-    """A fixed, tokenizer-free prompt (decode speed does not depend on the text)."""
-    return (torch.arange(1, length + 1) * 7919 % (vocab_size - 3) + 3)[None, :]
-
-
 def synchronize(device: torch.device) -> None:
     """Wait for queued GPU work, so a clock read after it measures the work (a no-op on the CPU)."""
     if device.type == "cuda":
@@ -206,73 +150,30 @@ def measure(spec: str, mode: str = "shared", tokens: int = 64, repeats: int = 5,
     from sharp.io.pte import is_pte_folder
 
     if is_pte_folder(spec):  # an ExecuTorch program (`sharp export --format executorch`)
-        from sharp.bench.pte import measure_pte
-
         return measure_pte(spec, tokens, repeats, prompt_tokens, load_repeats, threads)
     path = resolve_model_path(spec)
     files = weight_files(path)
     _import_model_class(spec)
     del_me = load()  # untimed: one-time costs must not count as the first cold load
     del del_me
-    gc.collect()
-    baseline = rss_bytes()
+    sizes = {}
 
-    resident = [evict(files)]
-    t0 = time.perf_counter()
-    model = load()
-    cold = [time.perf_counter() - t0]
-    if compile:
-        model.forward = torch.compile(model.forward, dynamic=True)
-    stored, per_token = unique_bytes(model)
-    prompt = prompt_ids(model.config.vocab_size, prompt_tokens).to(where)
-    t0 = time.perf_counter()
-    decode(model, prompt, min(tokens, 8))  # warm-up (with --compile: where compilation happens)
-    first_decode = time.perf_counter() - t0
-    runs = [decode(model, prompt, tokens) for _ in range(repeats)]
-    peak = peak_rss_bytes()
-    del model
-    gc.collect()
+    def ready(model: nn.Module) -> torch.Tensor:
+        if compile:
+            model.forward = torch.compile(model.forward, dynamic=True)
+        sizes["stored"], sizes["per_token"] = unique_bytes(model)
+        return prompt_ids(model.config.vocab_size, prompt_tokens).to(where)
 
-    for _ in range(load_repeats - 1):
-        resident.append(evict(files))
-        t0 = time.perf_counter()
-        model = load()
-        cold.append(time.perf_counter() - t0)
-        del model
-        gc.collect()
-    warm = []
-    for _ in range(load_repeats):
-        t0 = time.perf_counter()
-        model = load()
-        warm.append(time.perf_counter() - t0)
-        del model
-        gc.collect()
+    timed = load_and_decode(load, ready, decode, files, tokens, repeats, load_repeats)
     return {
         "model": spec,
         "mode": mode,
         "path": str(path),
         "bytes_on_disk": sum(f.stat().st_size for f in files),
         "bytes_folder": folder_bytes(path),
-        "bytes_in_memory": stored,
-        "bytes_per_token": per_token,
-        **timings(cold, warm, first_decode, runs, peak, baseline, resident),
-    }
-
-
-def timings(cold: list[float], warm: list[float], first_decode: float, runs: list[tuple[float, float]], peak: int,
-            baseline: int, resident: list[float]) -> dict:
-    """The timed fields of a bench row (medians, and every run): shared by PyTorch and ExecuTorch rows."""
-    return {
-        "cold_load_s": statistics.median(cold),
-        "warm_load_s": statistics.median(warm),
-        "first_decode_s": first_decode,
-        "ttft_s": statistics.median(r[0] for r in runs),
-        "decode_tok_s": statistics.median(r[1] for r in runs),
-        "peak_rss_mib": peak / 2**20,
-        "model_rss_mib": (peak - baseline) / 2**20,
-        "resident_after_evict": max(resident),
-        "runs": {"cold_load_s": cold, "warm_load_s": warm, "ttft_s": [r[0] for r in runs],
-                 "decode_tok_s": [r[1] for r in runs]},
+        "bytes_in_memory": sizes["stored"],
+        "bytes_per_token": sizes["per_token"],
+        **timed,
     }
 
 

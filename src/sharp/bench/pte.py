@@ -11,11 +11,15 @@ file does not have, and a decode step reads every weight (the tied embedding is 
 
 from __future__ import annotations
 
-import gc
 import time
 from pathlib import Path
 
 import torch
+
+from sharp.bench.protocol import load_and_decode, prompt_ids
+from sharp.errors import SharpError
+from sharp.io.models import folder_bytes
+from sharp.io.pte import PteModel, load_runtime, pte_files
 
 
 def decode_pte(model, prompt: torch.Tensor, tokens: int) -> tuple[float, float]:
@@ -33,11 +37,6 @@ def decode_pte(model, prompt: torch.Tensor, tokens: int) -> tuple[float, float]:
 
 def measure_pte(path: str, tokens: int = 64, repeats: int = 5, prompt_tokens: int = 32,
                 load_repeats: int | None = None, threads: int = 0) -> dict:
-    from sharp.bench.measure import evict, peak_rss_bytes, prompt_ids, rss_bytes, timings
-    from sharp.errors import SharpError
-    from sharp.io.models import folder_bytes
-    from sharp.io.pte import PteModel, load_runtime, pte_files
-
     load_repeats = load_repeats or repeats
     runtime = load_runtime()
     if threads:
@@ -50,35 +49,8 @@ def measure_pte(path: str, tokens: int = 64, repeats: int = 5, prompt_tokens: in
         raise SharpError(f"--prompt-tokens + --tokens ({prompt_tokens + tokens}) exceed the program's cache of "
                          f"{first.max_cache_len}; export with a larger --max-cache-len")
     del first
-    gc.collect()
-    baseline = rss_bytes()
-
-    resident = [evict(files)]
-    t0 = time.perf_counter()
-    model = PteModel(path, runtime)
-    cold = [time.perf_counter() - t0]
-    prompt = prompt_ids(model.vocab_size, prompt_tokens)
-    t0 = time.perf_counter()
-    decode_pte(model, prompt, min(tokens, 8))
-    first_decode = time.perf_counter() - t0
-    runs = [decode_pte(model, prompt, tokens) for _ in range(repeats)]
-    peak = peak_rss_bytes()
-    del model
-    gc.collect()
-    for _ in range(load_repeats - 1):
-        resident.append(evict(files))
-        t0 = time.perf_counter()
-        model = PteModel(path, runtime)
-        cold.append(time.perf_counter() - t0)
-        del model
-        gc.collect()
-    warm = []
-    for _ in range(load_repeats):
-        t0 = time.perf_counter()
-        model = PteModel(path, runtime)
-        warm.append(time.perf_counter() - t0)
-        del model
-        gc.collect()
+    timed = load_and_decode(lambda: PteModel(path, runtime), lambda model: prompt_ids(model.vocab_size, prompt_tokens),
+                            decode_pte, files, tokens, repeats, load_repeats)
     stored = sum(f.stat().st_size for f in files)
     return {
         "model": str(path),
@@ -88,5 +60,5 @@ def measure_pte(path: str, tokens: int = 64, repeats: int = 5, prompt_tokens: in
         "bytes_folder": folder_bytes(path),
         "bytes_in_memory": stored,
         "bytes_per_token": stored,
-        **timings(cold, warm, first_decode, runs, peak, baseline, resident),
+        **timed,
     }
