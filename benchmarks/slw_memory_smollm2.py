@@ -1,6 +1,6 @@
 """Peak RSS of SLW on SmolLM2-135M: today's path (a deep copy of the original model to capture from, a deep
-copy of each target's MLP and original MLP per job) vs weights from disk (`capture_from_disk`, jobs sharing the
-reference weights and reading their original MLP from disk), as `sharp compress` runs the stage.
+copy of each target's MLP and original MLP per job) vs weights from disk (`capture_activations` from the folder,
+jobs sharing the reference weights and reading their original MLP from disk), as `sharp compress` runs the stage.
 
     .venv/bin/python benchmarks/slw_memory_smollm2.py                 # next:6-29, lora:64, 2 rounds
     .venv/bin/python benchmarks/slw_memory_smollm2.py --rounds 3 --steps 20

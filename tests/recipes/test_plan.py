@@ -95,7 +95,7 @@ def test_stated_throughput_gives_time_per_stage():
 
 
 def test_slw_disk_estimate_matches_a_real_capture(stories_path, tmp_path):
-    from sharp.recovery.activations import capture_activations
+    from sharp.recovery.capture import capture_activations
 
     model, _ = sharp.load_model(str(stories_path), dtype=torch.float32)
     ids = torch.randint(1, 500, (3, 40), generator=torch.Generator().manual_seed(0))

@@ -12,8 +12,8 @@ import torch
 
 import sharp
 from sharp.arch import ADAPTERS
-from sharp.recovery.activations import capture_activations
-from sharp.recovery.lazy import SafetensorsWeights, capture_from_disk, frozen_sharing_copy, original_mlps
+from sharp.recovery.capture import capture_activations
+from sharp.recovery.lazy import SafetensorsWeights, frozen_sharing_copy, original_mlps
 from sharp.recovery.slw import SLWConfig, run_slw, target_mlps
 from tests.conftest import tiny_model
 
@@ -37,7 +37,7 @@ def test_capture_from_disk_equals_in_memory_capture(model_type, tmp_path):
     targets = [1, 3, 4]
     kw = dict(max_tokens=100, skip_positions=0, dtype="float32", progress=False)  # 100 < 3 x 41 kept tokens
     mem = capture_activations(model, batches, targets, tmp_path / "mem", **kw)
-    disk = capture_from_disk(tmp_path / "model", batches, targets, tmp_path / "disk", **kw)
+    disk = capture_activations(tmp_path / "model", batches, targets, tmp_path / "disk", **kw)
     assert mem.meta == disk.meta and mem.meta["tokens"] == {"1": 100, "3": 100, "4": 100}
     for t in targets:
         for a, b in zip(mem.load(t), disk.load(t), strict=True):

@@ -17,7 +17,7 @@ import sharp
 from sharp.arch import get_adapter
 from sharp.io.device import cast_to, load_on_device
 from sharp.recovery import slw, slw_parallel
-from sharp.recovery.activations import capture_activations
+from sharp.recovery.capture import capture_activations
 from sharp.recovery.sft import SFTConfig, run_sft
 from sharp.recovery.slw import SLWConfig, train_slw
 from sharp.recovery.slw_layer import LayerJob

@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from sharp.recovery import slw
-from sharp.recovery.activations import ActivationStore, capture_activations
+from sharp.recovery.activations import ActivationStore
+from sharp.recovery.capture import capture_activations
 from sharp.recovery.slw import train_slw
 from sharp.recovery.slw_layer import train_layer
 from tests.recovery.test_slw import MODEL, TARGETS, _originals, _recovery_tensors, shared_copy, tiny_config

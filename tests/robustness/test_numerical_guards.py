@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 import sharp
 from sharp.errors import SharpError
 from sharp.recovery import slw, slw_layer
-from sharp.recovery.activations import capture_activations
+from sharp.recovery.capture import capture_activations
 from sharp.recovery.sft import TRAINABLE, NonFiniteLossError, SFTConfig, last_checkpoint, run_sft
 from sharp.recovery.trainable import mark_trainable
 from sharp.sharing.shared import recoveries

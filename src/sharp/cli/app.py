@@ -7,6 +7,7 @@ import sys
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from sharp.errors import SharpError
 
@@ -19,6 +20,22 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+
+
+def facts_table(title: str) -> Table:
+    """A two-column table of named facts (bold names, right-aligned values)."""
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    return table
+
+
+def add_counts(table: Table, original: int, mlp_original: int, removed: int, recovery: int, stored: int) -> None:
+    """The parameter-count rows `sharp info` and `sharp plan` print alike."""
+    for name, value in (("parameters (original)", original), ("MLP parameters (original)", mlp_original),
+                        ("parameters removed", removed), ("recovery parameters", recovery),
+                        ("parameters stored", stored)):
+        table.add_row(name, f"{value:,}")
 
 
 def fail(message: str) -> typer.Exit:

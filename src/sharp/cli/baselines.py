@@ -6,10 +6,9 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from rich.table import Table
 
 from sharp.cli import options as opt
-from sharp.cli.app import app, console, err_console
+from sharp.cli.app import app, console, err_console, facts_table
 
 _SFT_HELP = "SFT settings for --heal (the same as sharp compress)."
 
@@ -59,9 +58,7 @@ def prune(
         check_max_len(load_config(model), max_len)
     with err_console.status(f"pruning {model} ({method})"):
         report = prune_model(model, out, options, overwrite=overwrite)
-    table = Table(title=str(out), show_header=False)
-    table.add_column(style="bold")
-    table.add_column(justify="right")
+    table = facts_table(str(out))
     table.add_row("method", method + (f" ({allocation})" if method == "width" else ""))
     table.add_row("budget", report.budget or f"all targets of {strategy}")
     table.add_row("parameters (original)", f"{report.params_original:,}")

@@ -11,7 +11,7 @@ import typer
 from rich.table import Table
 
 from sharp.cli import options as opt
-from sharp.cli.app import app, console
+from sharp.cli.app import app, console, facts_table
 
 ROWS = (("original", "Original"), ("direct", "Direct Sharing"), ("slw", "after SLW"), ("sft", "after SFT"))
 
@@ -19,9 +19,7 @@ ROWS = (("original", "Original"), ("direct", "Direct Sharing"), ("slw", "after S
 def print_summary(summary: dict) -> None:
     """The before/after table: sizes, held-out perplexity per stage, wall time and peak RSS per stage."""
     p = summary["params"]
-    sizes = Table(title=f"{summary['model']}  {summary['strategy']}  {summary['recovery']}", show_header=False)
-    sizes.add_column(style="bold")
-    sizes.add_column(justify="right")
+    sizes = facts_table(f"{summary['model']}  {summary['strategy']}  {summary['recovery']}")
     sizes.add_row("parameters (original → stored)", f"{p['original']:,} → {p['stored']:,}")
     sizes.add_row("MLP reduction", f"{summary['mlp_reduction']:.1%}")
     sizes.add_row("recovery parameters", f"{p['recovery']:,}")

@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 
 import typer
-from rich.table import Table
 
 from sharp.cli import options as opt
-from sharp.cli.app import app, console, err_console
+from sharp.cli.app import add_counts, app, console, err_console, facts_table
 
 
 def _validate_share(model: str, strategy: str, recovery: str, modules: str) -> None:
@@ -33,17 +32,12 @@ def _validate_share(model: str, strategy: str, recovery: str, modules: str) -> N
 
 
 def print_info(info: dict, title: str) -> None:
-    table = Table(title=title, show_header=False)
-    table.add_column(style="bold")
-    table.add_column(justify="right")
+    table = facts_table(title)
     table.add_row("architecture", info["architecture"])
     table.add_row("layers", str(info["layers"]))
     table.add_row("dtype", info["dtype"])
-    table.add_row("parameters (original)", f"{info['params_original']:,}")
-    table.add_row("MLP parameters (original)", f"{info['mlp_params_original']:,}")
-    table.add_row("parameters removed", f"{info['params_removed']:,}")
-    table.add_row("recovery parameters", f"{info['params_recovery']:,}")
-    table.add_row("parameters stored", f"{info['params_stored']:,}")
+    add_counts(table, info["params_original"], info["mlp_params_original"], info["params_removed"],
+               info["params_recovery"], info["params_stored"])
     table.add_row("MLP reduction", f"{info['mlp_reduction']:.1%}")
     if info["sharing"]:
         pairs = ", ".join(f"{t}←{r}" for t, r in info["sharing"].items())

@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from sharp.cli import options as opt
-from sharp.cli.app import app, console, err_console
+from sharp.cli.app import add_counts, app, console, err_console, facts_table
 
 
 def _gib(n: float) -> str:
@@ -29,15 +29,8 @@ def _duration(seconds: float | None) -> str:
 def print_plan(p: dict) -> None:
     c = p["params"]
     s = p["settings"]
-    sizes = Table(title=f"{p['model']}  {s['strategy']}  {s['recovery']}  ({p['architecture']}, {p['layers']} layers)",
-                  show_header=False)
-    sizes.add_column(style="bold")
-    sizes.add_column(justify="right")
-    sizes.add_row("parameters (original)", f"{c['original']:,}")
-    sizes.add_row("MLP parameters (original)", f"{c['mlp_original']:,}")
-    sizes.add_row("parameters removed", f"{c['removed']:,}")
-    sizes.add_row("recovery parameters", f"{c['recovery']:,}")
-    sizes.add_row("parameters stored", f"{c['stored']:,}")
+    sizes = facts_table(f"{p['model']}  {s['strategy']}  {s['recovery']}  ({p['architecture']}, {p['layers']} layers)")
+    add_counts(sizes, c["original"], c["mlp_original"], c["removed"], c["recovery"], c["stored"])
     sizes.add_row("trainable in SFT", f"{c['trainable']:,} ({s['train']})")
     sizes.add_row("MLP reduction", f"{c['mlp_reduction']:.1%}")
     b = p["bytes"]

@@ -40,10 +40,12 @@ def _num(value, digits: int = 3) -> str:
     return f"{value:,.{digits}f}" if abs(value) < 1e4 else f"{value:,.0f}"
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig, folder: Path, name: str, names: list[str]) -> None:
+    """Write `fig` to folder/name, close it, and add the name to `names`."""
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(folder / name, dpi=110)
     _pyplot().close(fig)
+    names.append(name)
 
 
 # ---------------------------------------------------------------------------------------------- sharp analyze
@@ -118,8 +120,7 @@ def analysis_plots(analysis: dict, out: Path, prefix: str = "") -> list[str]:
     ax2.set_xlabel("layer t")
     ax2.legend()
     ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
-    _save(fig, out / f"{prefix}mlp_similarity.png")
-    names.append(f"{prefix}mlp_similarity.png")
+    _save(fig, out, f"{prefix}mlp_similarity.png", names)
 
     fig, ax = plt.subplots(figsize=(6, 5))
     im = ax.imshow(analysis["residual_matrix"], cmap="viridis", vmin=-1 if _has_negative(analysis) else 0, vmax=1)
@@ -127,8 +128,7 @@ def analysis_plots(analysis: dict, out: Path, prefix: str = "") -> list[str]:
     ax.set_xlabel("h_j")
     ax.set_ylabel("h_i")
     fig.colorbar(im, ax=ax)
-    _save(fig, out / f"{prefix}residual_cosine.png")
-    names.append(f"{prefix}residual_cosine.png")
+    _save(fig, out, f"{prefix}residual_cosine.png", names)
 
     rep = analysis.get("replacement")
     if rep and rep.get("layers"):
@@ -141,8 +141,7 @@ def analysis_plots(analysis: dict, out: Path, prefix: str = "") -> list[str]:
         ax.set_ylabel("perplexity")
         ax.legend()
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        _save(fig, out / f"{prefix}replacement.png")
-        names.append(f"{prefix}replacement.png")
+        _save(fig, out, f"{prefix}replacement.png", names)
     return names
 
 
@@ -328,8 +327,7 @@ def report_plots(runs: list[Run], out_md: Path) -> list[str]:
         ax.set_title("perplexity after each stage of sharp compress")
         ax.legend(fontsize="small")
         name = f"{out_md.stem}_stages.png"
-        _save(fig, out_md.parent / name)
-        names.append(name)
+        _save(fig, out_md.parent, name, names)
     for kind, tasks, value, ylabel, log in (
         ("ppl", sorted({t for r in runs for t in r.ppl}), lambda r, t: r.ppl.get(t), "perplexity", True),
         ("downstream", sorted({t for r in runs for t in r.downstream}),
@@ -350,8 +348,7 @@ def report_plots(runs: list[Run], out_md: Path) -> list[str]:
             ax.set_yscale("log")
         ax.legend(fontsize="small")
         name = f"{out_md.stem}_{kind}.png"
-        _save(fig, out_md.parent / name)
-        names.append(name)
+        _save(fig, out_md.parent, name, names)
     return names
 
 

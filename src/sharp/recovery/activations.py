@@ -1,7 +1,7 @@
-"""Capture the original model's MLP inputs and outputs at the target layers, sharded on disk.
+"""The store of captured MLP activations (`capture.py` writes it): per target layer, sharded on disk.
 
-SLW trains each target's recovery to reproduce what the original target MLP computes on real inputs. One
-forward pass of the original model with hooks writes, per target layer t,
+SLW trains each target's recovery to reproduce what the original target MLP computes on real inputs. A capture
+writes, per target layer t,
 
     x_t: the MLP input (the post-norm hidden state), (N, hidden)
     y_t: the original MLP output,                    (N, hidden)
@@ -20,25 +20,17 @@ Layout of `<dir>`:  meta.json, layer_007/shard_00000.safetensors, layer_007/shar
 from __future__ import annotations
 
 import json
-import shutil
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
-from torch import nn
 
-from sharp.arch import get_adapter
 from sharp.errors import SharpError
-from sharp.io.atomic import write_text_atomic
 
 META = "meta.json"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-
-
-class _StopForward(Exception):
-    """Raised by the last target's hook: later layers and the LM head are not needed."""
 
 
 class ActivationStore:
@@ -89,14 +81,7 @@ class ActivationStore:
         return torch.cat(out).long()
 
 
-def _decoder(model: nn.Module) -> nn.Module:
-    """The decoder stack without the LM head (saves the vocab projection, the largest matmul of small models)."""
-    get = getattr(model, "get_decoder", None)
-    decoder = get() if callable(get) else None
-    return decoder if isinstance(decoder, nn.Module) else model
-
-
-def _keep_mask(attention_mask: torch.Tensor, skip_positions: int) -> torch.Tensor:
+def keep_mask(attention_mask: torch.Tensor, skip_positions: int) -> torch.Tensor:
     """(B, T) bool: real tokens at position >= skip_positions (positions counted per sequence, so left
     padding is handled)."""
     mask = attention_mask.bool()
@@ -115,123 +100,36 @@ def finished_capture(root: Path, dtype: str, targets: list[int]) -> ActivationSt
     return None
 
 
-@torch.no_grad()
-def capture_activations(
-    model: nn.Module,
-    batches: Iterable[Mapping[str, torch.Tensor]],
-    targets: list[int],
-    work_dir: str | Path,
-    max_tokens: int | None = None,
-    skip_positions: int = 0,
-    dtype: str = "float16",
-    flush_bytes: int = 64 << 20,
-    progress: bool = True,
-    outputs: Mapping[int, nn.Module] | None = None,
-) -> ActivationStore:
-    """One forward pass of `model` over `batches`, storing each target MLP's input and output.
+class ShardWriter:
+    """Rows of one layer, appended to shards of about `flush_bytes` (the layout `ActivationStore` reads)."""
 
-    `batches` yields dicts with `input_ids` (B, T) and optionally `attention_mask` (B, T); other keys (labels,
-    ...) are ignored. Stops once `max_tokens` kept tokens are stored per layer. `outputs` maps a target to the
-    module whose output on the captured input is stored instead of the model's own MLP output (sequential SLW:
-    the shared model's inputs, the original MLP's outputs). Returns the finished store; if `work_dir` already
-    holds a finished capture it is reused as is (resumption).
-    """
-    root = Path(work_dir)
-    if (finished := finished_capture(root, dtype, targets)) is not None:
-        return finished
-    if root.exists():
-        shutil.rmtree(root)  # an unfinished capture: start over (cheap compared with training)
-    root.mkdir(parents=True)
-    store_dtype = DTYPES[dtype]
-    adapter = get_adapter(model)
-    targets = sorted(set(targets))
-    device = next(model.parameters()).device
-    buffers: dict[int, tuple[list[torch.Tensor], ...]] = {t: ([], [], []) for t in targets}
-    counts = dict.fromkeys(targets, 0)
-    shard_ids = dict.fromkeys(targets, 0)
-    state: dict[str, torch.Tensor | int] = {"keep": None, "buffered": 0}
+    def __init__(self, folder: Path, dtype: torch.dtype, flush_bytes: int) -> None:
+        self.folder, self.dtype, self.flush_bytes = folder, dtype, flush_bytes
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.rows: tuple[list, list, list] = ([], [], [])
+        self.bytes = self.shard = 0
 
-    def flush() -> None:
-        for t, (xs, ys, ps) in buffers.items():
-            if xs:
-                d = root / f"layer_{t:03d}"
-                d.mkdir(exist_ok=True)
-                save_file({"x": torch.cat(xs).contiguous(), "y": torch.cat(ys).contiguous(),
-                           "p": torch.cat(ps).to(torch.int32)},
-                          d / f"shard_{shard_ids[t]:05d}.safetensors")
-                shard_ids[t] += 1
-                xs.clear()
-                ys.clear()
-                ps.clear()
-        state["buffered"] = 0
+    def add(self, x: torch.Tensor, y: torch.Tensor, p: torch.Tensor) -> int:
+        x, y = x.to("cpu", self.dtype), y.to("cpu", self.dtype)
+        for buf, t in zip(self.rows, (x, y, p.cpu()), strict=True):
+            buf.append(t)
+        self.bytes += 2 * x.numel() * x.element_size()
+        if self.bytes >= self.flush_bytes:
+            self.flush()
+        return x.shape[0]
 
-    def make_hook(t: int):
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            keep = state["keep"]
-            room = None if max_tokens is None else max_tokens - counts[t]
-            if outputs is not None and t in outputs:
-                output = outputs[t](args[0])
-            x = args[0][keep][:room].to("cpu", store_dtype)  # (n, hidden)
-            y = output[keep][:room].to("cpu", store_dtype)
-            buffers[t][0].append(x)
-            buffers[t][1].append(y)
-            buffers[t][2].append(state["pos"][keep][:room].cpu())
-            counts[t] += x.shape[0]
-            state["buffered"] += 2 * x.numel() * x.element_size()
-            if t == targets[-1]:
-                raise _StopForward
-
-        return hook
-
-    handles = [adapter.mlp(model, t).register_forward_hook(make_hook(t)) for t in targets]
-    decoder = _decoder(model)
-    was_training = model.training
-    model.eval()
-    bar = _progress_bar(progress, max_tokens)
-    try:
-        with bar:
-            task = bar.add_task("SLW capture", total=max_tokens)
-            for batch in batches:
-                input_ids = batch["input_ids"].to(device)
-                attention_mask = batch.get("attention_mask")
-                attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(device)
-                state["keep"] = _keep_mask(attention_mask, skip_positions)
-                state["pos"] = attention_mask.long().cumsum(-1) - 1  # (B, T)
-                before = counts[targets[0]]
-                try:
-                    decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-                except _StopForward:
-                    pass
-                bar.update(task, advance=counts[targets[0]] - before)
-                if state["buffered"] >= flush_bytes:
-                    flush()
-                if max_tokens is not None and counts[targets[0]] >= max_tokens:
-                    break
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
-    flush()
-    if counts[targets[0]] == 0:
-        shutil.rmtree(root)
-        raise SharpError("the SLW data gave no tokens to capture (empty data, or every sequence shorter than "
-                         f"skip_positions={skip_positions}); give more data")
-    meta = {
-        "layers": targets,
-        "hidden_size": _hidden(model),
-        "dtype": dtype,
-        "skip_positions": skip_positions,
-        "tokens": {str(t): counts[t] for t in targets},
-    }
-    write_text_atomic(root / META, json.dumps(meta, indent=2, sort_keys=True) + "\n")  # marks the capture finished
-    return ActivationStore(root)
+    def flush(self) -> None:
+        xs, ys, ps = self.rows
+        if xs:
+            save_file({"x": torch.cat(xs).contiguous(), "y": torch.cat(ys).contiguous(),
+                       "p": torch.cat(ps).to(torch.int32)}, self.folder / f"shard_{self.shard:05d}.safetensors")
+            self.shard += 1
+        self.rows = ([], [], [])
+        self.bytes = 0
 
 
-def _hidden(model: nn.Module) -> int:
-    return int(model.config.hidden_size)
 
-
-def _progress_bar(enabled: bool, total: int | None):
+def progress_bar(enabled: bool, total: int | None):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),

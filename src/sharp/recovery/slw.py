@@ -47,7 +47,7 @@ float64 and solves on the CPU, and the result is cast back to the model's dtype 
 `device` a CUDA device without an index and several GPUs visible, parallel workers take them round-robin.
 
 The original model may be given as its folder (plain safetensors): then nothing of it is loaded whole. The
-capture reads it one decoder layer at a time (`lazy.capture_from_disk`), and each job reads its target's original
+capture reads it one decoder layer at a time (`capture.capture_activations`), and each job reads its target's original
 MLP when it starts (`lazy.DiskModule`). Each job's MLP copy reuses the frozen reference weights' storage.
 """
 
@@ -67,7 +67,8 @@ from torch import nn
 from sharp.arch import get_adapter
 from sharp.errors import SharpError
 from sharp.io.device import worker_devices
-from sharp.recovery.activations import DTYPES, ActivationStore, capture_activations
+from sharp.recovery.activations import DTYPES, ActivationStore
+from sharp.recovery.capture import capture_activations
 from sharp.recovery.lazy import DiskModule, frozen_sharing_copy, original_mlps
 from sharp.recovery.slw_layer import RESULT, LayerJob, is_done, load_result, train_layer
 from sharp.recovery.slw_parallel import LayerProgress, train_parallel
@@ -193,15 +194,10 @@ def run_slw(
     if config.inputs == "original":
         pending = [t for t in targets if not is_done(_layer_dir(work_dir, t))]
         store = None
-        if pending and from_disk:
-            from sharp.recovery.lazy import capture_from_disk
-
-            store = capture_from_disk(original_model, batches, sorted(source.values()), work_dir / ACTIVATIONS,
-                                      config.max_tokens, config.skip_positions, config.dtype, progress=progress,
-                                      compute_dtype=weight.dtype, device=weight.device)
-        elif pending:
+        if pending:  # a folder is computed as the loaded model would be: in its dtype, on its device
             store = capture_activations(original_model, batches, sorted(source.values()), work_dir / ACTIVATIONS,
-                                        config.max_tokens, config.skip_positions, config.dtype, progress=progress)
+                                        config.max_tokens, config.skip_positions, config.dtype, progress=progress,
+                                        compute_dtype=weight.dtype, device=weight.device)
         results = train_slw(shared_model, store, config, work_dir, targets, progress, originals=originals,
                             store_layers=source, device=device)
         _remove_activations(work_dir / ACTIVATIONS, config)
