@@ -10,12 +10,13 @@ from sharp.cli import options as opt
 from sharp.recipes import RecoverySettings
 from tests.conftest import run_cli
 
-OWN = {"model", "strategy", "recovery", "data", "out"}  # each command's own parameters (their help differs)
+OWN = {"data", "out"}  # each command's own parameters (their help differs)
 
 
 def test_every_recovery_setting_has_one_flag_with_the_api_default():
     fields = {f.name: f.default for f in dataclasses.fields(RecoverySettings) if f.name not in OWN}
-    assert set(opt.RECOVERY_OPTIONS) == set(fields)
+    options = {**opt.LEADING_OPTIONS, **opt.RECOVERY_OPTIONS}
+    assert set(options) == set(fields)
     for name, option in opt.RECOVERY_OPTIONS.items():
         assert option.default == fields[name], name
         assert option.param_decls[0] == "--" + name.replace("_", "-")

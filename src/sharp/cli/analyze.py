@@ -13,7 +13,7 @@ from sharp.errors import SharpError
 
 @app.command()
 def analyze(
-    model: str = typer.Argument(..., help="Model folder, sharp checkpoint, .gguf file, alias or hub id."),
+    model: str = opt.ANY_MODEL,
     data: str = typer.Option(..., "--data", help="FORMAT:PATH_OR_HUB_ID or alias (alpaca-demo); text:PATH for "
                              "plain text; a slice such as [-100:] selects records."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),

@@ -19,7 +19,7 @@ def _sft(steps: int, lr: float, batch_size: int, grad_accum: int) -> dict:
 
 @app.command()
 def prune(
-    model: str = typer.Argument(..., help="Model folder, .gguf file, alias (smollm2-135m) or hub id."),
+    model: str = opt.MODEL,
     method: str = typer.Option(..., "--method", "-m", help="layer-drop, layer-drop-adapted, mlp-drop or width."),
     budget: str = typer.Option(None, "--budget", "-b", help="Stored-parameter budget: 40% or 0.4 (a share of the "
                                "MLP weights to remove), a count to keep (107.5M) or match:DIR (a checkpoint's size)."),
@@ -80,9 +80,6 @@ def prune(
 @app.command()
 @opt.recovery_options
 def compare(
-    model: str = opt.MODEL,
-    strategy: str = opt.STRATEGY,
-    recovery: str = opt.RECOVERY,
     data: str = typer.Option(..., "--data", help="Training / calibration data, FORMAT:PATH or alias."),
     eval_tasks: str = typer.Option(..., "--eval", help="Perplexity tasks, as sharp eval --tasks."),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder: comparison.md and comparison.json."),

@@ -67,9 +67,6 @@ def slw_table(layers: dict) -> Table:
 @app.command()
 @opt.recovery_options
 def compress(
-    model: str = opt.MODEL,
-    strategy: str = opt.STRATEGY,
-    recovery: str = opt.RECOVERY,
     data: str = typer.Option(..., "--data", help="FORMAT:PATH_OR_HUB_ID or an alias (alpaca-demo)."),
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint folder (written atomically)."),
     eval_data: str = typer.Option(None, "--eval-data", help="Held-out data (default: part of --data)."),

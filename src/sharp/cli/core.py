@@ -51,7 +51,7 @@ def print_info(info: dict, title: str) -> None:
 
 @app.command()
 def info(
-    model: str = typer.Argument(..., help="Model folder, sharp checkpoint, .gguf file, alias or hub id."),
+    model: str = opt.ANY_MODEL,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Architecture, layers, total / MLP / stored parameters, sharing map and bytes on disk."""
@@ -69,7 +69,7 @@ def info(
 
 @app.command()
 def share(
-    model: str = typer.Argument(..., help="Model folder, .gguf file, alias (smollm2-135m) or hub id."),
+    model: str = opt.MODEL,
     strategy: str = typer.Option(..., "--strategy", "-s", help="next:A-B, group:K:A-B or map:T=R,..."),
     recovery: str = typer.Option("lora:32", "--recovery", "-r", help="none, lora:R, scale or lora+scale:R"),
     modules: str = typer.Option("mlp", "--modules", help="mlp (default), attn or all"),

@@ -61,7 +61,7 @@ def _print_tables(model: str, tasks: dict, downstream: dict) -> None:
 
 @app.command("eval")
 def evaluate(
-    model: str = typer.Argument(..., help="Model folder, sharp checkpoint, .gguf file, alias or hub id."),
+    model: str = opt.ANY_MODEL,
     tasks: str = typer.Option(None, "--tasks", help="Perplexity tasks: ppl:FORMAT=PATH_OR_ALIAS[,...]; "
                               "FORMAT is alpaca, dolly, dialogsum, openorca, arxiv-math or text; "
                               "a slice such as PATH[-100:] selects records."),

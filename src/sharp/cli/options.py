@@ -21,6 +21,7 @@ import typer
 from sharp.recipes import RecoverySettings
 
 MODEL = typer.Argument(..., help="Model folder, .gguf file, alias (smollm2-135m) or hub id.")
+ANY_MODEL = typer.Argument(..., help="Model folder, sharp checkpoint, .gguf file, alias or hub id.")
 STRATEGY = typer.Option(..., "--strategy", "-s", help="next:A-B, group:K:A-B, map:T=R,... or auto:BUDGET (the "
                         "planner mixes sharing, MLP-drop and block-drop: auto:40% or auto:107.5M).")
 RECOVERY = typer.Option("lora:32", "--recovery", "-r", help="lora:R, lora+gate:R, gate, scale or lora+scale:R "
@@ -69,8 +70,9 @@ OUT_DTYPE = typer.Option("auto", "--dtype", help="Dtype of the weights written: 
                          "GGUF), bf16, fp16 or fp32.")
 
 
-RECOVERY_OPTIONS = {  # RecoverySettings field → its flag (the model, strategy, recovery, data and out are the
-    # commands' own: their help differs); tests/cli/test_options.py checks the defaults against the dataclass
+LEADING_OPTIONS = {"model": MODEL, "strategy": STRATEGY, "recovery": RECOVERY}  # first in --help
+RECOVERY_OPTIONS = {  # the other RecoverySettings fields (data and out are the commands' own: their help differs);
+    # tests/cli/test_options.py checks the defaults against the dataclass
     "slw_fraction": SLW_FRACTION, "slw_tokens": SLW_TOKENS, "slw_workers": SLW_WORKERS, "slw_backend": SLW_BACKEND,
     "ray_address": RAY_ADDRESS, "slw_task_gpus": SLW_TASK_GPUS, "slw_steps": SLW_STEPS, "slw_lr": SLW_LR,
     "slw_batch_tokens": SLW_BATCH_TOKENS, "slw_patience": SLW_PATIENCE, "slw_init": SLW_INIT, "slw_inputs": SLW_INPUTS,
@@ -82,18 +84,24 @@ RECOVERY_OPTIONS = {  # RecoverySettings field → its flag (the model, strategy
 
 
 def recovery_options(command: Callable) -> Callable:
-    """Give `command` (which takes `**settings`) every option of `RECOVERY_OPTIONS` after its own parameters.
-    Typer reads a command's parameters from its signature, so the added ones go into `__signature__`."""
+    """Give `command` (which takes `**settings`) the model argument, --strategy and --recovery before its own
+    parameters and every option of `RECOVERY_OPTIONS` after them: `sharp compress` and `sharp compare` take the
+    same flags. Typer reads a command's parameters from its signature, so the result carries `__signature__`."""
     hints = typing.get_type_hints(RecoverySettings)
-    own = [p for p in inspect.signature(command).parameters.values() if p.kind is not p.VAR_KEYWORD]
-    added = [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=_plain(hints[name]))
-             for name, option in RECOVERY_OPTIONS.items()]
+    keyword = inspect.Parameter.KEYWORD_ONLY
+
+    def added(options: dict) -> list[inspect.Parameter]:
+        return [inspect.Parameter(name, keyword, default=option, annotation=_plain(hints[name]))
+                for name, option in options.items()]
+
+    own = [p.replace(kind=keyword) for p in inspect.signature(command).parameters.values()
+           if p.kind is not p.VAR_KEYWORD]
 
     @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        return command(*args, **kwargs)
+    def wrapper(**kwargs: Any) -> Any:
+        return command(**kwargs)
 
-    wrapper.__signature__ = inspect.Signature(own + added)
+    wrapper.__signature__ = inspect.Signature(added(LEADING_OPTIONS) + own + added(RECOVERY_OPTIONS))
     return wrapper
 
 
