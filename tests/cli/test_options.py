@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import typing
 
 import pytest
 
@@ -17,6 +18,9 @@ def test_every_recovery_setting_has_one_flag_with_the_api_default():
     fields = {f.name: f.default for f in dataclasses.fields(RecoverySettings) if f.name not in OWN}
     options = {**opt.LEADING_OPTIONS, **opt.RECOVERY_OPTIONS}
     assert set(options) == set(fields)
+    hints = typing.get_type_hints(RecoverySettings)
+    for name, option in options.items():
+        assert opt.option_type(name, option) in (hints[name], *typing.get_args(hints[name])), name
     for name, option in opt.RECOVERY_OPTIONS.items():
         assert option.default == fields[name], name
         assert option.param_decls[0] == "--" + name.replace("_", "-")

@@ -10,15 +10,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import types
-import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import typer
-
-from sharp.recipes import RecoverySettings
 
 MODEL = typer.Argument(..., help="Model folder, .gguf file, alias (smollm2-135m) or hub id.")
 ANY_MODEL = typer.Argument(..., help="Model folder, sharp checkpoint, .gguf file, alias or hub id.")
@@ -87,11 +83,10 @@ def recovery_options(command: Callable) -> Callable:
     """Give `command` (which takes `**settings`) the model argument, --strategy and --recovery before its own
     parameters and every option of `RECOVERY_OPTIONS` after them: `sharp compress` and `sharp compare` take the
     same flags. Typer reads a command's parameters from its signature, so the result carries `__signature__`."""
-    hints = typing.get_type_hints(RecoverySettings)
     keyword = inspect.Parameter.KEYWORD_ONLY
 
     def added(options: dict) -> list[inspect.Parameter]:
-        return [inspect.Parameter(name, keyword, default=option, annotation=_plain(hints[name]))
+        return [inspect.Parameter(name, keyword, default=option, annotation=option_type(name, option))
                 for name, option in options.items()]
 
     own = [p.replace(kind=keyword) for p in inspect.signature(command).parameters.values()
@@ -105,11 +100,15 @@ def recovery_options(command: Callable) -> Callable:
     return wrapper
 
 
-def _plain(annotation: Any) -> Any:
-    """`int | None` → `int` (typer takes the None default without the Optional)."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        return next(a for a in typing.get_args(annotation) if a is not type(None))
-    return annotation
+def option_type(name: str, option: Any) -> type:
+    """The type typer parses an option's value as: its default's, or the declared one where the default is None
+    (`sharp.recipes` is not imported here: it loads torch, and `sharp --help` must not)."""
+    if option.default is None or option.default is ...:
+        return OPTIONAL_TYPES[name]
+    return type(option.default)
+
+
+OPTIONAL_TYPES = {"model": str, "strategy": str, "slw_tokens": int, "ray_address": str, "shared_lr": float}
 
 
 def settings_from(cls: type, arguments: dict[str, Any], **overrides: Any) -> Any:
