@@ -36,6 +36,7 @@ def prepare(model: str, work: Path, strategies: list[str], trained: str | None) 
     from transformers import AutoTokenizer
 
     import sharp
+    from sharp.sharing.state import sharp_config
 
     paths = {"original 16-bit": work / "orig16"}
     if not paths["original 16-bit"].exists():
@@ -48,8 +49,8 @@ def prepare(model: str, work: Path, strategies: list[str], trained: str | None) 
             folder = work / f"{strategy.replace(':', '_')}_trained16"
             if not folder.exists():
                 m = sharp.load(trained, dtype=torch.bfloat16)
-                if m.sharp_config.strategy != strategy:
-                    raise SystemExit(f"--trained {trained} uses {m.sharp_config.strategy}, not {strategy}")
+                if sharp_config(m).strategy != strategy:
+                    raise SystemExit(f"--trained {trained} uses {sharp_config(m).strategy}, not {strategy}")
                 sharp.save(m, folder, tokenizer=AutoTokenizer.from_pretrained(trained))
         elif not folder.exists():
             sh("share", str(paths["original 16-bit"]), "--strategy", strategy, "--recovery", "lora:32",

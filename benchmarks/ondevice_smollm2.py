@@ -104,13 +104,8 @@ def program_ppl(folder: Path, exs: list[dict], cache: dict, cache_file: Path) ->
 @torch.no_grad()
 def torch_model(source: Path):
     import sharp
-    from sharp.io.checkpoint import is_sharp_checkpoint
 
-    if is_sharp_checkpoint(source):
-        return sharp.load(source, dtype=torch.float32)
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    return sharp.load_model(str(source), dtype=torch.float32, tokenizer=False)[0]
 
 
 @torch.no_grad()
@@ -139,7 +134,6 @@ def pytorch_quantize(sources: dict[str, Path], work: Path, exs: list[dict]) -> l
     stored at 16, 8 or 4 bits: bytes of the weight files and held-out perplexity in PyTorch."""
     import sharp
     from sharp.evaluation.perplexity import _nll_sum
-    from sharp.io.quantize import load_quantized_folder
 
     rows = []
     label, src = list(sources.items())[1]
@@ -164,7 +158,7 @@ def pytorch_quantize(sources: dict[str, Path], work: Path, exs: list[dict]) -> l
         stamp = json.dumps([str(out), len(exs), (out / "manifest.json").stat().st_mtime])
         if stamp not in cache:  # cached: the slowest part (quanto int4 runs eagerly)
             with torch.no_grad():
-                nll, n = _nll_sum(load_quantized_folder(out), exs, batch_size=4)
+                nll, n = _nll_sum(sharp.load_model(str(out), tokenizer=False)[0], exs, batch_size=4)
             cache[stamp] = math.exp(nll / n)
             cache_file.write_text(json.dumps(cache, indent=1))
         rows.append({"model": name, "recovery_bits": rbits if name != "original" else None, "embedding_bits": ebits,

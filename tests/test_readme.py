@@ -83,7 +83,7 @@ def _stand_in_model(out: Path) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from sharp.io.assets import SOURCE_FILE, sha256_file
+    from sharp.io.asset_cache import SOURCE_FILE, sha256_file
 
     config = LlamaConfig(vocab_size=512, hidden_size=128, intermediate_size=160, num_hidden_layers=30,
                          num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
@@ -103,7 +103,7 @@ def _stand_in_cache(home: Path) -> None:
     """The cache layout of `sharp.io.assets` (aliases resolve to these paths), holding stand-ins: the vendored
     Alpaca records cut to their first 8 words a field (a fifth of the tokens: training dominates the time) and
     the vendored C4 documents."""
-    from sharp.io.assets import DATA_ALIASES, MODEL_ALIASES
+    from sharp.io.asset_cache import DATA_ALIASES, MODEL_ALIASES
 
     alpaca, c4 = home / DATA_ALIASES["alpaca-demo"][1], home / DATA_ALIASES["c4-demo"][1]
     alpaca.parent.mkdir(parents=True, exist_ok=True)
@@ -204,7 +204,8 @@ def _stored(path: Path) -> int:
 
 def _check(cmd: Command, proc: subprocess.CompletedProcess, cwd: Path) -> None:
     """What each command says it does, beyond exiting 0."""
-    from sharp.io.checkpoint import is_sharp_checkpoint, verify_manifest
+    from sharp.io.formats import is_sharp_checkpoint
+    from sharp.io.manifest import verify_manifest
 
     verb = cmd.argv[1]
     out = cwd / _arg(cmd, "--out") if "--out" in cmd.argv else None
@@ -277,7 +278,7 @@ def test_readme_command(workspace: Workspace, index: int) -> None:
 @pytest.mark.slow
 def test_readme_python_block(workspace: Workspace, tmp_path: Path) -> None:
     """The Python example, in a fresh folder (it writes runs/smol, as the shell example before it does)."""
-    from sharp.io.checkpoint import is_sharp_checkpoint
+    from sharp.io.formats import is_sharp_checkpoint
 
     (block,) = blocks("python")
     proc = workspace.run([sys.executable, "-c", block], cwd=tmp_path, name="README.md's Python block")

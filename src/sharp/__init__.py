@@ -20,13 +20,13 @@ from sharp._version import __version__  # noqa: E402
 from sharp.errors import SharpError  # noqa: E402
 
 if TYPE_CHECKING:
-    from sharp.io.checkpoint import load, save
-    from sharp.io.models import load_model
+    from sharp.io.checkpoint import save
+    from sharp.io.models import load, load_model
     from sharp.sharing.build import share
     from sharp.sharing.shared import count_parameters, merge_sharing
 
 _LAZY = {
-    "load": "sharp.io.checkpoint",
+    "load": "sharp.io.models",
     "save": "sharp.io.checkpoint",
     "load_model": "sharp.io.models",
     "share": "sharp.sharing.build",

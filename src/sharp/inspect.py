@@ -9,13 +9,14 @@ from torch import nn
 from sharp.arch import get_adapter
 from sharp.io.models import folder_bytes
 from sharp.sharing.shared import count_parameters
+from sharp.sharing.state import sharp_config
 
 
 def describe(model: nn.Module, path: str | os.PathLike | None = None) -> dict:
     """Architecture, layer count, parameter counts (original / MLP / stored / recovery), sharing, bytes."""
     adapter = get_adapter(model)
     counts = count_parameters(model)
-    config = getattr(model, "sharp_config", None)
+    config = sharp_config(model)
     sharing = dict(config.sharing) if config else {}
     n_layers = len(adapter.layers(model))
     info = {

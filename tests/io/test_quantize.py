@@ -9,13 +9,9 @@ from torch import nn
 
 import sharp
 from sharp.errors import SharpError
-from sharp.io.quantize import (
-    QUANT_CONFIG,
-    load_quantized_folder,
-    quantize_checkpoint,
-    quantize_model,
-    quantized_linears,
-)
+from sharp.io.formats import QUANT_CONFIG
+from sharp.io.quantize import quantize_model, quantized_linears
+from sharp.recipes.quantize import quantize_checkpoint
 from sharp.sharing.shared import dense_weight, recoveries, shared_linears
 from tests.conftest import run_cli
 
@@ -120,7 +116,7 @@ def test_quantized_checkpoint_without_its_recovery_is_refused(shared_ckpt, tmp_p
 @pytest.mark.parametrize("method", ["quanto", "nf4"])
 def test_plain_model_quantizes_into_a_plain_folder(stories_path, tmp_path, method):
     model = quantize_checkpoint(str(stories_path), tmp_path / "q", method=method)
-    loaded = load_quantized_folder(tmp_path / "q")
+    loaded, _ = sharp.load_model(str(tmp_path / "q"), tokenizer=False)
     assert not shared_linears(loaded) and len(quantized_linears(loaded)) == 35
     assert not (tmp_path / "q" / "sharp_config.json").exists()
     with torch.no_grad():

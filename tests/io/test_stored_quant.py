@@ -10,8 +10,9 @@ from safetensors import safe_open
 
 import sharp
 from sharp.errors import SharpError
-from sharp.io.quantize import quantize_checkpoint, quantize_model
+from sharp.io.quantize import quantize_model
 from sharp.io.stored_quant import dequantize, quantize
+from sharp.recipes.quantize import quantize_checkpoint
 from sharp.sharing.shared import recoveries
 
 IDS = torch.tensor([[1, 400, 35, 90, 7, 300, 12, 5, 77, 2]])
@@ -66,8 +67,6 @@ def test_stored_recovery_is_smaller_and_loads_as_evaluated(shared_ckpt, tmp_path
 
 @pytest.mark.parametrize("shared", [True, False])
 def test_stored_embedding_stays_tied_and_loads_as_evaluated(shared_ckpt, stories_path, tmp_path, shared):
-    from sharp.io.quantize import load_quantized_folder
-
     src = shared_ckpt if shared else stories_path
     q = quantize_checkpoint(str(src), tmp_path / "q", embedding_bits=4, recovery_bits=8 if shared else 16)
     emb = q.get_input_embeddings().weight
@@ -75,7 +74,7 @@ def test_stored_embedding_stays_tied_and_loads_as_evaluated(shared_ckpt, stories
     assert len(torch.unique(emb[0].float())) <= 16 * 2  # 4-bit: at most 16 levels per group of 64 (row of 64 here)
     size, keys = _tensor_bytes(tmp_path / "q", "model.safetensors")
     assert "model.embed_tokens.weight.qweight" in keys and "model.embed_tokens.weight" not in keys
-    loaded = load_quantized_folder(tmp_path / "q")
+    loaded, _ = sharp.load_model(str(tmp_path / "q"), tokenizer=False)
     assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
     with torch.no_grad():
         assert torch.equal(loaded(input_ids=IDS).logits, q(input_ids=IDS).logits)

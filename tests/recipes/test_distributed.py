@@ -76,7 +76,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_effective_batch(runs
     rows = [json.loads(line) for line in (two / "train_log.jsonl").read_text().splitlines()]
     steps = [r["step"] for r in rows if r.get("stage") == "sft"]
     assert steps == sorted(set(steps)) and steps[-1] == 8  # each logged step once: rank 1 does not log
-    from sharp.io.checkpoint import verify_manifest
+    from sharp.io.manifest import verify_manifest
 
     assert not verify_manifest(two)
 

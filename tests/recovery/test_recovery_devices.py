@@ -15,7 +15,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 import sharp
 from sharp.arch import get_adapter
-from sharp.io.device import cast_to, load_on_device
+from sharp.io.device import load_on_device
+from sharp.io.dtypes import cast_to
 from sharp.recovery import slw, slw_parallel
 from sharp.recovery.capture import capture_activations
 from sharp.recovery.sft import SFTConfig, run_sft

@@ -16,7 +16,8 @@ from safetensors.torch import load_file, save_file
 
 import sharp
 from sharp.errors import SharpError
-from sharp.io.checkpoint import MANIFEST, RECOVERY, SHARP_CONFIG, WEIGHTS, write_manifest
+from sharp.io.formats import MANIFEST, RECOVERY, SHARP_CONFIG, WEIGHTS
+from sharp.io.manifest import write_manifest
 from tests.conftest import run_cli
 
 

@@ -18,8 +18,8 @@ import pytest
 import sharp
 from sharp.errors import SharpError
 from sharp.io.atomic import atomic_dir
-from sharp.io.checkpoint import verify_manifest, write_manifest
 from sharp.io.lock import output_lock
+from sharp.io.manifest import verify_manifest, write_manifest
 from tests.conftest import C4, STORIES, run_cli
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).parents[2])}

@@ -12,7 +12,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import sharp
 from sharp.errors import SharpError
-from sharp.io.checkpoint import MANIFEST, RECOVERY, SHARP_CONFIG, WEIGHTS, is_adapter_only, sha256_file
+from sharp.io.formats import MANIFEST, RECOVERY, SHARP_CONFIG, WEIGHTS, is_adapter_only
+from sharp.io.manifest import sha256_file
+from sharp.sharing.state import sharp_config
 from tests.conftest import STORIES, randomize_recovery, run_cli, tiny_model
 
 IDS = torch.tensor([[1, 403, 407, 261, 378, 300, 270, 261, 2]])
@@ -116,7 +118,7 @@ def test_adapter_of_a_model_whose_kept_weights_changed_is_refused(tmp_path):
 
 def test_adapter_of_a_quantized_or_anonymous_model_is_refused(tmp_path):
     model = _shared()
-    model.sharp_config.base.weights_sha256 = ""
+    sharp_config(model).base.weights_sha256 = ""
     with pytest.raises(SharpError, match="save it whole"):
         sharp.save(model, tmp_path / "a", adapter_only=True)
     assert not (tmp_path / "a").exists()

@@ -27,20 +27,12 @@ def stored_parameters(model: nn.Module) -> int:
 
 def checkpoint_stored_parameters(path: str | Path) -> int:
     """Stored parameters of the model in `path` (a sharp checkpoint, a pruned model or a plain HF folder)."""
-    from transformers import AutoModelForCausalLM
-
     from sharp.inspect import describe
-    from sharp.io.checkpoint import is_sharp_checkpoint, load
-    from sharp.io.pruned import is_pruned, load_pruned
+    from sharp.io.models import load_model
 
-    if is_sharp_checkpoint(path):
-        model = load(path)
-    elif is_pruned(path):
-        model = load_pruned(path)
-    elif (Path(path) / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(path)
-    else:
+    if not (Path(path) / "config.json").is_file():
         raise SharpError(f"budget match:{path}: not a model folder (no config.json); point at a sharp checkpoint")
+    model, _ = load_model(str(path), tokenizer=False)
     return int(describe(model)["params_stored"])
 
 

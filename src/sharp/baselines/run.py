@@ -15,6 +15,7 @@ from torch import nn
 from sharp.baselines.budget import Budget, parse_budget
 from sharp.baselines.methods import METHODS, PruneReport, prune
 from sharp.errors import SharpError
+from sharp.sharing.state import sharp_config
 
 
 @dataclass
@@ -40,7 +41,8 @@ class PruneOptions:
     def validate(self) -> Budget | None:
         """Check every option before a model is loaded; returns the parsed budget."""
         from sharp.data import parse_data_spec
-        from sharp.io.device import parse_dtype, resolve_device
+        from sharp.io.device import resolve_device
+        from sharp.io.dtypes import parse_dtype
         from sharp.sharing.strategy import parse_strategy
 
         resolve_device(self.device)
@@ -109,13 +111,14 @@ def prune_model(model_spec: str, out: str | os.PathLike, options: PruneOptions, 
                 ) -> PruneReport:
     """Load `model_spec`, prune it per `options`, save a pruned model folder to `out`."""
     from sharp.io.atomic import check_output_dir
-    from sharp.io.device import cast_to, load_on_device
+    from sharp.io.device import load_on_device
+    from sharp.io.dtypes import cast_to
     from sharp.io.pruned import save_pruned
 
     check_output_dir(out, overwrite)
     options.validate()
     model, tokenizer, storage = load_on_device(model_spec, options.device, options.dtype)
-    if getattr(model, "sharp_config", None) is not None:
+    if sharp_config(model) is not None:
         raise SharpError(f"'{model_spec}' is a sharp checkpoint; prune the original model instead")
     report = prune_loaded(model, tokenizer, options)
     save_pruned(cast_to(model, storage), out, report, tokenizer, overwrite=overwrite)

@@ -69,31 +69,21 @@ def unique_bytes(model: nn.Module) -> tuple[int, int]:
 
 
 def load_for_bench(spec: str, mode: str = "shared") -> nn.Module:
-    """Load the model as a user would (sharp checkpoint with sharing, or a plain HF folder / .gguf file). The
-    manifest's sha256 check is skipped (it would read every byte once more); its sizes are still checked."""
-    from transformers import AutoModelForCausalLM
-
+    """Load the model as a user would (`sharp.load_model`: a sharp checkpoint with sharing, a quantized or plain
+    folder, a .gguf file), without its tokenizer. The manifest's sha256 check is skipped (it would read every
+    byte once more); its sizes are still checked."""
     from sharp.errors import SharpError
-    from sharp.io.checkpoint import is_sharp_checkpoint, load, verify_manifest
-    from sharp.io.models import resolve_model_path
+    from sharp.io.formats import is_sharp_checkpoint
+    from sharp.io.manifest import verify_manifest
+    from sharp.io.models import load_model, resolve_model_path
 
     path = resolve_model_path(spec)
-    if (Path(path) / "quantization.json").is_file() and not is_sharp_checkpoint(path):
-        from sharp.io.quantize import load_quantized_folder
-
-        return load_quantized_folder(path)
     if is_sharp_checkpoint(path):
         problems = verify_manifest(path, hashes=False)
         if problems:
             raise SharpError(f"checkpoint '{path}' is damaged: {problems[0]}")
-        return load(path, verify=False, mode=mode)
-    if mode != "shared":
-        raise SharpError(f"'{spec}' is a plain model: the @{mode} runtime mode only applies to sharp checkpoints")
-    if Path(path).suffix == ".gguf":
-        from sharp.io.models import load_gguf
-
-        return load_gguf(path).eval()  # dequantized, as `sharp.load_model` gives it
-    return AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()
+    model, _ = load_model(spec, mode=mode, verify=False, tokenizer=False)
+    return model
 
 
 def _import_model_class(spec: str) -> None:

@@ -153,8 +153,8 @@ def bench(
     if repeats < 1 or tokens < 1 or prompt_tokens < 1 or load_repeats < 0 or rounds < 1:
         raise SharpError("--repeats, --tokens, --prompt-tokens and --rounds must be at least 1")
     load_repeats = load_repeats or repeats
-    from sharp.io.checkpoint import is_sharp_checkpoint
     from sharp.io.device import resolve_device
+    from sharp.io.formats import is_sharp_checkpoint
     from sharp.io.models import resolve_model_path
     from sharp.io.pte import is_pte_folder
 

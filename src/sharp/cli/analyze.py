@@ -48,7 +48,8 @@ def analyze(
     from sharp.evaluation.similarity import analyze_model, parse_layer_range
     from sharp.evaluation.suggest import check_budget, cost_table, suggest_strategy
     from sharp.io.atomic import atomic_dir, check_output_dir
-    from sharp.io.device import load_on_device, parse_dtype, resolve_device
+    from sharp.io.device import load_on_device, resolve_device
+    from sharp.io.dtypes import parse_dtype
     from sharp.io.models import check_max_len, load_config
 
     # Everything the user typed is checked before the (slow) model load.

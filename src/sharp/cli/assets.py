@@ -25,7 +25,8 @@ def _human(n: int) -> str:
 @assets_app.command()
 def fetch(force: bool = typer.Option(False, "--force", help="Download, verify and convert everything again.")) -> None:
     """Fetch SmolLM2-135M-Instruct (converted to safetensors) and the alpaca/c4 demo data; show what is cached."""
-    from sharp.io.assets import asset_status, fetch_assets, sharp_home
+    from sharp.io.asset_cache import asset_status, sharp_home
+    from sharp.io.assets import fetch_assets
 
     fetch_assets(console=err_console, force=force)
     home = sharp_home()

@@ -83,7 +83,7 @@ def share(
     import sharp
     from sharp.inspect import describe
     from sharp.io.atomic import check_output_dir
-    from sharp.io.device import parse_dtype
+    from sharp.io.dtypes import parse_dtype
 
     check_output_dir(out, overwrite)
     storage = parse_dtype(dtype) or "auto"
@@ -105,10 +105,11 @@ def merge(
 ) -> None:
     """Materialize every target weight and write a plain HF folder that vanilla transformers loads."""
     from sharp.io.atomic import atomic_dir, check_output_dir
-    from sharp.io.checkpoint import is_sharp_checkpoint
-    from sharp.io.device import parse_dtype
+    from sharp.io.dtypes import parse_dtype
+    from sharp.io.formats import is_sharp_checkpoint
     from sharp.io.models import load_model
     from sharp.sharing.shared import merge_sharing
+    from sharp.sharing.state import sharp_state
 
     check_output_dir(out, overwrite)
     storage = parse_dtype(dtype) or "auto"
@@ -118,8 +119,8 @@ def merge(
         raise SharpError(f"'{checkpoint}' is not a sharp checkpoint (no sharp_config.json)")
     model, tokenizer = load_model(str(checkpoint), dtype=storage)
     merge_sharing(model)
-    config = model.sharp_config
-    del model.sharp_config
+    state = sharp_state(model)
+    config, state.config = state.config, None  # a plain model from here on
     if config.dropped_mlps:  # MLPs of width 0: a pruned-model folder, which records the per-layer widths
         from sharp.baselines.methods import PruneReport
         from sharp.io.pruned import save_pruned
@@ -143,7 +144,8 @@ def verify(
                              "recorded source); its identity is checked."),
 ) -> None:
     """Check a checkpoint against its manifest (sha256 and size of every file); exit 1 if anything is off."""
-    from sharp.io.checkpoint import is_sharp_checkpoint, verify_manifest
+    from sharp.io.formats import is_sharp_checkpoint
+    from sharp.io.manifest import verify_manifest
     from sharp.sharing.config import SharpConfig
 
     if not is_sharp_checkpoint(checkpoint):

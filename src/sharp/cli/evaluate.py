@@ -86,7 +86,8 @@ def evaluate(
     """Perplexity (response-only for instruction data, sliding windows for text) and lm-eval task scores."""
     from sharp.data import TEMPLATES, load_records, split_examples, text_windows
     from sharp.evaluation.perplexity import evaluate_tasks, parse_tasks
-    from sharp.io.device import load_on_device, parse_dtype, resolve_device
+    from sharp.io.device import load_on_device, resolve_device
+    from sharp.io.dtypes import parse_dtype
 
     # Everything the user typed is checked before the (slow) model load.
     if not tasks and not lm_eval:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from sharp.arch import get_adapter
+from sharp.sharing.state import sharp_state
 
 
 @dataclass
@@ -335,7 +336,7 @@ def analyze_model(
     examples, data_text = analysis_examples(tokenizer, data, max_len, max_tokens, ppl_examples, template)
     batches = similarity_batches(examples, max_tokens, batch_size)
     result = {
-        "model": getattr(model, "sharp_source", None),
+        "model": state.source if (state := sharp_state(model)) is not None else None,
         "data": data_text,
         "settings": {"max_tokens": max_tokens, "ppl_examples": ppl_examples, "max_len": max_len,
                      "batch_size": batch_size, "skip_first": skip_first, "template": template},

@@ -38,6 +38,9 @@ import torch
 from torch import nn
 
 from sharp.errors import SharpError
+from sharp.io.formats import is_quantized_folder
+from sharp.io.models import load_model, resolve_model_path
+from sharp.sharing.state import sharp_config
 
 PTE, PTD_TAG, META = "model.pte", "weights", "sharp_export.json"
 PTD = PTD_TAG + ".ptd"
@@ -298,17 +301,11 @@ def lower(model: nn.Module, max_cache_len: int, bf16: bool = False):
 def load_source(source: str | os.PathLike, dtype: torch.dtype) -> tuple[nn.Module, Path]:
     """The model to export: a sharp checkpoint in shared mode (one module per unique weight) or a plain
     Hugging Face folder / alias."""
-    from sharp.io.checkpoint import is_sharp_checkpoint, load
-    from sharp.io.models import resolve_model_path
-
     path = Path(resolve_model_path(str(source)))
-    if (path / "quantization.json").is_file():
+    if is_quantized_folder(path):
         raise SharpError(f"'{source}' is already quantized; export the 16-bit checkpoint with --quant 8da4w")
-    if is_sharp_checkpoint(path):
-        return load(path, dtype=dtype, verify=False), path
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval(), path
+    model, _ = load_model(str(source), dtype=dtype, verify=False, tokenizer=False)
+    return model, path
 
 
 def export_executorch(source: str | os.PathLike, out: str | os.PathLike, config: ExportConfig | None = None,
@@ -328,7 +325,7 @@ def export_executorch(source: str | os.PathLike, out: str | os.PathLike, config:
         program.write_tensor_data_to_file(str(tmp))
         meta = {"source": str(source), "config": asdict(config), "fused_mlps": fused,
                 "model_type": model.config.model_type, "vocab_size": int(model.config.vocab_size),
-                "sharp": getattr(model, "sharp_config", None) is not None,
+                "sharp": sharp_config(model) is not None,
                 "bos_token_id": model.config.bos_token_id, "eos_token_id": model.config.eos_token_id}
         (tmp / META).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
         for name in TOKENIZER_FILES:

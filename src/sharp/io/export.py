@@ -28,6 +28,9 @@ import torch
 from torch import nn
 
 from sharp.errors import SharpError
+from sharp.io.formats import is_quantized_folder
+from sharp.io.models import load_model, resolve_model_path
+from sharp.sharing.state import sharp_config
 
 OUTTYPES = ("f16", "f32")
 MERGED, BASE, LORA = "model.gguf", "base.gguf", "recovery.lora.gguf"
@@ -202,25 +205,19 @@ def export_gguf(source: str | os.PathLike, out: str | os.PathLike, outtype: str 
                 overwrite: bool = False) -> dict[str, Path]:
     """Write `model.gguf` (merged) and, for LoRA recoveries, `base.gguf` + `recovery.lora.gguf` into `out`."""
     from sharp.io.atomic import atomic_dir, check_output_dir
-    from sharp.io.checkpoint import is_sharp_checkpoint, load
-    from sharp.io.models import resolve_model_path
     from sharp.sharing.shared import merge_sharing, shared_linears
 
     if outtype not in OUTTYPES:
         raise SharpError(f"unknown --outtype '{outtype}'; choose one of: {', '.join(OUTTYPES)}")
     check_output_dir(out, overwrite)
     path = Path(resolve_model_path(str(source)))
-    if (path / "quantization.json").is_file():
+    if is_quantized_folder(path):
         raise SharpError(f"'{source}' is quantized; export the 16-bit checkpoint (llama-quantize then makes Q4)")
-    if is_sharp_checkpoint(path):
-        model = load(path, dtype=torch.float32)
-    else:  # a model folder, alias or .gguf file (dequantized on load)
-        from sharp.io.models import load_model
-
-        model, _ = load_model(str(source), dtype=torch.float32)
+    # a sharp checkpoint, model folder, alias or .gguf file (dequantized on load)
+    model, _ = load_model(str(source), dtype=torch.float32, tokenizer=False)
     if model.config.model_type not in ("llama", "mistral"):
         raise SharpError(f"GGUF export supports Llama-style models, not '{model.config.model_type}'")
-    plan = getattr(model, "sharp_config", None)
+    plan = sharp_config(model)
     if plan is not None and plan.dropped_mlps:
         raise SharpError(f"'{source}' deletes the MLPs of layers {plan.dropped_mlps}; GGUF holds one MLP width for "
                          "every layer, so it cannot carry that (export a plan without drop-mlp)")

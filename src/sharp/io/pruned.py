@@ -8,7 +8,7 @@ A pruned model is written with `save_pretrained` (config.json + model.safetensor
   `AutoModelForCausalLM.from_pretrained` loads.
 - Non-uniform widths (mlp-drop: removed MLPs have width 0; width with `--allocation global`): a Llama-style
   config has one `intermediate_size` for all layers, so config.json carries the largest width and
-  `sharp_prune.json` the per-layer list. `load_pruned` (used by `sharp.load_model`, hence `sharp eval`) builds
+  `sharp_prune.json` the per-layer list. `load_pruned` (called by `sharp.load_model`, hence `sharp eval`) builds
   the model from the config, narrows each MLP to its width and loads the weights with every key checked.
   A removed MLP is stored as three empty (0-row / 0-column) tensors; its output is exactly zero.
 """
@@ -26,14 +26,11 @@ from torch import nn
 
 from sharp.errors import SharpError
 from sharp.io.atomic import atomic_dir
+from sharp.io.formats import PRUNE_CONFIG
 from sharp.sharing import surgery
+from sharp.sharing.state import ensure_state
 
-PRUNE_CONFIG = "sharp_prune.json"
 FORMAT_VERSION = 1
-
-
-def is_pruned(path: str | os.PathLike) -> bool:
-    return (Path(path) / PRUNE_CONFIG).is_file()
 
 
 def save_pruned(model: nn.Module, out: str | os.PathLike, report, tokenizer=None, overwrite: bool = False) -> Path:
@@ -84,7 +81,7 @@ def load_pruned(path: str | os.PathLike, dtype: torch.dtype | str | None = "auto
                 raise SharpError(f"{PRUNE_CONFIG}: layer {i}'s MLP width {w} exceeds config.json's intermediate_size")
             surgery.keep_mlp_channels(model, i, range(w))
         _load_weights(model, path)
-    model.sharp_prune = info
+    ensure_state(model).prune = info
     model.eval()
     return model
 

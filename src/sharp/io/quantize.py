@@ -14,8 +14,9 @@ Methods (one small class each, `METHODS` maps the CLI name to it):
              the CPU through bitsandbytes' CPU backend, dequantize + matmul on every CPU (`BnbNF4` says why
              its AVX512-BF16 kernel is turned off).
 
-A quantized checkpoint is an ordinary sharp checkpoint plus `quantization.json` (method, bits, dtype and the
-list of quantized modules). `sharp.load` reads it back as a quantized model with the same sharing.
+A quantized checkpoint is an ordinary sharp checkpoint (or plain model folder) plus `quantization.json` (method,
+bits, dtype and the list of quantized modules). `sharp.load_model` reads it back as a quantized model with the
+same sharing (`sharp.io.assign`); `sharp.recipes.quantize.quantize_checkpoint` is `sharp quantize`.
 """
 
 from __future__ import annotations
@@ -30,9 +31,11 @@ import torch
 from torch import nn
 
 from sharp.errors import SharpError
-from sharp.sharing.shared import relink_shared, shared_linears
+from sharp.io.formats import QUANT_CONFIG
+from sharp.io.stored_quant import check_bits, pack, round_stored, stored_bits
+from sharp.sharing.shared import merge_sharing, relink_shared, shared_linears
+from sharp.sharing.state import ensure_state, sharp_state
 
-QUANT_CONFIG = "quantization.json"
 BITS = (4,)
 
 
@@ -132,8 +135,6 @@ class QuantConfig:
     embedding_bits: int = 16  # the input embedding (and a tied LM head) stored in 8 or 4 bits, or 16
 
     def __post_init__(self) -> None:
-        from sharp.io.stored_quant import check_bits
-
         check_bits(self.recovery_bits, "--recovery-bits")
         check_bits(self.embedding_bits, "--embedding-bits")
         if self.method not in METHODS:
@@ -159,8 +160,14 @@ class QuantConfig:
             raise SharpError(f"{QUANT_CONFIG} is malformed ({e}); re-run `sharp quantize`") from None
 
 
+def quant_config(model: nn.Module) -> QuantConfig | None:
+    """How `model` was quantized by `sharp quantize`, or None for a 16-bit model."""
+    state = sharp_state(model)
+    return state.quantization if state is not None else None
+
+
 def is_quantized(model: nn.Module) -> bool:
-    return getattr(model, "sharp_quantization", None) is not None
+    return quant_config(model) is not None
 
 
 def quantizable_modules(model: nn.Module) -> list[str]:
@@ -181,22 +188,20 @@ def quantize_model(model: nn.Module, bits: int = 4, method: str = "quanto", reco
     """Quantize every unique linear weight of `model` in place; shared weights stay shared. With
     `recovery_bits` / `embedding_bits` < 16 the recovery matrices / the embedding are rounded to what the
     checkpoint will store (`sharp.io.stored_quant`)."""
-    from sharp.io.stored_quant import round_stored, stored_bits
-
     if is_quantized(model):
         raise SharpError("this model is already quantized; quantize the 16-bit checkpoint instead")
     dtype = _float_dtype(model)
     names = quantizable_modules(model)
     config = QuantConfig(method=method, bits=bits, dtype=str(dtype).removeprefix("torch."), modules=names,
                          recovery_bits=recovery_bits, embedding_bits=embedding_bits)
-    _replace_modules(model, names, config.backend.quantize, dtype)
+    replace_modules(model, names, config.backend.quantize, dtype)
     config.backend.freeze(model)
     round_stored(model, stored_bits(model, recovery_bits, embedding_bits))
-    model.sharp_quantization = config
+    ensure_state(model).quantization = config
     return model
 
 
-def _replace_modules(model: nn.Module, names: list[str], make, dtype: torch.dtype) -> None:
+def replace_modules(model: nn.Module, names: list[str], make, dtype: torch.dtype) -> None:
     """Swap each named nn.Linear for `make(linear, dtype)` (a quantized module, or an empty one to load into)."""
     for name in names:
         parent_name, _, attr = name.rpartition(".")
@@ -216,146 +221,33 @@ def _float_dtype(model: nn.Module) -> torch.dtype:
 
 
 def quantized_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    config = getattr(model, "sharp_quantization", None)
+    config = quant_config(model)
     if config is None:
         return []
     backend = config.backend
     return [(n, m) for n, m in model.named_modules() if backend.is_quantized(m)]
 
 
-def load_quantized(path: Path, config: QuantConfig, build) -> nn.Module:
-    """Rebuild a quantized shared model from a checkpoint folder without allocating the 16-bit weights.
-
-    `build(model)` applies the checkpoint's sharing to an empty model (meta parameters, real buffers).
-    """
-    from accelerate import init_empty_weights
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
-    from sharp.io.checkpoint import RECOVERY, WEIGHTS, is_tied_key
-
-    dtype = getattr(torch, config.dtype)
-    hf_config = AutoConfig.from_pretrained(path)
-    with init_empty_weights(include_buffers=False), no_init_weights():  # rotary tables are real, weights meta
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
-    backend = config.backend
-    with no_init_weights():  # recovery and the empty quantized modules: their values are assigned below
-        build(model)
-        _replace_modules(model, config.modules, backend.shell, dtype)
-    try:
-        state = load_file(path / WEIGHTS)
-        if (path / RECOVERY).is_file():  # absent in a plain (unshared) quantized folder
-            state.update(load_file(path / RECOVERY))
-    except (OSError, SafetensorError) as e:
-        raise SharpError(f"cannot read the weights of '{path}': {e}") from None
-    from sharp.io.stored_quant import unpack
-
-    packs = unpack(state, dtype)  # tensors stored in 8 or 4 bits, if any
-    assigned = {key for name in config.modules for key in backend.assign(model.get_submodule(name), name, state)}
-    result = model.load_state_dict(state, strict=False, assign=True)
-    model.tie_weights()
-    relink_shared(model)
-    shared = tuple(name + "." for name, _ in shared_linears(model))
-    missing = [k for k in result.missing_keys  # a target's base_layer.* is its reference's; its recovery is not
-               if k not in assigned and (".recovery." in k or not k.startswith(shared)) and not is_tied_key(model, k)]
-    on_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
-    if missing or result.unexpected_keys or on_meta:
-        what = (missing or result.unexpected_keys or on_meta)[0]
-        raise SharpError(f"quantized checkpoint '{path}' does not match its config ({what}); re-create it")
-    model.sharp_quantization = config
-    if packs:
-        from sharp.io.stored_quant import PACKS
-
-        setattr(model, PACKS, packs)  # saved again as loaded
-    return model.eval()
-
-
 @torch.no_grad()
 def merge_quantized(model: nn.Module) -> nn.Module:
     """`merged` runtime for a quantized model: materialize each target weight (dequantized reference + recovery)
     and quantize it again, so every layer runs the same int4 kernel and owns its weight."""
-    from sharp.sharing.shared import merge_sharing
-
-    config: QuantConfig = model.sharp_quantization
+    config = quant_config(model)
     targets = [name for name, _ in shared_linears(model)]
     merge_sharing(model)
-    _replace_modules(model, targets, config.backend.quantize, getattr(torch, config.dtype))
+    replace_modules(model, targets, config.backend.quantize, getattr(torch, config.dtype))
     config.backend.freeze(model)
     return model
 
 
 def stored_tensors(model: nn.Module, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Called by `sharp.io.checkpoint.save` (and `save_plain`) for quantized models: `tensors` as stored."""
-    from sharp.io.stored_quant import PACKS, pack, stored_bits
-
-    config: QuantConfig = model.sharp_quantization
+    """Called by `sharp.io.checkpoint.save` for quantized models: `tensors` as stored."""
+    state = sharp_state(model)
+    config = state.quantization
     bits = stored_bits(model, config.recovery_bits, config.embedding_bits)
-    return pack(tensors, bits, getattr(model, PACKS, None))
+    return pack(tensors, bits, state.stored_packs)
 
 
 def write_quant_config(model: nn.Module, folder: str | os.PathLike) -> None:
     """Called by `sharp.io.checkpoint.save` for quantized models."""
-    (Path(folder) / QUANT_CONFIG).write_text(model.sharp_quantization.to_json())
-
-
-def quantize_checkpoint(
-    source: str, out: str | os.PathLike, bits: int = 4, method: str = "quanto", overwrite: bool = False,
-    recovery_bits: int = 16, embedding_bits: int = 16, dtype: torch.dtype | str = "auto",
-) -> nn.Module:
-    """`sharp quantize`: load a sharp checkpoint (or a plain model), quantize each unique weight once and save.
-    A plain model is saved as a plain quantized folder (no sharp_config.json; `load_quantized_folder` reads it).
-    `dtype` is what stays unquantized (norms, embeddings, recovery); `auto` keeps the source's. Returns the
-    quantized model."""
-    from sharp.io.atomic import check_output_dir
-    from sharp.io.checkpoint import save
-    from sharp.io.models import load_model
-
-    # validate before loading anything
-    QuantConfig(method=method, bits=bits, recovery_bits=recovery_bits, embedding_bits=embedding_bits)
-    check_output_dir(out, overwrite)
-    model, tokenizer = load_model(source, dtype=dtype)
-    quantize_model(model, bits=bits, method=method, recovery_bits=recovery_bits, embedding_bits=embedding_bits)
-    if getattr(model, "sharp_config", None) is not None:
-        save(model, out, tokenizer=tokenizer, overwrite=overwrite)
-    else:
-        save_plain(model, out, tokenizer, overwrite)
-    return model
-
-
-def save_plain(model: nn.Module, out: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
-    """A quantized model without sharing: weights, configs, quantization.json and a manifest."""
-    from safetensors.torch import save_file
-
-    from sharp.io.atomic import atomic_dir
-    from sharp.io.checkpoint import WEIGHTS, split_state_dict, write_manifest
-
-    base, _ = split_state_dict(model)
-    base = stored_tensors(model, base)
-    with atomic_dir(out, overwrite) as tmp:
-        save_file(base, tmp / WEIGHTS, metadata={"format": "pt"})
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        write_quant_config(model, tmp)
-        write_manifest(tmp)
-    return Path(out)
-
-
-def is_quantized_folder(path: str | os.PathLike) -> bool:
-    return (Path(path) / QUANT_CONFIG).is_file()
-
-
-def load_quantized_folder(path: str | os.PathLike, mode: str = "shared") -> nn.Module:
-    """Any folder `sharp quantize` wrote: a quantized sharp checkpoint (via `sharp.load`) or a plain one."""
-    from sharp.io.checkpoint import is_sharp_checkpoint, load
-
-    path = Path(path)
-    if is_sharp_checkpoint(path):
-        return load(path, verify=False, mode=mode)
-    if mode != "shared":
-        raise SharpError(f"'{path}' is a plain model: the {mode} runtime mode only applies to sharp checkpoints")
-    return load_quantized(path, QuantConfig.from_json((path / QUANT_CONFIG).read_text()), lambda m: None)
+    (Path(folder) / QUANT_CONFIG).write_text(quant_config(model).to_json())

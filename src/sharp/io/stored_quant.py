@@ -14,8 +14,8 @@ Vectors (scale recoveries), norms and the quantized linears are unchanged. Store
 model's dtype at load: the saving is on disk and in what a load reads; in memory they are 16-bit again. A loaded
 model's outputs equal those of the model `quantize_model` rounded in place (`round_stored`), which is what
 `sharp quantize` evaluates and saves. Quantizing a dequantized 16-bit value again need not give the same integers
-and scales back, so the integers each rounding (or load) produced are kept on the model (`PACKS`) and saved as
-they are while the parameter still holds their value.
+and scales back, so the integers each rounding (or load) produced are kept on the model
+(`SharpState.stored_packs`) and saved as they are while the parameter still holds their value.
 """
 
 from __future__ import annotations
@@ -24,11 +24,12 @@ import torch
 from torch import nn
 
 from sharp.errors import SharpError
+from sharp.sharing.shared import recoveries
+from sharp.sharing.state import ensure_state
 
 STORED_BITS = (4, 8, 16)
 GROUP = 64
 _Q, _S = ".qweight", ".qscale"
-PACKS = "_sharp_stored_packs"  # model attribute: {state-dict name: (integers, scales, dequantized value)}
 
 
 def _group(cols: int) -> int:
@@ -69,8 +70,6 @@ def check_bits(bits: int, flag: str) -> None:
 
 def stored_bits(model: nn.Module, recovery_bits: int, embedding_bits: int) -> dict[str, int]:
     """{state-dict name: bits} of every tensor of `model` stored below 16 bits."""
-    from sharp.sharing.shared import recoveries
-
     out = {}
     if recovery_bits < 16:
         for name, rec in recoveries(model):
@@ -94,7 +93,7 @@ def round_stored(model: nn.Module, bits: dict[str, int]) -> int:
         q, scale = quantize(p, b)
         p.copy_(dequantize(q, scale, p.dtype))
         packs[name] = (q, scale, p.detach().clone())
-    setattr(model, PACKS, packs)
+    ensure_state(model).stored_packs = packs
     return len(packs)
 
 

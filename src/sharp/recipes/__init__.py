@@ -105,8 +105,9 @@ class CompressConfig(RecoverySettings):
         """Every check that needs no weights: one `SharpError` line on the first problem."""
         from sharp.data import TEMPLATES, parse_data_spec
         from sharp.io.atomic import check_output_dir
-        from sharp.io.checkpoint import is_sharp_checkpoint
-        from sharp.io.device import parse_dtype, resolve_device
+        from sharp.io.device import resolve_device
+        from sharp.io.dtypes import parse_dtype
+        from sharp.io.formats import is_sharp_checkpoint
         from sharp.io.models import resolve_model_path
         from sharp.recovery.trainable import TRAIN_CHOICES
 

@@ -30,10 +30,11 @@ from sharp.data import (
 )
 from sharp.evaluation.perplexity import response_perplexity
 from sharp.io.atomic import atomic_dir, write_text_atomic
-from sharp.io.checkpoint import write_manifest
-from sharp.io.device import cast_to, dtype_name, place, resolve_device, resolve_dtype, round_to, source_dtype
+from sharp.io.device import place, resolve_device
+from sharp.io.dtypes import cast_to, dtype_name, resolve_dtype, round_to
 from sharp.io.lock import output_lock
-from sharp.io.models import load_tokenizer, resolve_model_path
+from sharp.io.manifest import write_manifest
+from sharp.io.models import load_tokenizer, resolve_model_path, source_dtype
 from sharp.recipes import RUNTIME_ONLY, CompressConfig, StageMeter, log_event, prepare_work_dir
 from sharp.recipes import distributed as dist
 from sharp.recovery.lazy import SafetensorsWeights
@@ -43,6 +44,7 @@ from sharp.recovery.slw import run_slw
 from sharp.recovery.trainable import add_full_lora, mark_trainable, merge_full_lora
 from sharp.sharing.build import base_identity
 from sharp.sharing.recovery import parse_recovery
+from sharp.sharing.state import sharp_config
 from sharp.sharing.strategy import parse_strategy
 
 SLW_KEYS = ("rel_err_before", "rel_err_init", "rel_err_after", "sink_rel_err_before", "sink_rel_err_after",
@@ -86,7 +88,7 @@ def _plan(cfg: CompressConfig, model, batches, path: Path, meter: StageMeter) ->
 def _finished(cfg: CompressConfig, clean: bool = True) -> dict | None:
     """The summary of this very run when a kill caught it after publishing `out` but before removing its work
     folder: the rerun then only finishes the clean-up (instead of refusing the non-empty `out`)."""
-    from sharp.io.checkpoint import verify_manifest
+    from sharp.io.manifest import verify_manifest
     out, work = Path(cfg.out), cfg.work_dir
     if not (work.exists() and (out / "summary.json").is_file()):
         return None
@@ -173,14 +175,14 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
         strategy = plan["strategy"]
     set_seed(cfg.seed)
     sharp.share(model, strategy, cfg.recovery, source=cfg.model)
-    model.sharp_config.base = identity
+    sharp_config(model).base = identity
     counts = sharp.count_parameters(model)
     perplexity("direct")
 
     # 3. SLW: fit each target's recovery to its original MLP on captured activations
     slw_summary, sft_summary = {}, {}
     if "slw" in stages:
-        layer_map = model.sharp_config.base_layers(num_layers(model.config))
+        layer_map = sharp_config(model).base_layers(num_layers(model.config))
         with meter("slw"):
             if not dist.is_main():  # rank 0 trains the layers; the others load its results
                 dist.wait_until(lambda: StageMeter(work / "stages.json").done("slw"), "rank 0's SLW stage")

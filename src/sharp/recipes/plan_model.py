@@ -16,6 +16,7 @@ from pathlib import Path
 from torch import nn
 
 from sharp.errors import SharpError
+from sharp.sharing.state import sharp_config
 
 
 @dataclass(frozen=True)
@@ -96,7 +97,7 @@ def model_shape(config, strategy: str, recovery: str, modules: str = "mlp", trai
     embed = model.get_input_embeddings()
     with init_empty_weights(include_buffers=False), no_init_weights():
         share(model, strategy, recovery, modules)
-        shared = model.sharp_config
+        shared = sharp_config(model)
         base = shared.base_layers(len(adapter.layers(model)))  # shared model's layer -> original layer
         counts = count_parameters(model)
         recovery_per_layer = {base[t]: 0 for t in shared.sharing}

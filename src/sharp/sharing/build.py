@@ -19,6 +19,7 @@ from sharp.sharing import surgery
 from sharp.sharing.config import BaseIdentity, SharpConfig
 from sharp.sharing.recovery import RecoveryConfig, parse_recovery
 from sharp.sharing.shared import apply_sharing
+from sharp.sharing.state import ensure_state
 from sharp.sharing.strategy import Strategy, parse_strategy
 
 
@@ -29,7 +30,8 @@ def share(
     modules: str = "mlp",
     source: str = "",
 ) -> nn.Module:
-    """Share layers of `model` in place per `strategy`, attach `recovery`, record a `SharpConfig` on it."""
+    """Share layers of `model` in place per `strategy`, attach `recovery`, record a `SharpConfig` on it
+    (`sharp_state(model).config`)."""
     adapter = get_adapter(model)
     strategy = parse_strategy(strategy) if isinstance(strategy, str) else strategy
     recovery = parse_recovery(recovery) if isinstance(recovery, str) else recovery
@@ -39,7 +41,7 @@ def share(
     new = _renumbering(num_layers(model.config), strategy.block_drops)
     if strategy.block_drops:
         surgery.drop_layers(model, list(strategy.block_drops))
-    model.sharp_config = SharpConfig(
+    config = SharpConfig(
         sharing={new[t]: new[r] for t, r in sharing.items()},
         recovery=recovery.text,
         modules=modules,
@@ -52,7 +54,8 @@ def share(
         base_parameters=total,
         base_mlp_parameters=mlp,
     )
-    apply_layout(model, model.sharp_config)
+    ensure_state(model).config = config
+    apply_layout(model, config)
     assert adapter.model_type == identity.model_type
     return model
 

@@ -14,6 +14,7 @@ from torch import nn
 from sharp.arch import MODULE_CHOICES, get_adapter
 from sharp.errors import SharpError
 from sharp.sharing.recovery import Recovery, RecoveryConfig
+from sharp.sharing.state import sharp_config
 
 
 class SharedLinear(nn.Module):
@@ -161,7 +162,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
         base = shared.base_layer
         removed += _numel(base.weight) + (_numel(base.bias) if getattr(base, "bias", None) is not None else 0)
     original = stored - recovery + removed
-    config = getattr(model, "sharp_config", None)
+    config = sharp_config(model)
     if config is not None and config.base_parameters:  # a plan that dropped MLPs or blocks: counted before
         original, mlp_original = config.base_parameters, config.base_mlp_parameters
     return {
