@@ -84,6 +84,22 @@ def test_sft_lowers_eval_loss_and_checkpoints_only_trainable(data, tmp_path):
     assert any("eval_loss" in r for r in rows) and all(r["stage"] == "sft" for r in rows)
 
 
+@pytest.mark.parametrize("modules", ["attn", "all"])
+def test_sft_trains_the_recovery_of_shared_attention(data, tmp_path, modules):
+    train, held = data
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
+    sharp.share(model, "next:1-4", "lora:8", modules=modules)
+    mark_trainable(model, "recovery")
+    attn = [s for n, s in shared_linears(model) if ".self_attn." in n]
+    assert attn and (len(attn) == len(shared_linears(model))) == (modules == "attn")
+    with torch.no_grad():
+        before = model(**_collate(held)).loss.item()
+    result = run_sft(model, train, held, _cfg(steps=8, eval_steps=0), tmp_path / "w", _collate)
+    assert result["eval_loss"] < before - 0.05
+    assert all(s.recovery.lora_B.any() for s in attn)  # every shared attention projection was trained
+
+
 class _Crash(TrainerCallback):
     def __init__(self, at: int) -> None:
         self.at = at
