@@ -3,8 +3,18 @@
 import json
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from sharp.data import load_records, parse_data_spec, text_token_stream, tokenize_examples
 from tests.conftest import ALPACA, WIKI, run_cli
+
+
+def _hf_nll(model, input_ids, labels) -> float:
+    """Summed next-token NLL of the labelled tokens, from the model's own loss (a mean) times their number."""
+    ids, lab = torch.as_tensor(input_ids)[None], torch.as_tensor(labels)[None]
+    with torch.no_grad():
+        return float(model(input_ids=ids, labels=lab).loss) * int((lab[:, 1:] != -100).sum())
 
 
 def test_eval_text_and_alpaca_writes_json(stories_path, tmp_path, capsys):
@@ -17,8 +27,19 @@ def test_eval_text_and_alpaca_writes_json(stories_path, tmp_path, capsys):
     assert data["model"] == str(stories_path) and data["downstream"] == {}
     text, alpaca = data["tasks"][f"ppl:text={WIKI}"], data["tasks"][f"ppl:alpaca={ALPACA}[-3:]"]
     assert text["tokens"] == 2 * 255  # two non-overlapping windows, each scoring all tokens but its first
-    assert 1 < text["ppl"] < 10_000 and text["ppl"] == pytest.approx(2.718281828 ** text["nll"])
-    assert alpaca["tokens"] > 0 and alpaca["ppl"] > 1
+    assert text["ppl"] == pytest.approx(2.718281828 ** text["nll"])
+    # the numbers are the model's own next-token losses (Hugging Face's mean over the labelled tokens), per window
+    # and per example, weighted by their scored tokens
+    model, tok = AutoModelForCausalLM.from_pretrained(stories_path), AutoTokenizer.from_pretrained(stories_path)
+    ids = text_token_stream(f"text:{WIKI}", tok)
+    assert text["nll"] == pytest.approx(sum(_hf_nll(model, ids[i : i + 256], ids[i : i + 256]) for i in (0, 256))
+                                        / text["tokens"], rel=1e-5)
+    spec = parse_data_spec(f"alpaca:{ALPACA}[-3:]")
+    examples = tokenize_examples(load_records(spec)[:2], spec.format, tok, "plain", 256)  # --limit 2
+    tokens = sum(sum(x != -100 for x in e["labels"][1:]) for e in examples)
+    assert alpaca["tokens"] == tokens > 0
+    assert alpaca["nll"] == pytest.approx(sum(_hf_nll(model, e["input_ids"], e["labels"]) for e in examples)
+                                          / tokens, rel=1e-5)
     assert "ppl" in stdout and "tokens scored" in stdout
 
 

@@ -9,7 +9,6 @@ import sharp
 from sharp.errors import SharpError
 from sharp.io.formats import MANIFEST, RECOVERY, SHARP_CONFIG, WEIGHTS
 from sharp.io.manifest import verify_manifest
-from sharp.io.models import folder_bytes
 from sharp.sharing.shared import count_parameters, merge_sharing
 from sharp.sharing.state import sharp_config
 from tests.conftest import randomize_recovery, run_cli, tiny_model
@@ -102,6 +101,8 @@ def test_missing_manifest_is_refused(shared_stories):
         sharp.load(out)
 
 
-def test_saved_folder_size_is_what_info_reports(shared_stories):
+def test_saved_folder_size_is_what_info_reports(shared_stories, capsys):
     _, out, _ = shared_stories
-    assert folder_bytes(out) == sum(f.stat().st_size for f in out.iterdir())
+    code, stdout, err = run_cli(["info", out, "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(stdout)["bytes_on_disk"] == sum(f.stat().st_size for f in out.iterdir())

@@ -168,7 +168,7 @@ def test_eval_gguf_matches_the_source_model(files, tmp_path, capsys):
                                capsys)
         assert code == 0, err
         ppl[name] = json.loads((tmp_path / f"{name}.json").read_text())["tasks"][task]["ppl"]
-    assert 1 < ppl["gguf"] < 10_000 and ppl["gguf"] == pytest.approx(ppl["folder"], rel=1e-2)  # f16 weights
+    assert ppl["gguf"] == pytest.approx(ppl["folder"], rel=1e-2)  # f16 weights
 
 
 def test_prune_analyze_quantize_export_from_gguf(files, tmp_path, capsys):

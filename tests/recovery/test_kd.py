@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import sharp
-from sharp.recovery.sft import SFTConfig, SharpTrainer, distillation_loss, run_sft
+from sharp.recovery.distill import distillation_loss
+from sharp.recovery.sft import SFTConfig, SharpTrainer, run_sft
 from sharp.recovery.trainable import mark_trainable, shared_reference_parameters
 from tests.conftest import tiny_model
 

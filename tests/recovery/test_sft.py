@@ -10,11 +10,13 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
 import sharp
+from sharp.errors import SharpError
 from sharp.io.checkpoint import split_state_dict
-from sharp.recovery.sft import TRAINABLE, NonFiniteLossError, SFTConfig, last_checkpoint, run_sft
+from sharp.recovery.sft import NonFiniteLossError, SFTConfig, run_sft
+from sharp.recovery.sft_workdir import TRAINABLE, last_checkpoint, load_trainable, save_trainable
 from sharp.recovery.trainable import add_full_lora, mark_trainable, merge_full_lora
 from sharp.sharing.shared import recoveries, shared_linears
-from tests.conftest import C4
+from tests.conftest import C4, tiny_model
 from tests.conftest import STORIES as MODEL
 
 torch.set_num_threads(1)  # tiny model: one thread is faster on a shared 2-core machine
@@ -80,6 +82,22 @@ def test_sft_lowers_eval_loss_and_checkpoints_only_trainable(data, tmp_path):
     assert set(saved) == {n for n, p in model.named_parameters() if p.requires_grad}
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert any("eval_loss" in r for r in rows) and all(r["stage"] == "sft" for r in rows)
+
+
+@pytest.mark.parametrize("modules", ["attn", "all"])
+def test_sft_trains_the_recovery_of_shared_attention(data, tmp_path, modules):
+    train, held = data
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
+    sharp.share(model, "next:1-4", "lora:8", modules=modules)
+    mark_trainable(model, "recovery")
+    attn = [s for n, s in shared_linears(model) if ".self_attn." in n]
+    assert attn and (len(attn) == len(shared_linears(model))) == (modules == "attn")
+    with torch.no_grad():
+        before = model(**_collate(held)).loss.item()
+    result = run_sft(model, train, held, _cfg(steps=8, eval_steps=0), tmp_path / "w", _collate)
+    assert result["eval_loss"] < before - 0.05
+    assert all(s.recovery.lora_B.any() for s in attn)  # every shared attention projection was trained
 
 
 class _Crash(TrainerCallback):
@@ -151,3 +169,51 @@ def test_full_lora_trains_reference_and_target_alike_and_merges(data, tmp_path):
     torch.testing.assert_close(before, after, rtol=1e-4, atol=1e-4)
     base, _ = split_state_dict(model)
     assert not any("lora" in k for k in base)
+
+
+def _trainer(model, tmp_path):
+    from transformers import TrainingArguments
+
+    from sharp.recovery.sft import SharpTrainer
+
+    return SharpTrainer(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none"))
+
+
+def test_deepspeed_checkpoint_takes_the_gathered_weights(tmp_path, monkeypatch):
+    """Under ZeRO-3 the model holds only this rank's shards: the checkpoint must hold the gathered values."""
+    model = sharp.share(tiny_model(), "next:1-4", "lora:4")
+    mark_trainable(model, "recovery")
+    trainer = _trainer(model, tmp_path)
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    gathered = {n: torch.full_like(t, 7.0) for n, t in model.state_dict().items()}
+    monkeypatch.setattr(trainer, "is_deepspeed_enabled", True)
+    monkeypatch.setattr(trainer, "deepspeed", object(), raising=False)
+    monkeypatch.setattr(trainer.accelerator, "get_state_dict", lambda engine: gathered)
+    trainer.save_model(str(tmp_path / "c"))
+    saved = load_file(tmp_path / "c" / TRAINABLE)
+    assert set(saved) == names and all(torch.equal(t, torch.full_like(t, 7.0)) for t in saved.values())
+
+    def refuse(engine):
+        raise ValueError("Cannot get 16bit model weights because `stage3_gather_16bit_weights_on_model_save` ...")
+
+    monkeypatch.setattr(trainer.accelerator, "get_state_dict", refuse)
+    with pytest.raises(SharpError, match="stage3_gather_16bit_weights_on_model_save"):
+        trainer.save_model(str(tmp_path / "d"))
+
+
+def test_non_main_rank_writes_nothing(tmp_path, monkeypatch):
+    model = sharp.share(tiny_model(), "next:1-4", "lora:4")
+    mark_trainable(model, "recovery")
+    trainer = _trainer(model, tmp_path)
+    monkeypatch.setattr(type(trainer.args), "should_save", property(lambda self: False))
+    trainer.save_model(str(tmp_path / "c"))
+    assert not (tmp_path / "c").exists()
+
+
+def test_resume_refuses_a_checkpoint_of_other_trainable_parameters(tmp_path):
+    model = sharp.share(tiny_model(), "next:1-4", "lora:4")
+    mark_trainable(model, "recovery")
+    save_trainable(model, tmp_path / "c")
+    mark_trainable(model, "recovery+shared")
+    with pytest.raises(SharpError, match="other trainable parameters"):
+        load_trainable(model, tmp_path / "c")

@@ -9,8 +9,9 @@ import torch
 
 import sharp
 from sharp.recovery import SLWConfig, capture_activations, run_slw, train_slw
-from sharp.recovery.slw_layer import split_rows
+from sharp.recovery.slw_layer import loss_fn, split_rows
 from sharp.sharing.recovery import Recovery
+from sharp.sharing.shared import shared_linears
 from tests.conftest import tiny_model
 
 
@@ -46,11 +47,12 @@ def test_split_is_random_disjoint_and_reproducible():
     assert sink == {i for i in range(n) if i % 25 == 0} and len(ids(a.sink_eval[0])) == 4
 
 
-def _slw(model_type: str, recovery: str, tmp_path, **cfg):
+def _slw(model_type: str, recovery: str, tmp_path, batches: list | None = None, modules: str = "mlp", **cfg):
     original = tiny_model(model_type)
     torch.manual_seed(0)
-    shared = sharp.share(copy.deepcopy(original), "map:2=1,4=3", recovery)
-    results = run_slw(original, shared, _batches(original.config.vocab_size), _cfg(**cfg), tmp_path, progress=False)
+    shared = sharp.share(copy.deepcopy(original), "map:2=1,4=3", recovery, modules=modules)
+    batches = batches or _batches(original.config.vocab_size)
+    results = run_slw(original, shared, batches, _cfg(**cfg), tmp_path, progress=False)
     return original, shared, results
 
 
@@ -133,3 +135,60 @@ def test_train_slw_without_originals_refuses_closed_form(tmp_path):
                                 dtype="float32", progress=False)
     with pytest.raises(sharp.SharpError, match="original target MLPs"):
         train_slw(shared, store, _cfg(), tmp_path, progress=False)
+
+
+def test_early_stopping_ends_a_layer_after_patience_evaluations_without_gain(tmp_path):
+    # a learning rate too small to gain min_delta: two evaluations (steps 5, 10) without gain end the layer
+    _, _, stalled = _slw("llama", "lora:4", tmp_path / "a", steps=40, eval_every=5, patience=2, lr=1e-9, init="zero")
+    _, _, learning = _slw("llama", "lora:4", tmp_path / "b", steps=40, eval_every=5, patience=2, init="zero")
+    for t, r in stalled.items():
+        assert r["stopped_early"] and r["step"] == 10 and r["best_step"] == 0
+        assert r["rel_err_after"] == r["rel_err_before"]  # the kept state is the best one: the start
+        assert learning[t]["step"] > 10 and learning[t]["best_step"] > 0
+
+
+def test_zero_init_starts_from_direct_sharing_and_trains_from_there(tmp_path):
+    _, _, results = _slw("llama", "lora:8", tmp_path, init="zero")
+    for r in results.values():
+        assert "fit" not in r["init"] and r["init"]["chosen"] == "identity"
+        assert r["rel_err_init"] == r["rel_err_before"]
+        assert r["rel_err_after"] < 0.95 * r["rel_err_before"]
+
+
+def test_token_loss_weighs_every_row_alike():
+    target = torch.tensor([[1.0, 0.0], [10.0, 0.0]])
+    pred = torch.tensor([[0.0, 0.0], [10.0, 0.0]])  # the small row entirely wrong, the large one exact
+    assert float(loss_fn(pred, target, "token")) == pytest.approx(0.5)
+    assert float(loss_fn(pred, target, "relative")) == pytest.approx(1 / 101)
+
+
+def test_slw_trains_with_the_token_loss(tmp_path):
+    _, relative, _ = _slw("llama", "lora:8", tmp_path / "r", init="zero")
+    _, token, results = _slw("llama", "lora:8", tmp_path / "t", init="zero", loss="token")
+    for r in results.values():
+        assert r["rel_err_after"] < 0.95 * r["rel_err_before"]
+    b = [(n, p) for n, p in token.named_parameters() if n.endswith("lora_B")]
+    assert b and any(not torch.equal(p, relative.get_parameter(n)) for n, p in b)  # another objective
+
+
+def test_sink_weight_sets_how_much_the_sink_tokens_count(tmp_path):
+    batches = _batches(128)
+    for b in batches:  # the same first token in every sequence (a BOS), as in real data: the sink rows recur
+        b["input_ids"][:, 0] = 1
+    _, _, ignored = _slw("llama", "lora:8", tmp_path / "a", batches, init="zero", sink_weight=0.0)
+    _, _, weighted = _slw("llama", "lora:8", tmp_path / "b", batches, init="zero", sink_weight=1.0)
+    for t, r in weighted.items():
+        assert r["sink_rel_err_after"] < 0.5 * ignored[t]["sink_rel_err_after"]  # measured 0.08 vs 1.17
+        # early stopping and the init's choice score the held-out sink rows with the same weight
+        assert r["init"]["score_identity"] == pytest.approx(r["rel_err_before"] ** 2 + r["sink_rel_err_before"] ** 2)
+        assert ignored[t]["init"]["score_identity"] == pytest.approx(ignored[t]["rel_err_before"] ** 2)
+
+
+def test_slw_fits_the_mlps_of_a_model_that_shares_attention_too(tmp_path):
+    original, shared, results = _slw("llama", "lora:4", tmp_path / "all", modules="all")
+    assert sorted(results) == [2, 4] and all(r["rel_err_after"] < r["rel_err_before"] for r in results.values())
+    attn = [s for n, s in shared_linears(shared) if ".self_attn." in n]
+    assert attn and all(not s.recovery.lora_B.any() for s in attn)  # left to SFT, at Direct Sharing
+    attn_only = sharp.share(copy.deepcopy(original), "map:2=1,4=3", "lora:4", modules="attn")
+    with pytest.raises(sharp.SharpError, match="shares no MLP"):
+        run_slw(original, attn_only, _batches(128), _cfg(), tmp_path / "attn", progress=False)

@@ -14,7 +14,8 @@ import sharp
 from sharp.errors import SharpError
 from sharp.recovery import slw, slw_layer
 from sharp.recovery.capture import capture_activations
-from sharp.recovery.sft import TRAINABLE, NonFiniteLossError, SFTConfig, last_checkpoint, run_sft
+from sharp.recovery.sft import NonFiniteLossError, SFTConfig, run_sft
+from sharp.recovery.sft_workdir import TRAINABLE, last_checkpoint
 from sharp.recovery.trainable import mark_trainable
 from sharp.sharing.shared import recoveries
 from tests.conftest import C4, STORIES, run_cli

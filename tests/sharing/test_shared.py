@@ -1,6 +1,7 @@
 import torch
 
 import sharp
+from sharp.recovery.trainable import mark_trainable
 from sharp.sharing.shared import SharedLinear, count_parameters, recoveries, shared_linears, unique_parameters
 from tests.conftest import tiny_model
 
@@ -57,3 +58,10 @@ def test_only_recovery_parameters_need_training():
     model = sharp.share(tiny_model(), "next:1-4", "lora:2")
     rec_params = {id(p) for _, r in recoveries(model) for p in r.parameters()}
     assert len(rec_params) == 2 * 3 * 2  # 2 targets x 3 projections x (A, B)
+    mark_trainable(model, "recovery")
+    assert {id(p) for p in model.parameters() if p.requires_grad} == rec_params
+    ids = torch.randint(0, 128, (2, 10))
+    model(ids, labels=ids).loss.backward()
+    # the gradient reaches every recovery tensor and nothing else: not the reference weights the targets reuse
+    assert {id(p) for p in model.parameters() if p.grad is not None} == rec_params
+    assert model.model.layers[2].mlp.up_proj.base_layer.weight.grad is None

@@ -10,13 +10,8 @@ mostly below bf16's resolution (8 bits of mantissa), so bf16 trainable tensors b
 nothing next to the base weights (the recovery is ~1% of them). Measured on stories260K
 (`docs/results/dtype_cpu.md`).
 
-Loss (`loss`), over the response tokens:
-    ce      next-token cross-entropy on the data
-    kd      distillation: KL(teacher || student) of the next-token distributions at temperature `kd_temperature`
-            (scaled by T^2), the teacher being the original, uncompressed model run alongside (no gradients)
-    ce+kd   their sum
-The teacher's full distribution carries far more signal per token than the one-hot label, and it is the
-distribution the compressed model should reproduce; the baselines' healing takes the same option.
+Loss (`loss`, over the response tokens): "ce" next-token cross-entropy on the data, or the distillation losses
+"kd" and "ce+kd" of `sharp.recovery.distill` (the original model as teacher).
 
 Checkpoints hold the *trainable* tensors only (`trainable.safetensors`) plus the Trainer's optimizer, scheduler,
 RNG and state files. Saving the whole model the Hugging Face way would fail or duplicate data: a shared model
@@ -28,28 +23,33 @@ so the newest checkpoint on disk stays the last good one.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import shutil
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from functools import cached_property
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainingArguments
 
-from sharp.data import IGNORE
 from sharp.errors import SharpError
+from sharp.recovery.distill import kd_loss
+from sharp.recovery.sft_workdir import (
+    JsonlLogCallback,
+    drop_incomplete,
+    last_checkpoint,
+    load_trainable,
+    save_trainable,
+    step_of,
+    truncate_log,
+)
 from sharp.recovery.trainable import shared_reference_parameters
 
 log = logging.getLogger(__name__)
 
-TRAINABLE = "trainable.safetensors"
-STATE = "trainer_state.json"
 LOSSES = ("ce", "kd", "ce+kd")
 
 
@@ -101,25 +101,6 @@ class SFTConfig:
             raise SharpError(f"--kd-temperature must be a positive number, got {self.kd_temperature}")
 
 
-def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors being trained, by (deduplicated) parameter name."""
-    return {n: p.detach().cpu().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def last_checkpoint(work_dir: str | Path) -> Path | None:
-    """The newest *complete* Trainer checkpoint (its state file, written last, parses)."""
-    complete = []
-    for d in Path(work_dir).glob("checkpoint-*"):
-        try:
-            step = int(d.name.rpartition("-")[2])
-            json.loads((d / STATE).read_text())
-        except (ValueError, OSError):
-            continue
-        if (d / TRAINABLE).is_file():
-            complete.append((step, d))
-    return max(complete)[1] if complete else None
-
-
 def run_sft(
     model: nn.Module,
     train: Sequence[dict],
@@ -150,9 +131,9 @@ def run_sft(
     work_dir.mkdir(parents=True, exist_ok=True)
     resume = last_checkpoint(work_dir)
     if _is_main_process():  # under torchrun rank 0 owns the work folder (the Trainer saves from it alone too)
-        _drop_incomplete(work_dir, resume)
+        drop_incomplete(work_dir, resume)
         if log_file is not None:
-            _truncate_log(Path(log_file), _step_of(resume))
+            truncate_log(Path(log_file), step_of(resume))
     if resume is not None:
         log.info("SFT resumes from %s", resume)
 
@@ -221,7 +202,7 @@ class _OneDeviceArguments(TrainingArguments):
 
     sharp_device: str = "cpu"
 
-    @cached_property
+    @cached_property  # private: TrainingArguments has no public way to choose the device
     def _setup_devices(self) -> torch.device:
         TrainingArguments._setup_devices.func(self)  # accelerate's state, as the Trainer expects it
         device = torch.device(self.sharp_device)
@@ -301,18 +282,7 @@ class SharpTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.loss_kind == "ce":
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        labels = inputs["labels"][:, 1:]  # (B, T-1): token t+1 is predicted at position t
-        keep = labels != IGNORE
-        outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"), use_cache=False)
-        student = outputs.logits[:, :-1][keep].float()  # (n, V)
-        with torch.no_grad():
-            self.teacher.to(student.device)
-            teacher = self.teacher(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                                   use_cache=False).logits[:, :-1][keep].float()
-        tokens = num_items_in_batch if num_items_in_batch is not None else keep.sum()
-        loss = distillation_loss(student, teacher, self.kd_temperature) / tokens
-        if self.loss_kind == "ce+kd":
-            loss = loss + nn.functional.cross_entropy(student, labels[keep], reduction="sum") / tokens
+        loss, outputs = kd_loss(model, self.teacher, inputs, self.loss_kind, self.kd_temperature, num_items_in_batch)
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -326,91 +296,24 @@ class SharpTrainer(Trainer):
             )
         return loss
 
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        if not self.args.should_save:  # every DDP rank calls this; the main process alone writes
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Write the trainable tensors alone (`save_trainable`) from the main process; every rank calls this."""
+        gathered = None
+        if self.is_deepspeed_enabled:  # ZeRO-3: `self.model` holds this rank's shards; the gather needs every rank
+            try:
+                gathered = self.accelerator.get_state_dict(self.deepspeed)
+            except ValueError as e:  # accelerate's refusal to gather
+                raise SharpError("SFT checkpoints under DeepSpeed ZeRO-3 need stage3_gather_16bit_weights_on_model_save"
+                                 ": true in the DeepSpeed config (configs/deepspeed/zero3.json has it)") from e
+        if not self.args.should_save:
             return
-        out = Path(output_dir or self.args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tensors = trainable_state(self.model)
-        if state_dict:  # DeepSpeed ZeRO-3 gathered the full weights; `self.model` holds only this rank's shards
-            missing = sorted(set(tensors) - set(state_dict))
-            if missing:
-                raise RuntimeError(f"the gathered state dict lacks trainable tensor {missing[0]}")
-            tensors = {n: state_dict[n].detach().cpu().contiguous() for n in tensors}
-        save_file(tensors, out / TRAINABLE, metadata={"format": "pt"})
+        save_trainable(self.model, output_dir or self.args.output_dir, gathered)
 
+    # private: Trainer.train calls it on resume before any callback, and it accepts only Hugging Face weight files
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
-        model = model or self.model
-        saved = load_file(Path(resume_from_checkpoint) / TRAINABLE)
-        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-        if set(saved) != set(params):
-            raise SharpError(
-                f"checkpoint {resume_from_checkpoint} was made with other trainable parameters; rerun with the "
-                "same flags or delete the work folder to start over"
-            )
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(saved[name])
-
-
-def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """sum over rows of T^2 KL(softmax(teacher / T) || softmax(student / T)); logits (n, V)."""
-    t = temperature
-    log_p = nn.functional.log_softmax(teacher / t, dim=-1)
-    log_q = nn.functional.log_softmax(student / t, dim=-1)
-    return (t * t) * (log_p.exp() * (log_p - log_q)).sum()
-
-
-class JsonlLogCallback(TrainerCallback):
-    """Append every Trainer log (loss, lr, grad norm, eval loss) as one JSON line tagged `stage: sft`."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-
-    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
-        if not logs:
-            return
-        row = {"stage": "sft", "step": state.global_step, **{k: _plain(v) for k, v in logs.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+        load_trainable(model or self.model, resume_from_checkpoint)
 
 
 def _is_main_process() -> bool:
     """Rank 0 of a `torchrun` / `accelerate launch` run, or a single process (the launcher sets RANK)."""
-    import os
-
     return int(os.environ.get("RANK", "0")) == 0
-
-
-def _plain(v):
-    return v.item() if isinstance(v, torch.Tensor) else v
-
-
-def _step_of(checkpoint: Path | None) -> int:
-    return int(checkpoint.name.rpartition("-")[2]) if checkpoint else 0
-
-
-def _drop_incomplete(work_dir: Path, keep: Path | None) -> None:
-    """Remove checkpoint folders newer than `keep` (a run killed while writing them)."""
-    for d in work_dir.glob("checkpoint-*"):
-        try:
-            newer = int(d.name.rpartition("-")[2]) > _step_of(keep)
-        except ValueError:
-            continue
-        if newer:
-            shutil.rmtree(d, ignore_errors=True)
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    """Forget SFT log lines past `step`: the resumed run logs those steps again."""
-    if not path.is_file():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by the crash
-        if row.get("stage") != "sft" or row.get("step", 0) <= step:
-            kept.append(line)
-    path.write_text("".join(k + "\n" for k in kept))
