@@ -48,6 +48,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--sft-steps", type=int, default=60)
     p.add_argument("--loss", default="kd", help="SHARP SFT and every heal: ce, kd or ce+kd")
     p.add_argument("--train", default="full-lora", help="what SHARP's SFT trains (compress --train)")
+    p.add_argument("--methods", default="layer-drop,layer-drop-adapted,mlp-drop,width",
+                   help="baselines (compare --methods)")
     p.add_argument("--planned", action=argparse.BooleanOptionalAction, default=True,
                    help="add the planner's row (auto: at SHARP's stored size)")
     p.add_argument("--plan-min-shared", type=float, default=0.5)
@@ -137,7 +139,7 @@ def main() -> None:
         model=args.model, strategy=args.strategy, recovery=args.recovery, data=f"alpaca:{ALPACA}[:899]", eval=tasks,
         out=str(work / "compare"), calib_samples=args.calib_samples, slw_steps=args.slw_steps,
         slw_fraction=args.slw_fraction, slw_tokens=args.slw_tokens, slw_init=args.slw_init, slw_inputs=args.slw_inputs,
-        sft_steps=args.sft_steps, loss=args.loss, train=args.train, planned=args.planned,
+        sft_steps=args.sft_steps, loss=args.loss, train=args.train, planned=args.planned, methods=args.methods,
         plan_min_shared=args.plan_min_shared, lr=args.lr, batch_size=args.batch_size,
         max_len=args.max_len, eval_fraction=0.01, eval_max_len=512, eval_limit=args.eval_limit, eval_batch_size=2,
         overwrite=True)
