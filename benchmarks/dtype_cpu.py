@@ -48,7 +48,7 @@ def run(variant: str, source: Path, out: Path) -> dict:
     import sharp.io.device as device
     import sharp.recovery.sft as sft
     from sharp.evaluation.perplexity import response_perplexity
-    from sharp.io.models import folder_bytes
+    from sharp.io.manifest import folder_bytes
     from sharp.recipes import CompressConfig, compress
 
     compute, masters = device.compute_dtype, sft._float32_masters

@@ -7,7 +7,7 @@ import os
 from torch import nn
 
 from sharp.arch import get_adapter
-from sharp.io.models import folder_bytes
+from sharp.io.manifest import folder_bytes
 from sharp.sharing.shared import count_parameters
 from sharp.sharing.state import sharp_config
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sharp.io.models import folder_bytes
+from sharp.io.manifest import folder_bytes
 from tests.conftest import run_cli
 
 

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 import sharp
-from sharp.io.models import folder_bytes
+from sharp.io.manifest import folder_bytes
 from tests.conftest import run_cli
 
 SHARE = ["--strategy", "next:1-4", "--recovery", "lora:4"]

@@ -136,7 +136,8 @@ def measure(spec: str, mode: str = "shared", tokens: int = 64, repeats: int = 5,
         synchronize(where)
         return loaded
 
-    from sharp.io.models import folder_bytes, resolve_model_path
+    from sharp.io.manifest import folder_bytes
+    from sharp.io.models import resolve_model_path
     from sharp.io.pte import is_pte_folder
 
     if is_pte_folder(spec):  # an ExecuTorch program (`sharp export --format executorch`)

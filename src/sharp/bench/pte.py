@@ -18,7 +18,7 @@ import torch
 
 from sharp.bench.protocol import load_and_decode, prompt_ids
 from sharp.errors import SharpError
-from sharp.io.models import folder_bytes
+from sharp.io.manifest import folder_bytes
 from sharp.io.pte import PteModel, load_runtime, pte_files
 
 

@@ -27,7 +27,7 @@ def quantize(
     """Quantize each unique weight once (shared weights stay shared); recovery matrices and the embedding stay
     16-bit unless --recovery-bits / --embedding-bits say 8 or 4."""
     from sharp.io.dtypes import parse_dtype
-    from sharp.io.models import folder_bytes
+    from sharp.io.manifest import folder_bytes
     from sharp.io.quantize import quantized_linears
     from sharp.recipes.quantize import quantize_checkpoint
 

@@ -8,7 +8,6 @@ command's arguments into the config dataclass.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 from collections.abc import Callable
 from pathlib import Path
@@ -82,7 +81,8 @@ RECOVERY_OPTIONS = {  # the other RecoverySettings fields (data and out are the 
 def recovery_options(command: Callable) -> Callable:
     """Give `command` (which takes `**settings`) the model argument, --strategy and --recovery before its own
     parameters and every option of `RECOVERY_OPTIONS` after them: `sharp compress` and `sharp compare` take the
-    same flags. Typer reads a command's parameters from its signature, so the result carries `__signature__`."""
+    same flags. Typer reads a command's parameters from its signature (`__signature__` where set) and calls it with
+    keywords, so the added ones arrive in `**settings`."""
     keyword = inspect.Parameter.KEYWORD_ONLY
 
     def added(options: dict) -> list[inspect.Parameter]:
@@ -91,13 +91,8 @@ def recovery_options(command: Callable) -> Callable:
 
     own = [p.replace(kind=keyword) for p in inspect.signature(command).parameters.values()
            if p.kind is not p.VAR_KEYWORD]
-
-    @functools.wraps(command)
-    def wrapper(**kwargs: Any) -> Any:
-        return command(**kwargs)
-
-    wrapper.__signature__ = inspect.Signature(added(LEADING_OPTIONS) + own + added(RECOVERY_OPTIONS))
-    return wrapper
+    command.__signature__ = inspect.Signature(added(LEADING_OPTIONS) + own + added(RECOVERY_OPTIONS))
+    return command
 
 
 def option_type(name: str, option: Any) -> type:

@@ -24,7 +24,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from sharp.io.manifest import sha256_file
+from sharp.io.manifest import folder_bytes, sha256_file
 
 FETCH_HINT = "run `sharp assets fetch --force`"
 
@@ -118,12 +118,6 @@ class AssetStatus:
     sha256_ok: bool | None  # None: not present
 
 
-def _size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
-
-
 def asset_status() -> list[AssetStatus]:
     """Every asset with its size and whether its sha256 checks out (a model folder: against its record)."""
     home = sharp_home()
@@ -131,10 +125,10 @@ def asset_status() -> list[AssetStatus]:
     for name, asset in FILES.items():
         path = home / asset.dest
         ok = sha256_file(path) == asset.sha256 if path.is_file() else None
-        rows.append(AssetStatus(name, path, _size(path), ok))
+        rows.append(AssetStatus(name, path, folder_bytes(path), ok))
     for alias, rel in MODEL_ALIASES.items():
         path = home / rel
         ok = record_ok(path) if (path / SOURCE_FILE).is_file() else None
-        rows.append(AssetStatus(alias, path, _size(path), ok))
+        rows.append(AssetStatus(alias, path, folder_bytes(path), ok))
     return rows
 

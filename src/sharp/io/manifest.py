@@ -17,6 +17,14 @@ from sharp.io.atomic import write_text_atomic
 from sharp.io.formats import MANIFEST, RECOVERY, SHARP_CONFIG, WEIGHTS, is_adapter_only
 
 
+def folder_bytes(path: str | os.PathLike) -> int:
+    """Bytes of a file, or of every file under a folder (0 for a missing path)."""
+    p = Path(path)
+    if p.is_file():
+        return p.stat().st_size
+    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
 @torch.no_grad()
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     """Hash of named tensors: sorted names, dtypes, shapes and raw bytes."""

@@ -281,10 +281,3 @@ def _json(path: Path) -> dict:
 def _known(value) -> torch.dtype:
     name = str(value).removeprefix("torch.") if value is not None else ""
     return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(name, torch.float32)
-
-
-def folder_bytes(path: str | os.PathLike) -> int:
-    p = Path(path)
-    if p.is_file():
-        return p.stat().st_size
-    return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())

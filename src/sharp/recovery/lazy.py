@@ -21,6 +21,7 @@ from torch import nn
 
 from sharp.arch import get_adapter
 from sharp.errors import SharpError
+from sharp.sharing.shared import recoveries
 
 INDEX = "model.safetensors.index.json"
 
@@ -110,11 +111,10 @@ def original_mlps(model_path: str | Path, layers: Mapping[int, int]) -> dict[int
 
 
 def frozen_sharing_copy(mlp: nn.Module) -> nn.Module:
-    """A float32 CPU copy of `mlp` for one SLW job (jobs cross to worker processes; `train_layer` moves it to
-    the job's device): its recovery is copied, its frozen weights are new Parameters over the original storage
-    when that is float32 on the CPU already (a view, no memory), else float32 CPU copies."""
-    from sharp.sharing.shared import recoveries
-
+    """A float32 CPU copy of `mlp` (a shared MLP, an original MLP or a norm) for one SLW job (jobs cross to worker
+    processes; `train_layer` moves it to the job's device): its recovery is copied, its frozen weights are new
+    Parameters over the original storage when that is float32 on the CPU already (a view, no memory), else
+    float32 CPU copies."""
     trainable = {id(p) for _, r in recoveries(mlp) for p in r.parameters()}
     memo = {id(p): nn.Parameter(p.detach().to("cpu", torch.float32), requires_grad=False)
             for p in mlp.parameters() if id(p) not in trainable}

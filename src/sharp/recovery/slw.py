@@ -53,7 +53,6 @@ MLP when it starts (`lazy.DiskModule`). Each job's MLP copy reuses the frozen re
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import shutil
@@ -182,10 +181,9 @@ def run_slw(
         raise SharpError("the model shares no MLP, so SLW has nothing to train; pick a --strategy with targets")
     batches = list(batches)
     source = {t: (layer_map or {}).get(t, t) for t in targets}
-    from_disk = isinstance(original_model, str | Path)
     weight = next(shared_model.parameters())  # a folder is computed as the loaded model would: its dtype, device
     originals: dict = {}  # a resumed run whose layers are all done needs no original model (compress passes None)
-    if from_disk:
+    if isinstance(original_model, str | Path):  # a folder: each original MLP is read when its job starts
         originals = original_mlps(original_model, source)
     elif original_model is not None:
         originals = {t: get_adapter(original_model).mlp(original_model, source[t]) for t in targets}
@@ -272,7 +270,7 @@ def train_slw(
             layer=t, store_layer=captured, mlp=frozen_sharing_copy(mlps[t]), projections=adapter.mlp_projs,
             store_root=store.root,
             config=config, layer_dir=str(layer_dir), log_path=str(work_dir / LOG), original=original,
-            post_norm=_fp32_cpu(post_norm) if post_norm is not None else None,
+            post_norm=frozen_sharing_copy(post_norm) if post_norm is not None else None,
             device=str(device), stop_after=_stop_after))
     if jobs:
         cpus = config.threads or len(os.sched_getaffinity(0))
@@ -297,12 +295,6 @@ def train_slw(
         if is_done(_layer_dir(work_dir, t)):
             load_result(mlps[t], _layer_dir(work_dir, t))
     return {t: results[t] for t in targets if t in results and is_done(_layer_dir(work_dir, t))}
-
-
-def _fp32_cpu(module: nn.Module) -> nn.Module:
-    """A float32 CPU copy of `module`: jobs cross to worker processes, and the fit runs in float32 whatever the
-    model's dtype (`train_layer` moves the copy to the job's device)."""
-    return copy.deepcopy(module).to("cpu", torch.float32)
 
 
 def _layer_dir(work_dir: Path, layer: int) -> Path:
