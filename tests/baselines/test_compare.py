@@ -1,10 +1,12 @@
 """`sharp compare` end to end on stories260K with tiny budgets: every row, budgets matched within 1%."""
 
 import json
+from dataclasses import asdict
 
 import pytest
 
 from sharp.baselines.table import Row, compressed_spread, short_label, to_markdown
+from sharp.recipes import CompressConfig
 from tests.conftest import C4, run_cli
 
 ROWS = ["original", "direct", "layer-drop", "layer-drop+heal", "layer-drop-adapted", "layer-drop-adapted+heal",
@@ -33,11 +35,19 @@ def test_compare_builds_every_row_at_one_budget(stories_path, tmp_path, capsys):
     plan = rows["sharp-plan"]["details"]["compress"]["plan"]  # the planner's choice at SHARP's size, shown
     assert plan["strategy"].startswith("map:") and plan["shared_fraction"] >= 0.5
     assert rows["sharp-plan"]["stored"] <= rows["sharp"]["stored"]
-    for key in ROWS:
-        assert rows[key]["ppl"][f"ppl:text={C4}[-3:]"] > 1
-    # healing changes the model but not its size
-    assert rows["mlp-drop+heal"]["stored"] == rows["mlp-drop"]["stored"]
-    assert rows["mlp-drop+heal"]["ppl"] != rows["mlp-drop"]["ppl"]
+    ppl = {key: r["ppl"][f"ppl:text={C4}[-3:]"] for key, r in rows.items()}
+    assert ppl["sharp"] < ppl["direct"] and ppl["sharp-slw"] < ppl["direct"]
+    # healing is SHARP's SFT: the same settings, steps and data (so the same training tokens) ...
+    sharp_run = json.loads((tmp_path / "cmp.work" / "sharp" / "summary.json").read_text())
+    sft = asdict(CompressConfig(**sharp_run["config"]).sft_config(progress=False))
+    for method in ("layer-drop", "layer-drop-adapted", "mlp-drop", "width"):
+        heal = rows[f"{method}+heal"]["details"]["heal"]
+        assert heal["config"] == sft, method
+        assert heal["steps"] == sharp_run["sft"]["steps"] == 2
+        assert heal["train_tokens"] == sharp_run["sft"]["train_tokens"] > 0
+        # ... and it helps the baseline without changing its size
+        assert rows[f"{method}+heal"]["stored"] == rows[method]["stored"]
+        assert ppl[f"{method}+heal"] < ppl[method], method
     md = (out / "comparison.md").read_text()
     assert md.count("\n| ") == len(ROWS) + 1 and "Direct Sharing" in md and "SHARP without SFT" in md
     assert "| Original |" in stdout
