@@ -30,7 +30,7 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -x -q -rs -m "not gpu"
 
-# ruff, and the import-linter contract in pyproject.toml (data flows one way through sharp's layers)
+# ruff, and the import-linter contracts in pyproject.toml (data flows one way through sharp's layers, no circles)
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/lint-imports --no-cache

@@ -71,12 +71,11 @@ def run(variant: str, source: Path, out: Path) -> dict:
 
 def held_out(tokenizer) -> list[dict]:
     """The examples `compress` holds out for these settings (same split, same chunking)."""
-    from sharp.data import load_records, split_examples
-    from sharp.recipes import text_examples
+    from sharp.data import load_records, record_examples, split_examples
 
     records = load_records(SETTINGS["data"])
     _, held = split_examples(records, SETTINGS["eval_fraction"], SETTINGS["seed"])
-    return text_examples(held, tokenizer, SETTINGS["max_len"])
+    return record_examples(held, tokenizer, SETTINGS["max_len"])
 
 
 def _tensors(folder: Path):

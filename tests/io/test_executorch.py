@@ -17,7 +17,8 @@ import torch
 
 import sharp
 from sharp.errors import SharpError
-from sharp.io.executorch import ExportConfig, FusedLoRAMLP, LoRALinear, lora_modules
+from sharp.io.executorch import ExportConfig
+from sharp.io.executorch_lora import FusedLoRAMLP, LoRALinear, lora_modules
 from tests.conftest import randomize_recovery, run_cli
 
 SKIP = "optional extra executorch is not installed (pip install -e '.[executorch]')"

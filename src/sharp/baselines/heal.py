@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import tempfile
 from collections.abc import Sequence
+from dataclasses import asdict
 from functools import partial
 from pathlib import Path
 
@@ -72,8 +73,9 @@ def heal(
     seed: int = 0,
     teacher: nn.Module | None = None,
 ) -> dict:
-    """SFT a pruned model in place (LoRA on every remaining linear, merged at the end); returns run_sft's summary.
-    `teacher` (the unpruned model) is needed when `sft_config.loss` distills."""
+    """SFT a pruned model in place (LoRA on every remaining linear, merged at the end); returns run_sft's summary
+    with the LoRA rank and the SFT settings used (so a comparison can show they are SHARP's). `teacher` (the
+    unpruned model) is needed when `sft_config.loss` distills."""
     from transformers import set_seed
 
     from sharp.data import collate_examples
@@ -89,4 +91,4 @@ def heal(
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()
-    return dict(summary, lora_rank=lora_rank)
+    return dict(summary, lora_rank=lora_rank, config=asdict(sft_config))

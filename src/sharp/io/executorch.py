@@ -14,10 +14,11 @@ SmolLM2 in fp32). Tagging every constant for one external file puts both kinds i
 keeps one copy of each distinct byte string: the tied matrix is stored once, and so is every shared reference
 weight (a target's `SharedLinear.base_layer` is the reference's module, one Parameter in the exported graph).
 
-Recovery at decode time (`_lora_modules`): a LoRA target projection becomes `base(x) + B(A(x))` with A and B as
-`nn.Linear`s holding the recovery's own Parameters, so XNNPACK runs them as fully-connected ops with static
-weights (a plain `x @ A.T @ B.T` left transposes and matmuls outside the delegate). In a target MLP whose gate
-and up projections read the same input, their A matrices are concatenated into one (2r × in) matmul.
+Recovery at decode time (`executorch_lora.lora_modules`): a LoRA target projection becomes
+`base(x) + B(A(x))` with A and B as `nn.Linear`s holding the recovery's own Parameters, so XNNPACK runs them as
+fully-connected ops with static weights (a plain `x @ A.T @ B.T` left transposes and matmuls outside the
+delegate). In a target MLP whose gate and up projections read the same input, their A matrices are concatenated
+into one (2r × in) matmul.
 
 Quantization (`--quant 8da4w`): torchao's 8-bit dynamic activation, 4-bit grouped weight scheme, the one
 ExecuTorch's XNNPACK delegate runs on CPU; recovery matrices get their own bit width (`recovery_bits`, 8 or 4).
@@ -38,6 +39,8 @@ import torch
 from torch import nn
 
 from sharp.errors import SharpError
+from sharp.io.executorch_lora import lora_modules
+from sharp.io.executorch_quant import quantize_for_executorch
 from sharp.io.formats import is_quantized_folder
 from sharp.io.models import load_model, resolve_model_path
 from sharp.sharing.state import sharp_config
@@ -81,86 +84,6 @@ class ExportConfig:
             raise SharpError(f"--group-size {self.group_size}: XNNPACK needs a multiple of 32")
         if self.max_cache_len < 2:
             raise SharpError(f"--max-cache-len {self.max_cache_len} must be at least 2")
-
-
-class LoRALinear(nn.Module):
-    """Export form of a `SharedLinear` with LoRA recovery: base(x) + B(A(x)). `base` is the reference's module
-    and `lora_a` / `lora_b` hold the recovery's Parameters (no copies)."""
-
-    def __init__(self, base: nn.Module, lora_a: nn.Linear, lora_b: nn.Linear) -> None:
-        super().__init__()
-        self.base, self.lora_a, self.lora_b = base, lora_a, lora_b
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + self.lora_b(self.lora_a(x))
-
-
-class FusedLoRAMLP(nn.Module):
-    """A target gated MLP: down(act(gate(x) + Bg a_g) * (up(x) + Bu a_u)) with [a_g, a_u] = [Ag; Au] x in one
-    matmul (gate and up read the same x)."""
-
-    def __init__(self, gate: nn.Module, up: nn.Module, down: nn.Module, lora_a: nn.Linear, lora_b_gate: nn.Linear,
-                 lora_b_up: nn.Linear, act: nn.Module) -> None:
-        super().__init__()
-        self.gate, self.up, self.down, self.act = gate, up, down, act
-        self.lora_a, self.lora_b_gate, self.lora_b_up = lora_a, lora_b_gate, lora_b_up
-        self.rank = lora_b_gate.in_features
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a_gate, a_up = self.lora_a(x).split(self.rank, dim=-1)  # (..., r) each
-        g = self.gate(x) + self.lora_b_gate(a_gate)
-        u = self.up(x) + self.lora_b_up(a_up)
-        return self.down(self.act(g) * u)
-
-
-def _linear(weight: nn.Parameter | torch.Tensor) -> nn.Linear:
-    """An nn.Linear around an existing weight (out, in), without allocating a new one."""
-    out_features, in_features = weight.shape
-    linear = nn.Linear(in_features, out_features, bias=False, device="meta", dtype=weight.dtype)
-    linear.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
-    return linear
-
-
-def _lora_b(rec) -> nn.Linear:
-    """B as a linear; PEFT's scaling s = alpha/R folded in (a copy only when s != 1)."""
-    return _linear(rec.lora_B if rec.scaling == 1.0 else rec.lora_B.detach() * rec.scaling)
-
-
-def _lora_linear(shared) -> LoRALinear:
-    rec = shared.recovery
-    return LoRALinear(shared.base_layer, _linear(rec.lora_A), _lora_b(rec))
-
-
-def lora_modules(model: nn.Module, fuse: bool = True) -> int:
-    """Replace every LoRA `SharedLinear` by its export form, in place (a gated target MLP whose three
-    projections are all LoRA targets becomes a `FusedLoRAMLP` when `fuse`). Returns the number of fused MLPs.
-    Other recoveries (none, scale) export as they are."""
-    from sharp.sharing.recovery import LoRARecovery
-    from sharp.sharing.shared import SharedLinear, shared_linears
-
-    def is_lora(m) -> bool:
-        return isinstance(m, SharedLinear) and type(m.recovery) is LoRARecovery
-
-    fused = 0
-    mlps = [(n, m) for n, m in model.named_modules() if all(is_lora(getattr(m, p, None)) for p in _GATED)]
-    for name, mlp in mlps if fuse else []:
-        gate, up, down = (getattr(mlp, p) for p in _GATED)
-        if gate.recovery.rank != up.recovery.rank or not hasattr(mlp, "act_fn"):
-            continue
-        a = torch.cat([gate.recovery.lora_A.detach(), up.recovery.lora_A.detach()])  # (2r, in)
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, FusedLoRAMLP(
-            gate.base_layer, up.base_layer, _lora_linear(down), _linear(a), _lora_b(gate.recovery),
-            _lora_b(up.recovery), mlp.act_fn))
-        fused += 1
-    for name, shared in shared_linears(model):
-        if is_lora(shared):
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, _lora_linear(shared))
-    return fused
-
-
-_GATED = ("gate_proj", "up_proj", "down_proj")
 
 
 ATTENTION = "sharp_executorch"  # transformers attention implementation registered by `_register_attention`
@@ -341,7 +264,6 @@ def prepare(model: nn.Module, config: ExportConfig) -> int:
     fused = lora_modules(model, fuse=config.fuse)
     delegated_norms(model)
     if config.quant == "8da4w":
-        from sharp.io.executorch_quant import quantize_for_executorch
 
         quantize_for_executorch(model, config.group_size, config.recovery_bits)
     return fused

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from sharp.errors import SharpError
+from sharp.io.executorch_lora import FusedLoRAMLP, LoRALinear
 
 
 class Int8Embedding(nn.Module):
@@ -35,7 +36,6 @@ class Int8Embedding(nn.Module):
 
 
 def _recovery_linears(model: nn.Module) -> set[int]:
-    from sharp.io.executorch import FusedLoRAMLP, LoRALinear
 
     out: set[int] = set()
     for m in model.modules():

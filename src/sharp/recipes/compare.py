@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from sharp.errors import SharpError
-from sharp.recipes import CompressConfig, RecoverySettings
+from sharp.recipes.config import CompressConfig, RecoverySettings
 
 ROW_NAMES = {"layer-drop": "LayerPruning (layer-drop)", "layer-drop-adapted": "LayerPruning-adapted",
              "mlp-drop": "MLP-drop", "width": "Width pruning (Taylor)"}
@@ -89,7 +89,7 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
     from sharp.evaluation.perplexity import evaluate_tasks, parse_tasks
     from sharp.io.atomic import atomic_dir, write_text_atomic
     from sharp.io.device import load_on_device
-    from sharp.recipes import compress
+    from sharp.recipes.compress import compress
 
     cfg.validate()
     tasks = parse_tasks(cfg.eval)

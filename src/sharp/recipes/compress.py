@@ -35,8 +35,8 @@ from sharp.io.dtypes import cast_to, dtype_name, resolve_dtype, round_to
 from sharp.io.lock import output_lock
 from sharp.io.manifest import write_manifest
 from sharp.io.models import load_tokenizer, resolve_model_path, source_dtype
-from sharp.recipes import RUNTIME_ONLY, CompressConfig, StageMeter, log_event, prepare_work_dir
 from sharp.recipes import distributed as dist
+from sharp.recipes.config import RUNTIME_ONLY, CompressConfig, StageMeter, log_event, prepare_work_dir
 from sharp.recovery.lazy import SafetensorsWeights
 from sharp.recovery.planner import plan_strategy
 from sharp.recovery.sft import run_sft

@@ -16,12 +16,13 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from sharp.errors import SharpError
-from sharp.recipes import CompressConfig
+from sharp.recipes.config import CompressConfig
 from sharp.recipes.plan_model import ModelShape, model_shape, read_config
+from sharp.recovery.slw_config import BACKENDS
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 SFT_PARALLEL = ("ddp", "fsdp", "zero2", "zero3")
-SLW_BACKENDS = ("local", "ray")
+
 _DEFAULTS = {f.name: f.default for f in fields(CompressConfig) if f.default is not MISSING}
 
 
@@ -69,8 +70,8 @@ class PlanSettings:
             raise SharpError(f"--devices must be at least 1, got {self.devices}")
         if self.sft_parallel not in SFT_PARALLEL:
             raise SharpError(f"unknown --sft-parallel '{self.sft_parallel}'; choose one of: {', '.join(SFT_PARALLEL)}")
-        if self.slw_backend not in SLW_BACKENDS:
-            raise SharpError(f"unknown --slw-backend '{self.slw_backend}'; choose one of: {', '.join(SLW_BACKENDS)}")
+        if self.slw_backend not in BACKENDS:
+            raise SharpError(f"unknown --slw-backend '{self.slw_backend}'; choose one of: {', '.join(BACKENDS)}")
         if self.dtype not in DTYPE_BYTES:
             raise SharpError(f"unknown --dtype '{self.dtype}'; choose one of: {', '.join(DTYPE_BYTES)}")
         if self.tflops is not None and not self.tflops > 0:
@@ -81,7 +82,7 @@ class PlanSettings:
 
 def plan(s: PlanSettings) -> dict:
     """The plan as a JSON-able dict: counts, per-stage memory / FLOPs / time, SLW disk, assumptions."""
-    from sharp.recovery.slw import SLWConfig
+    from sharp.recovery.slw_config import SLWConfig
 
     config = read_config(s.model)
     shape = model_shape(config, s.strategy, s.recovery, s.modules, s.train, s.full_lora_rank)

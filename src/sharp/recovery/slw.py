@@ -57,7 +57,6 @@ import json
 import os
 import shutil
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, fields
 from pathlib import Path
 
 import torch
@@ -66,84 +65,16 @@ from torch import nn
 from sharp.arch import get_adapter
 from sharp.errors import SharpError
 from sharp.io.device import worker_devices
-from sharp.recovery.activations import DTYPES, ActivationStore
+from sharp.recovery.activations import ActivationStore
 from sharp.recovery.capture import capture_activations
 from sharp.recovery.lazy import DiskModule, frozen_sharing_copy, original_mlps
+from sharp.recovery.slw_config import SLWConfig
 from sharp.recovery.slw_layer import RESULT, LayerJob, is_done, load_result, train_layer
 from sharp.recovery.slw_parallel import LayerProgress, train_parallel
 from sharp.sharing.shared import SharedLinear
 
 LOG = "slw_log.jsonl"
 ACTIVATIONS = "activations"
-LOSSES = ("relative", "token")
-INITS = ("closed-form", "lstsq", "zero")
-INPUTS = ("original", "sequential")
-BACKENDS = ("local", "ray")
-
-
-@dataclass
-class SLWConfig:
-    """Budget and optimizer of single-layer warmup (all per target layer unless said otherwise)."""
-
-    steps: int = 300  # optimizer steps per layer (upper bound: early stopping may end sooner)
-    lr: float = 1e-2  # peak AdamW lr; on SmolLM2 layer 19, 150 steps: 2e-3 -> rel-err 0.76, 5e-3 0.71, 1e-2 0.69
-    batch_tokens: int = 1024  # captured tokens per step (sampled with replacement)
-    warmup_steps: int = 10  # linear warmup, then cosine decay to lr * min_lr_ratio at `steps`
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.0
-    loss: str = "relative"  # see module docstring
-    init: str = "closed-form"  # see module docstring
-    inputs: str = "original"  # see module docstring
-    damping: float = 1e-4  # ridge of the closed-form fit, relative to the mean input energy
-    fit_iters: int = 6  # alternations of the gate and low-rank steps of the closed-form fit
-    eval_every: int = 25  # steps between held-out evaluations (early stopping looks at these)
-    patience: int = 4  # evaluations without a relative improvement > min_delta before stopping
-    min_delta: float = 1e-3
-    eval_tokens: int = 2048  # captured tokens held out per layer, drawn at random (at most a fifth of the rows)
-    checkpoint_every: int = 50  # steps between saved states (resumption granularity)
-    seed: int = 0
-    workers: int = 1  # parallel layer trainers (processes); 1 trains in this process
-    threads: int | None = None  # total torch threads across workers (default: the CPUs we may use)
-    max_tokens: int | None = None  # per-layer token budget of the capture (None: every token of the SLW data)
-    skip_positions: int = 0  # drop the first positions of each sequence entirely (not recommended, see sink_*)
-    sink_positions: int = 1  # rows at positions < this (attention-sink tokens) are fitted as a separate group
-    sink_weight: float = 1.0  # weight of the sink group's relative loss next to the other tokens'
-    sink_batch: int = 32  # sink rows per step
-    dtype: str = "float16"  # stored activations (float16/bfloat16 halve the disk of float32)
-    keep_activations: bool = False  # keep the captured shards once every layer is trained
-    device: str | None = None  # where the fits run (None: where the shared model is); see the module docstring
-    backend: str = "local"  # "local": this process or `workers` processes; "ray": one Ray task per layer
-    ray_address: str | None = None  # Ray cluster to join ("auto", "ray://host:10001"); None: a local instance
-    task_gpus: float = 0  # GPUs per Ray task (0: CPU tasks with threads = CPUs / workers)
-
-    def __post_init__(self) -> None:
-        positive = ("steps", "batch_tokens", "eval_every", "eval_tokens", "checkpoint_every", "workers", "patience",
-                    "fit_iters")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise SharpError(f"SLW {name} must be at least 1 (got {getattr(self, name)})")
-        if not self.lr > 0:
-            raise SharpError(f"SLW learning rate must be positive (got {self.lr})")
-        if not self.damping > 0:
-            raise SharpError(f"SLW damping must be positive (got {self.damping})")
-        for name, value, choices in (("loss", self.loss, LOSSES), ("init", self.init, INITS),
-                                     ("inputs", self.inputs, INPUTS), ("activation dtype", self.dtype, DTYPES),
-                                     ("backend", self.backend, BACKENDS)):
-            if value not in choices:
-                raise SharpError(f"unknown SLW {name} '{value}'; choose one of: {', '.join(choices)}")
-        if self.max_tokens is not None and self.max_tokens < 2:
-            raise SharpError(f"SLW max_tokens must be at least 2 (got {self.max_tokens})")
-        if self.task_gpus < 0:
-            raise SharpError(f"SLW GPUs per task must be >= 0 (got {self.task_gpus})")
-
-    @classmethod
-    def from_dict(cls, d: Mapping) -> SLWConfig:
-        unknown = set(d) - {f.name for f in fields(cls)}
-        if unknown:
-            raise SharpError(f"unknown SLW setting(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
-
-
 def target_mlps(model: nn.Module) -> dict[int, nn.Module]:
     """{layer index: MLP module} of every layer whose MLP holds a `SharedLinear` (found structurally)."""
     adapter = get_adapter(model)

@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -23,11 +22,9 @@ from sharp.io.atomic import replaced_file, write_text_atomic
 from sharp.recovery.activations import ActivationStore
 from sharp.recovery.closed_form import fit_mlp, fittable
 from sharp.recovery.lazy import DiskModule
+from sharp.recovery.slw_config import SLWConfig
 from sharp.sharing.recovery import Recovery
 from sharp.sharing.shared import SharedLinear
-
-if TYPE_CHECKING:
-    from sharp.recovery.slw import SLWConfig
 
 RESULT = "result.json"
 RECOVERY = "recovery.safetensors"

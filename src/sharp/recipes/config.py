@@ -1,0 +1,253 @@
+"""What every recipe shares: the settings of a run and how its stages are measured.
+
+`CompressConfig` holds every setting of `sharp compress` and checks them all (`validate`) before any weight
+is read; `StageMeter` times each stage and measures its peak resident memory; `prepare_work_dir` keeps the
+work folder of a run only while its settings stay the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import resource
+import shutil
+import time
+import warnings
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from sharp.errors import SharpError
+from sharp.io.atomic import write_text_atomic
+
+STAGES = ("slw", "sft")
+RUNTIME_ONLY = ("overwrite", "device")  # settings that do not change the result: a resumed run may differ in them
+
+
+@dataclass(kw_only=True)
+class RecoverySettings:
+    """What `sharp compress` and `sharp compare` share (the CLI flags, one to one): the model, the sharing and
+    recovery to train, and the SLW/SFT budget. Compare passes these unchanged to compress and to the healing."""
+
+    model: str
+    strategy: str
+    recovery: str
+    data: str
+    out: str
+    slw_fraction: float = 0.1  # fraction of the training examples (a random sample) whose activations SLW captures
+    slw_tokens: int | None = None  # per-layer token budget of SLW (None: every token of that sample)
+    slw_workers: int = 1
+    slw_backend: str = "local"  # "local" (processes on this machine) or "ray" (a Ray task per target layer)
+    ray_address: str | None = None  # Ray cluster for --slw-backend ray; None: a local Ray instance
+    slw_task_gpus: float = 0  # GPUs per Ray task (0: CPU tasks)
+    slw_steps: int = 300  # per target layer (early stopping may end sooner)
+    slw_lr: float = 1e-2
+    slw_batch_tokens: int = 1024
+    slw_patience: int = 4
+    slw_init: str = "closed-form"  # closed-form | lstsq | zero (see sharp.recovery.slw)
+    slw_inputs: str = "original"  # original | sequential
+    plan_actions: str = "share,drop-mlp,drop-block"  # what --strategy auto:BUDGET may choose per layer
+    plan_min_shared: float = 0.0  # auto: shared MLPs remove at least this share of the removed parameters
+    sft_steps: int = 200  # optimizer steps; 0 = `epochs` instead
+    loss: str = "ce"  # SFT (and healing) loss: ce | kd | ce+kd
+    kd_temperature: float = 1.0
+    lr: float = 1e-3
+    shared_lr: float | None = None  # lr of trained shared reference weights (--train ...+shared); None: lr / 10
+    batch_size: int = 4
+    grad_accum: int = 1
+    max_len: int = 512
+    eval_fraction: float = 0.1
+    seed: int = 0
+    template: str = "plain"
+    full_lora_rank: int = 8
+    device: str = "auto"  # where it runs: auto, cpu, cuda, cuda:N or mps (`sharp.io.device`)
+    dtype: str = "auto"  # storage dtype of the checkpoint: auto (the source's), bf16, fp16 or fp32
+    overwrite: bool = False
+
+    @property
+    def work_dir(self) -> Path:
+        out = Path(self.out).absolute()
+        return out.parent / f"{out.name}.work"
+
+    def slw_config(self):
+        from sharp.recovery.slw_config import SLWConfig
+
+        return SLWConfig(steps=self.slw_steps, lr=self.slw_lr, batch_tokens=self.slw_batch_tokens,
+                         patience=self.slw_patience, init=self.slw_init, inputs=self.slw_inputs,
+                         max_tokens=self.slw_tokens, workers=self.slw_workers, seed=self.seed,
+                         backend=self.slw_backend, ray_address=self.ray_address, task_gpus=self.slw_task_gpus)
+
+
+@dataclass(kw_only=True)
+class CompressConfig(RecoverySettings):
+    """Settings of `sharp compress` (the CLI flags, one to one)."""
+
+    eval_data: str | None = None  # held-out data; default: --eval-fraction of --data
+    stages: str = "slw,sft"  # "slw,sft", "slw", "sft" or "none" (Direct Sharing)
+    epochs: float = 1.0
+    train: str = "recovery"  # recovery | full-lora | recovery+shared | full-lora+shared (sharp.recovery.trainable)
+    eval_steps: int = 50
+    save_steps: int = 50
+
+    @property
+    def stage_list(self) -> list[str]:
+        return [] if self.stages.strip() == "none" else [s.strip() for s in self.stages.split(",")]
+
+    def sft_config(self, progress: bool = True):
+        from sharp.recovery.sft import SFTConfig
+
+        return SFTConfig(steps=self.sft_steps, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
+                         grad_accum=self.grad_accum, eval_steps=self.eval_steps, save_steps=self.save_steps,
+                         seed=self.seed, progress=progress, loss=self.loss, kd_temperature=self.kd_temperature,
+                         shared_lr=self.shared_lr)
+
+    def validate(self) -> None:
+        """Every check that needs no weights: one `SharpError` line on the first problem."""
+        from sharp.data import TEMPLATES, parse_data_spec
+        from sharp.io.atomic import check_output_dir
+        from sharp.io.device import resolve_device
+        from sharp.io.dtypes import parse_dtype
+        from sharp.io.formats import is_sharp_checkpoint
+        from sharp.io.models import resolve_model_path
+        from sharp.recovery.trainable import TRAIN_CHOICES
+
+        stages = self.stage_list
+        if not stages and self.stages.strip() != "none" or any(s not in STAGES for s in stages) \
+                or len(set(stages)) != len(stages):
+            raise SharpError(f"--stages '{self.stages}' is not valid; use slw,sft, slw, sft or none")
+        if stages and self.recovery.strip() == "none":
+            raise SharpError("--recovery none has nothing to train; pick e.g. lora:32 or use --stages none")
+        if self.train not in TRAIN_CHOICES or self.train == "none":
+            raise SharpError(f"unknown --train '{self.train}'; choose one of: {', '.join(TRAIN_CHOICES[:-1])}")
+        if self.template not in TEMPLATES:
+            raise SharpError(f"unknown --template '{self.template}'; choose one of: {', '.join(TEMPLATES)}")
+        if not 0 < self.slw_fraction <= 1:
+            raise SharpError(f"--slw-fraction must be in (0, 1], got {self.slw_fraction}")
+        low = 0.0 if self.eval_data else 1e-9
+        if not low <= self.eval_fraction < 1:
+            raise SharpError(f"--eval-fraction must be in (0, 1) (or 0 with --eval-data), got {self.eval_fraction}")
+        if self.full_lora_rank < 1:
+            raise SharpError(f"--full-lora-rank must be at least 1, got {self.full_lora_rank}")
+        resolve_device(self.device)
+        parse_dtype(self.dtype)
+        self.slw_config()
+        self.sft_config()
+        parse_data_spec(self.data)
+        if self.eval_data:
+            parse_data_spec(self.eval_data)
+        check_output_dir(self.out, self.overwrite)
+        if is_sharp_checkpoint(resolve_model_path(self.model)):
+            raise SharpError(f"'{self.model}' is already a sharp checkpoint; compress its base model instead")
+        _validate_model(self.model, self.strategy, self.recovery, self.max_len)
+
+
+def _validate_model(model: str, strategy: str, recovery: str, max_len: int) -> None:
+    """Strategy, recovery ranks and --max-len against the model's config, on an empty (meta) model."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from sharp.arch import get_adapter, num_layers
+    from sharp.io.models import check_max_len, load_config
+    from sharp.sharing.build import share
+    from sharp.sharing.recovery import parse_recovery
+    from sharp.sharing.strategy import parse_strategy
+
+    strat, rec = parse_strategy(strategy), parse_recovery(recovery)
+    config = load_config(model)
+    get_adapter(config)
+    check_max_len(config, max_len)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    if strat.kind == "auto":
+        from sharp.recovery.planner import removal_needed
+
+        if not rec.rank:
+            raise SharpError(f"--strategy {strategy} allocates recovery ranks; pick a ranked --recovery such as "
+                             "lora+gate:64")
+        removal_needed(skeleton, strat.budget)
+        return
+    strat.resolve(num_layers(config))
+    share(skeleton, strat, rec)
+
+
+def prepare_work_dir(cfg: CompressConfig) -> Path:
+    """`OUT.work/`, kept from an earlier run with the same settings (to resume), else started afresh."""
+    work = cfg.work_dir
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_ONLY}
+    run_file = work / "run.json"
+    if work.exists():
+        try:
+            same = json.loads(run_file.read_text()) == settings
+        except (OSError, json.JSONDecodeError):
+            same = False
+        if same:
+            return work
+        warnings.warn(f"'{work}' holds a run with other settings; starting over", stacklevel=2)
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    run_file.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    return work
+
+
+def log_event(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row, sort_keys=True, default=str) + "\n")
+
+
+class StageMeter:
+    """Wall time and peak RSS of each stage, persisted so a resumed run reports the finished stages' numbers."""
+
+    def __init__(self, path: Path, write: bool = True) -> None:
+        self.path = path
+        self.write = write  # False on the ranks of a distributed run other than 0 (rank 0 writes the file)
+        self.stages: dict[str, dict] = json.loads(path.read_text()) if path.is_file() else {}
+
+    def done(self, name: str) -> bool:
+        return name in self.stages
+
+    def logged(self, name: str) -> bool:
+        return self.stages.get(name, {}).get("logged", False)
+
+    def mark_logged(self, name: str) -> None:
+        self.stages[name]["logged"] = True
+        self._write()
+
+    @contextlib.contextmanager
+    def __call__(self, name: str, accumulate: bool = False) -> Iterator[None]:
+        finished = name in self.stages and not accumulate
+        _reset_peak_rss()
+        children = _children_peak_mib()
+        start = time.perf_counter()
+        yield
+        if finished:
+            return  # a resumed run redid (or skipped) this stage: keep the original measurement
+        entry = self.stages.setdefault(name, {"seconds": 0.0, "peak_rss_mib": 0.0})
+        entry["seconds"] += time.perf_counter() - start
+        workers = _children_peak_mib()  # worker processes (SLW) finished during this stage count too
+        peak = max(_peak_rss_mib(), workers if workers > children else 0.0)
+        entry["peak_rss_mib"] = round(max(entry["peak_rss_mib"], peak), 1)
+        self._write()
+
+    def _write(self) -> None:
+        if self.write:
+            write_text_atomic(self.path, json.dumps(self.stages, indent=2, sort_keys=True))
+
+
+def _reset_peak_rss() -> None:
+    """Linux: writing 5 to clear_refs resets the process's peak RSS (VmHWM), so each stage gets its own."""
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak RSS since the last reset (or since it started, where the reset is unsupported)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _children_peak_mib() -> float:
+    """The largest peak RSS of any finished child process so far."""
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
