@@ -28,9 +28,8 @@ def analyze(
     plan: str = typer.Option(None, "--plan", help="With --budget: also run the planner for this recovery (e.g. "
                              "lora+gate:64): per layer share (rank R/4..2R), drop the MLP, drop the block or keep, "
                              "from closed-form costs; prints the plan as a map: strategy for compress."),
-    plan_actions: str = typer.Option("share,drop-mlp,drop-block", "--plan-actions", help="What --plan may choose."),
-    plan_min_shared: float = typer.Option(0.0, "--plan-min-shared", help="Shared MLPs remove at least this share "
-                                          "of what the plan removes."),
+    plan_actions: str = opt.PLAN_ACTIONS,
+    plan_min_shared: float = opt.PLAN_MIN_SHARED,
     max_len: int = typer.Option(512, "--max-len", help="Tokens per example / text window."),
     batch_size: int = typer.Option(4, "--batch-size", help="Sequences per forward pass."),
     template: str = typer.Option("plain", "--template", help="plain (### Instruction/### Response) or chat."),

@@ -40,9 +40,10 @@ SLW_INIT = typer.Option("closed-form", "--slw-init", help="closed-form (every sh
                         "form first), lstsq (the output projection only) or zero.")
 SLW_INPUTS = typer.Option("original", "--slw-inputs", help="original (layers fitted in parallel on the original "
                           "model's activations) or sequential (in layer order, on the partly shared model's).")
-PLAN_ACTIONS = typer.Option("share,drop-mlp,drop-block", "--plan-actions", help="What --strategy auto:BUDGET may "
-                            "do per layer: share (with a recovery rank), drop-mlp, drop-block.")
-PLAN_MIN_SHARED = typer.Option(0.0, "--plan-min-shared", help="auto:BUDGET: shared MLPs must remove at least this "
+PLAN_ACTIONS = typer.Option("share,drop-mlp,drop-block", "--plan-actions", help="What the planner (--strategy "
+                            "auto:BUDGET, analyze --plan) may do per layer: share (with a recovery rank), drop-mlp, "
+                            "drop-block.")
+PLAN_MIN_SHARED = typer.Option(0.0, "--plan-min-shared", help="Planner: shared MLPs must remove at least this "
                                "share of the removed parameters (0.5: sharing does most of the work).")
 SFT_STEPS = typer.Option(200, "--sft-steps", help="SFT optimizer steps (0: use --epochs).")
 LOSS = typer.Option("ce", "--loss", help="SFT / healing loss: ce (labels), kd (distill the original model) or ce+kd.")
