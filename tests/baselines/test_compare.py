@@ -74,7 +74,7 @@ def test_bad_method_fails_before_work(stories_path, tmp_path, capsys):
 def test_row_cache_reruns_only_what_a_setting_affects(tmp_path):
     import dataclasses
 
-    from sharp.recipes.compare import CompareConfig, _read_cache, _row_settings
+    from sharp.recipes.compare import CompareConfig, _depends_on, _read_cache, _row_settings
 
     cfg = CompareConfig(model="m", strategy="next:1-4", recovery="lora:4", data="d", eval="e", out=str(tmp_path))
     more_slw = dataclasses.replace(cfg, slw_steps=cfg.slw_steps + 1)
@@ -85,6 +85,14 @@ def test_row_cache_reruns_only_what_a_setting_affects(tmp_path):
     assert _row_settings(more_calib, "sharp-slw") == _row_settings(cfg, "sharp-slw")
     assert _row_settings(more_calib, "width") != _row_settings(cfg, "width")
     assert _row_settings(more_sft, "width+heal") != _row_settings(cfg, "width+heal")
+    # where SLW runs changes no number: a row cached under other (or, from an older version, extra) runtime
+    # settings is reused, but a row cached without a setting that counts is not
+    on_ray = dataclasses.replace(cfg, slw_backend="ray", ray_address="auto", slw_task_gpus=1.0)
+    for key in ("sharp", "width+heal"):
+        assert _depends_on(dataclasses.asdict(on_ray), key) == _row_settings(cfg, key)
+    assert _depends_on({**_row_settings(cfg, "width"), "ray_address": None}, "width") == _row_settings(cfg, "width")
+    assert _depends_on({k: v for k, v in _row_settings(cfg, "sharp").items() if k != "loss"}, "sharp") != \
+        _row_settings(cfg, "sharp")
     # a version-1 cache (one settings dict for every row) is still read
     v1 = {k: v for k, v in dataclasses.asdict(cfg).items() if k != "overwrite"}
     (tmp_path / "rows.json").write_text(json.dumps({"settings": v1, "rows": {"width": {"key": "width"}}}))

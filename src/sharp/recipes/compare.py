@@ -105,7 +105,8 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
 
     def row(key: str, name: str, build: Callable[[], tuple[object, dict]], compressed: bool = True) -> None:
         settings = _row_settings(cfg, key)
-        if cache.get(key, {}).get("settings") == settings:
+        cached = cache.get(key, {}).get("settings")
+        if cached is not None and _depends_on(cached, key) == settings:  # older files may hold more settings
             rows.append(Row(**cache[key]["row"]))
             log(f"{name}: cached")
             return
@@ -204,16 +205,22 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
     return result
 
 
-_NOT_ROW_SETTINGS = ("overwrite", "device", "methods", "heal", "reference_model", "tolerance", "planned")
+# settings no row's numbers depend on (Ray reproduces the local SLW bit for bit: tests/recovery/test_slw_ray.py)
+_NOT_ROW_SETTINGS = ("overwrite", "device", "methods", "heal", "reference_model", "tolerance", "planned",
+                     "slw_backend", "ray_address", "slw_task_gpus")
 _SLW_SETTINGS = tuple(f.name for f in fields(RecoverySettings) if f.name.startswith(("slw_", "plan_")))
 _BASELINE_SETTINGS = ("allocation", "calib_samples")
 
 
 def _row_settings(cfg: CompareConfig, key: str) -> dict:
-    """The settings a row depends on: SLW settings only matter to SHARP rows, calibration only to baselines,
+    return _depends_on(asdict(cfg), key)
+
+
+def _depends_on(settings: dict, key: str) -> dict:
+    """The settings row `key` depends on: SLW settings only matter to SHARP rows, calibration only to baselines,
     so changing the SLW budget reruns the SHARP rows alone."""
     skip = _NOT_ROW_SETTINGS + (_BASELINE_SETTINGS if key.startswith("sharp") else _SLW_SETTINGS)
-    return {k: v for k, v in asdict(cfg).items() if k not in skip}
+    return {k: v for k, v in settings.items() if k not in skip}
 
 
 def _read_cache(path: Path) -> dict:
