@@ -123,17 +123,16 @@ def equivalence(source: Path, folder: Path, prompt: list[int]) -> dict:
 
 @torch.no_grad()
 def torch_ppl(source: Path, exs: list[dict]) -> float:
-    from sharp.evaluation.perplexity import _nll_sum
+    from sharp.evaluation.perplexity import response_perplexity
 
-    nll, n = _nll_sum(torch_model(source), exs, batch_size=4)
-    return math.exp(nll / n)
+    return response_perplexity(torch_model(source), exs, batch_size=4)["ppl"]
 
 
 def pytorch_quantize(sources: dict[str, Path], work: Path, exs: list[dict]) -> list[dict]:
     """`sharp quantize` (quanto int4) of the original and the first SHARP checkpoint with the recovery / embedding
     stored at 16, 8 or 4 bits: bytes of the weight files and held-out perplexity in PyTorch."""
     import sharp
-    from sharp.evaluation.perplexity import _nll_sum
+    from sharp.evaluation.perplexity import response_perplexity
 
     rows = []
     label, src = list(sources.items())[1]
@@ -158,8 +157,8 @@ def pytorch_quantize(sources: dict[str, Path], work: Path, exs: list[dict]) -> l
         stamp = json.dumps([str(out), len(exs), (out / "manifest.json").stat().st_mtime])
         if stamp not in cache:  # cached: the slowest part (quanto int4 runs eagerly)
             with torch.no_grad():
-                nll, n = _nll_sum(sharp.load_model(str(out), tokenizer=False)[0], exs, batch_size=4)
-            cache[stamp] = math.exp(nll / n)
+                model = sharp.load_model(str(out), tokenizer=False)[0]
+                cache[stamp] = response_perplexity(model, exs, batch_size=4)["ppl"]
             cache_file.write_text(json.dumps(cache, indent=1))
         rows.append({"model": name, "recovery_bits": rbits if name != "original" else None, "embedding_bits": ebits,
                      "bytes": sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors"),

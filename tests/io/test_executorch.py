@@ -187,7 +187,7 @@ def test_8da4w_program_matches_quantized_pytorch_and_keeps_tied_int8_once(export
 @pytest.mark.slow
 @torch.no_grad()
 def test_program_perplexity_and_greedy_tokens_match_pytorch(exported):
-    from sharp.evaluation.perplexity import _nll_sum
+    from sharp.evaluation.perplexity import response_perplexity
     from sharp.io.pte import PteModel, pte_nll
 
     folders, model = exported
@@ -196,9 +196,9 @@ def test_program_perplexity_and_greedy_tokens_match_pytorch(exported):
     labels[0, :4] = -100  # a prompt of 4 tokens, then the scored response
     examples = [{"input_ids": IDS[0], "labels": labels[0]}, {"input_ids": IDS[0, :7], "labels": IDS[0, :7]}]
     got, n = pte_nll(pte, examples)
-    want, m = _nll_sum(model, examples, batch_size=1)
-    assert n == m == 6 + 6
-    assert abs(got - want) < 1e-4 * abs(want)
+    want = response_perplexity(model, examples, batch_size=1)
+    assert n == want["tokens"] == 6 + 6
+    assert abs(got / n - want["nll"]) < 1e-4 * want["nll"]
     ids = IDS[:, :3]
     for _ in range(4):  # PyTorch greedy, recomputing the whole sequence each time
         ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=-1)
