@@ -21,10 +21,9 @@ def analyze(
     ppl_examples: int = typer.Option(30, "--ppl-examples", help="Examples (or text windows) scored for each "
                                      "single-layer replacement; 0 skips that measurement (one perplexity run "
                                      "per layer)."),
-    replace_layers: str = typer.Option(None, "--replace-layers", help="Measure single-layer replacement only "
-                                       "for targets A-B (saves time; --budget then picks among them)."),
+    replace_layers: str = typer.Option(None, "--replace-layers", help="Measure only targets A-B (faster)."),
     budget: str = typer.Option(None, "--budget", help="Also suggest a strategy removing this share of the MLP "
-                               "parameters: 40% or 0.4."),
+                               "parameters: 40% or 0.4 (among the --replace-layers targets, if given)."),
     plan: str = typer.Option(None, "--plan", help="With --budget: also run the planner for this recovery (e.g. "
                              "lora+gate:64): per layer share (rank R/4..2R), drop the MLP, drop the block or keep, "
                              "from closed-form costs; prints the plan as a map: strategy for compress."),
