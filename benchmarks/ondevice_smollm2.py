@@ -229,17 +229,18 @@ def main() -> None:
             ppl = {"ppl": None, "by": "untrained"}
         else:
             ppl = {"ppl": torch_ppl_rows[label], "by": "pytorch"}
-        rows.append({"model": label, "precision": prec, "export_s": programs[key]["export_s"], "ppl": ppl,
+        rows.append({**{k: v for k, v in r.items() if k not in ("ratios", "floors")}, "program": r["model"],
+                     "model": label, "precision": prec, "export_s": programs[key]["export_s"], "ppl": ppl,
                      "vs_original": {f: r[f] / base[f] for f in ("bytes_on_disk", "cold_load_s", "warm_load_s",
-                                                                  "ttft_s", "decode_tok_s", "peak_rss_mib")},
-                     **{k: v for k, v in r.items() if k not in ("ratios", "floors")}})
+                                                                  "ttft_s", "decode_tok_s", "peak_rss_mib")}})
     equiv = {label: equivalence(src, programs[(label, "fp32")]["path"], PROMPT[: min(16, args.cache_len)])
              for label, src in sources.items()}
     quant_rows = [] if args.skip_pytorch or args.quick else pytorch_quantize(sources, work, exs)
     result = {"started": started, "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": report["machine"], "settings": {**report["settings"], "cache_len": args.cache_len,
                                                          "ppl_examples": args.ppl_examples},
-              "threads": _threads(), "sources": {k: str(v) for k, v in sources.items()}, "trained": args.trained,
+              "threads": args.threads or _threads(), "sources": {k: str(v) for k, v in sources.items()},
+              "trained": args.trained,
               "training": _training(args.trained), "note": args.note,
               "rows": rows, "equivalence": equiv, "torch_ppl": torch_ppl_rows, "pytorch_quantize": quant_rows,
               "reference_gguf": _gguf_reference()}
