@@ -207,6 +207,10 @@ def write_doc(path: Path, cfg, args, result: dict, ref: dict, compare_s: float, 
         "",
         "This is a small training budget (minutes per row on a CPU), far below the paper's; rows are compared at "
         "the same budget.",
+        *([""] + [f"Left out of this run: {', '.join(left_out)}." ] if (left_out := [
+            *([] if args.planned else ["the planned row (`--no-planned`)"]),
+            *([] if args.reference_limit else ["the check against RESEARCH.md's numbers (`--reference-limit 0`)"]),
+        ]) else []),
         "",
         "## Comparison (`sharp compare`)",
         "",
