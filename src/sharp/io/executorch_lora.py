@@ -63,6 +63,7 @@ def lora_modules(model: nn.Module, fuse: bool = True) -> int:
     """Replace every LoRA `SharedLinear` by its export form, in place (a gated target MLP whose three
     projections are all LoRA targets becomes a `FusedLoRAMLP` when `fuse`). Returns the number of fused MLPs.
     Other recoveries (none, scale) export as they are."""
+
     def is_lora(m) -> bool:
         return isinstance(m, SharedLinear) and type(m.recovery) is LoRARecovery
 
