@@ -71,6 +71,9 @@ def test_the_device_is_not_part_of_a_run_s_identity(stories_path, tmp_path):
     work = prepare_work_dir(CompressConfig(**base))
     (work / "marker").write_text("kept")
     assert (prepare_work_dir(CompressConfig(**{**base, "device": "auto"})) / "marker").is_file()
+    # nor where SLW runs: Ray reproduces the local SLW bit for bit
+    on_ray = {"slw_backend": "ray", "ray_address": "auto", "slw_task_gpus": 1.0}
+    assert (prepare_work_dir(CompressConfig(**{**base, **on_ray})) / "marker").is_file()
     with pytest.warns(UserWarning, match="other settings"):
         assert not (prepare_work_dir(CompressConfig(**{**base, "dtype": "fp32"})) / "marker").exists()
 

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from sharp.errors import SharpError
-from sharp.recipes.config import CompressConfig, RecoverySettings
+from sharp.recipes.config import RUNTIME_ONLY, CompressConfig, RecoverySettings
 
 ROW_NAMES = {"layer-drop": "LayerPruning (layer-drop)", "layer-drop-adapted": "LayerPruning-adapted",
              "mlp-drop": "MLP-drop", "width": "Width pruning (Taylor)"}
@@ -205,9 +205,8 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
     return result
 
 
-# settings no row's numbers depend on (Ray reproduces the local SLW bit for bit: tests/recovery/test_slw_ray.py)
-_NOT_ROW_SETTINGS = ("overwrite", "device", "methods", "heal", "reference_model", "tolerance", "planned",
-                     "slw_backend", "ray_address", "slw_task_gpus")
+# settings no row's numbers depend on: compress's runtime-only ones and the choice of rows
+_NOT_ROW_SETTINGS = RUNTIME_ONLY + ("methods", "heal", "reference_model", "tolerance", "planned")
 _SLW_SETTINGS = tuple(f.name for f in fields(RecoverySettings) if f.name.startswith(("slw_", "plan_")))
 _BASELINE_SETTINGS = ("allocation", "calib_samples")
 

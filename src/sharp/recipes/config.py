@@ -21,7 +21,9 @@ from sharp.errors import SharpError
 from sharp.io.atomic import write_text_atomic
 
 STAGES = ("slw", "sft")
-RUNTIME_ONLY = ("overwrite", "device")  # settings that do not change the result: a resumed run may differ in them
+# settings that do not change the result, so a resumed run may differ in them (Ray reproduces the local SLW
+# bit for bit: tests/recovery/test_slw_ray.py)
+RUNTIME_ONLY = ("overwrite", "device", "slw_backend", "ray_address", "slw_task_gpus")
 
 
 @dataclass(kw_only=True)

@@ -22,7 +22,6 @@ from sharp.recovery.slw_config import BACKENDS
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 SFT_PARALLEL = ("ddp", "fsdp", "zero2", "zero3")
-
 _DEFAULTS = {f.name: f.default for f in fields(CompressConfig) if f.default is not MISSING}
 
 
