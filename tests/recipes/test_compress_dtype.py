@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -74,6 +76,10 @@ def test_the_device_is_not_part_of_a_run_s_identity(stories_path, tmp_path):
     # nor where SLW runs: Ray reproduces the local SLW bit for bit
     on_ray = {"slw_backend": "ray", "ray_address": "auto", "slw_task_gpus": 1.0}
     assert (prepare_work_dir(CompressConfig(**{**base, **on_ray})) / "marker").is_file()
+    # a folder from a version that recorded those settings in run.json is resumed too
+    run_file = work / "run.json"
+    run_file.write_text(json.dumps({**json.loads(run_file.read_text()), "slw_backend": "local", "device": "cpu"}))
+    assert (prepare_work_dir(CompressConfig(**base)) / "marker").is_file()
     with pytest.warns(UserWarning, match="other settings"):
         assert not (prepare_work_dir(CompressConfig(**{**base, "dtype": "fp32"})) / "marker").exists()
 

@@ -179,7 +179,9 @@ def prepare_work_dir(cfg: CompressConfig) -> Path:
     run_file = work / "run.json"
     if work.exists():
         try:
-            same = json.loads(run_file.read_text()) == settings
+            stored = json.loads(run_file.read_text())
+            # a folder written by a version that still recorded runtime-only settings is the same run
+            same = {k: v for k, v in stored.items() if k not in RUNTIME_ONLY} == settings
         except (OSError, json.JSONDecodeError):
             same = False
         if same:
