@@ -317,6 +317,10 @@ def render(r: dict) -> str:
         *([f"- {r['note']}"] if r.get("note") else []),
         f"- machine: {m['cpu']}, {m['cores']} cores, load average {m['load_average_1m']:.2f} at start; ExecuTorch's "
         f"Python runtime with {r['threads']} XNNPACK threads",
+        "- XNNPACK weight cache: " + ("on" if all(row.get("xnnpack_weight_cache") for row in r["rows"]) else
+                                      "off for some rows")
+        + " (packed weights keyed by their data name, so a weight two layers share is packed and held once; "
+          "ExecuTorch's Android and Apple builds enable it, its Python wheel needs `sharp.io.pte.load_runtime` to)",
         f"- `sharp bench` settings: prompt {s['prompt_tokens']} tokens (fed one per call: the programs have static "
         f"shapes), decode {s['tokens']} greedy tokens, {s['statistic']} of {s['repeats']} decode runs and "
         f"{s['load_repeats']} cold + warm loads per round × {s['rounds']} rounds (all programs in turn each round)",

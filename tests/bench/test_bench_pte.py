@@ -39,6 +39,7 @@ def test_bench_measures_a_pte_folder(pte_folder, tmp_path, capsys):
     assert r["mode"] == "executorch" and r["bytes_on_disk"] == sum(f.stat().st_size for f in files)
     assert r["decode_tok_s"] > 0 and r["cold_load_s"] > 0 and r["peak_rss_mib"] > 0
     assert len(r["runs"]["decode_tok_s"]) == 1
+    assert r["xnnpack_weight_cache"] is True  # as phone builds run XNNPACK (see sharp.io.pte)
 
 
 @pytest.mark.slow

@@ -203,3 +203,43 @@ def test_program_perplexity_and_greedy_tokens_match_pytorch(exported):
     for _ in range(4):  # PyTorch greedy, recomputing the whole sequence each time
         ids = torch.cat([ids, model(ids).logits[:, -1:].argmax(-1)], dim=-1)
     assert torch.equal(pte.generate(IDS[:, :3], 4), ids[:, 3:])
+
+
+_LOAD_RSS = """
+import sys, psutil
+from sharp.io.pte import PteModel, load_runtime
+runtime = load_runtime(weight_cache=sys.argv[2] == "on")
+before = psutil.Process().memory_info().rss
+model = PteModel(sys.argv[1], runtime)
+print(psutil.Process().memory_info().rss - before)
+"""
+
+
+@pytest.mark.slow
+def test_weight_cache_packs_a_shared_mlp_once(tmp_path):
+    """XNNPACK repacks weights at load: with its weight cache on, the reference MLP both layers read is packed once
+    (load adds about its bytes less memory than with the cache off; each load runs in a fresh process)."""
+    _executorch()
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from sharp.io.executorch import export_executorch
+    from sharp.io.pte import load_runtime, set_xnnpack_weight_cache
+
+    load_runtime()
+    assert set_xnnpack_weight_cache(False) is False and set_xnnpack_weight_cache(True) is True
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=256, hidden_size=512, intermediate_size=2048, num_hidden_layers=2,
+                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=64)
+    model = AutoModelForCausalLM.from_config(config)
+    sharp.share(model, "next:0-1", "lora:8")
+    export_executorch(sharp.save(model, tmp_path / "ckpt"), tmp_path / "pte", ExportConfig(max_cache_len=8))
+    added = {}
+    for mode in ("off", "on"):
+        proc = subprocess.run([sys.executable, "-c", _LOAD_RSS, str(tmp_path / "pte"), mode], capture_output=True,
+                              text=True, check=True)
+        added[mode] = int(proc.stdout.split()[-1])
+    shared = 3 * 512 * 2048 * 4  # the reference MLP in fp32
+    assert added["off"] - added["on"] >= 0.75 * shared, added

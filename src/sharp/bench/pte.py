@@ -5,8 +5,10 @@ ExecuTorch's Python runtime in the current process, in the same order and with t
 Load = `Runtime.load_program(model.pte, data_path=weights.ptd)` + `load_method("forward")`: the XNNPACK delegate
 reads and packs its weights there. Import time of the runtime is excluded (paid once before the untimed load).
 Decode: prefill of the prompt in one call (TTFT = that call + argmax), then single-token greedy steps.
-`bytes_in_memory` and `bytes_per_token` are the program's file bytes: the runtime keeps no other weight copy the
-file does not have, and a decode step reads every weight (the tied embedding is the LM head's matrix).
+`bytes_in_memory` and `bytes_per_token` are the program's file bytes (a decode step reads every weight; the tied
+embedding is the LM head's matrix). XNNPACK repacks its weights at load and the packed copies show in peak RSS:
+with its weight cache on (`sharp.io.pte.load_runtime` turns it on, as ExecuTorch's phone builds do) a shared
+weight is packed once, without it once per operator that reads it; each row says which (`xnnpack_weight_cache`).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 from sharp.bench.protocol import load_and_decode, prompt_ids
 from sharp.errors import SharpError
 from sharp.io.manifest import folder_bytes
-from sharp.io.pte import PteModel, load_runtime, pte_files
+from sharp.io.pte import PteModel, load_runtime, pte_files, set_xnnpack_weight_cache
 
 
 def decode_pte(model, prompt: torch.Tensor, tokens: int) -> tuple[float, float]:
@@ -39,6 +41,7 @@ def measure_pte(path: str, tokens: int = 64, repeats: int = 5, prompt_tokens: in
                 load_repeats: int | None = None, threads: int = 0) -> dict:
     load_repeats = load_repeats or repeats
     runtime = load_runtime()
+    weight_cache = set_xnnpack_weight_cache(True)  # as load_runtime left it, read back for the row
     if threads:
         from executorch.extension.pybindings import portable_lib
 
@@ -60,5 +63,6 @@ def measure_pte(path: str, tokens: int = 64, repeats: int = 5, prompt_tokens: in
         "bytes_folder": folder_bytes(path),
         "bytes_in_memory": stored,
         "bytes_per_token": stored,
+        "xnnpack_weight_cache": weight_cache,
         **timed,
     }

@@ -7,10 +7,17 @@
 The program takes one token per call (see `sharp.io.executorch.Exportable`), so a prompt is fed token by token.
 It keeps its KV cache between calls; `pos` says where the given tokens go, so starting again at 0 begins a new
 sequence (positions past the new ones are not attended to).
+
+XNNPACK packs each operator's weights into its own buffer when a program loads, so without its weight cache a
+weight two layers share is packed, held and read twice: the file is smaller but memory and decode traffic are
+not. `load_runtime` turns the cache on (as ExecuTorch's Android and Apple builds do by default), so packed
+weights are keyed by their data name and a shared weight is packed once.
 """
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import os
 from pathlib import Path
@@ -32,15 +39,67 @@ def pte_files(path: str | os.PathLike) -> list[Path]:
     return [f for f in (p / PTE, p / PTD) if f.is_file()]
 
 
-def load_runtime():
+def load_runtime(weight_cache: bool = True):
     """ExecuTorch's runtime with the operator libraries exported programs may use (quantized embedding,
-    llama custom ops) registered."""
+    llama custom ops) registered, and XNNPACK's weight cache set as asked for programs loaded from now on."""
     require_executorch()
     import executorch.extension.llm.custom_ops.custom_ops  # noqa: F401  (llama::custom_sdpa, llama::update_cache)
     import executorch.kernels.quantized  # noqa: F401  (quantized_decomposed::embedding_byte & co.)
     from executorch.runtime import Runtime
 
-    return Runtime.get()
+    runtime = Runtime.get()  # loads libexecutorch, whose backend registry the option below reaches
+    set_xnnpack_weight_cache(weight_cache)
+    return runtime
+
+
+class _BackendOption(ctypes.Structure):
+    """`executorch::runtime::BackendOption`: char key[64]; std::variant<bool, int, std::array<char, 256>> value
+    (256 bytes of storage aligned like int, then a one-byte index)."""
+
+    _fields_ = [("key", ctypes.c_char * 64), ("value", ctypes.c_int32 * 64), ("index", ctypes.c_uint8)]
+
+
+class _OptionSpan(ctypes.Structure):
+    _fields_ = [("data", ctypes.POINTER(_BackendOption)), ("length", ctypes.c_size_t)]
+
+
+@functools.cache
+def _option_functions():
+    """`executorch::runtime::set_option` / `get_option` from the installed libexecutorch, or None. ExecuTorch's
+    Python bindings do not bind backend options; these two are its public C++ entry points for them."""
+    import executorch
+
+    for folder in executorch.__path__:
+        for lib in sorted((Path(folder) / "lib").glob("libexecutorch.*")):
+            try:
+                so = ctypes.CDLL(str(lib))
+                fns = [getattr(so, f"_ZN10executorch7runtime10{name}_optionEPKcNS0_4SpanINS0_13BackendOptionEEE")
+                       for name in ("set", "get")]
+            except (OSError, AttributeError):
+                continue
+            for fn in fns:
+                fn.restype, fn.argtypes = ctypes.c_uint32, [ctypes.c_char_p, _OptionSpan]
+            return fns
+    return None
+
+
+def set_xnnpack_weight_cache(enabled: bool) -> bool:
+    """Switch XNNPACK's weight cache for programs loaded from now on (the process-wide default of the
+    `weight_cache_enabled` backend option). Returns the state read back: False where this ExecuTorch build
+    cannot tell or has no such option (then each operator packs its own weights)."""
+    fns = _option_functions()
+    if fns is None:
+        return False
+    set_fn, get_fn = fns
+    opt = _BackendOption(key=b"weight_cache_enabled")
+    opt.value[0], opt.index = int(enabled), 0  # the bool alternative
+    if set_fn(b"XnnpackBackend", _OptionSpan(ctypes.pointer(opt), 1)) != 0:
+        return False
+    back = _BackendOption(key=b"weight_cache_enabled")
+    back.index = 0
+    if get_fn(b"XnnpackBackend", _OptionSpan(ctypes.pointer(back), 1)) != 0 or back.index != 0:
+        return False
+    return bool(back.value[0] & 0xFF)
 
 
 class PteModel:
