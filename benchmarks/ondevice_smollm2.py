@@ -192,7 +192,12 @@ def main() -> None:
     p.add_argument("--note", default="", help="a line for the document (e.g. where --trained came from)")
     p.add_argument("--export-only", action="store_true", help="stop after the exports (run the rest later)")
     p.add_argument("--skip-pytorch", action="store_true", help="leave out the sharp quantize section")
+    p.add_argument("--render-only", action="store_true", help="write --out again from its .json (no measuring)")
     args = p.parse_args()
+    if args.render_only:
+        out = Path(args.out)
+        out.write_text(render(json.loads(out.with_suffix(".json").read_text())))
+        return
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     precisions, extra = (({"fp32": []}, {}) if args.quick else
@@ -340,7 +345,8 @@ def render(r: dict) -> str:
         "",
         "## Side by side",
         "",
-        "Ratios are against the original in the same precision.",
+        "Ratios are against the original in the same precision; [min–max] of every decode run (runs × rounds) "
+        "beside the median: where two rows' ranges overlap, their decode ratio is within this machine's noise.",
         "",
         "| model | precision | MiB (pte + ptd) | cold load s | warm load s | TTFT s | decode tok/s | peak RSS MiB "
         "| held-out ppl | export s |",
@@ -351,6 +357,8 @@ def render(r: dict) -> str:
         values = {"bytes_on_disk": _mib(row["bytes_on_disk"]), "cold_load_s": f"{row['cold_load_s']:.3f}",
                   "warm_load_s": f"{row['warm_load_s']:.3f}", "ttft_s": f"{row['ttft_s']:.3f}",
                   "decode_tok_s": f"{row['decode_tok_s']:.1f}", "peak_rss_mib": f"{row['peak_rss_mib']:.0f}"}
+        runs = row.get("runs", {}).get("decode_tok_s") or [row["decode_tok_s"]]
+        values["decode_tok_s"] += f" [{min(runs):.1f}–{max(runs):.1f}]"
         cells = [t if orig else f"{t} ({v[f]:.2f}×)" for f, t in values.items()]
         exp = f"{row['export_s']:.0f}" if row["export_s"] else "–"
         lines.append(f"| {row['model']} | {row['precision']} | " + " | ".join(cells)
