@@ -35,7 +35,8 @@ class FusedLoRAMLP(nn.Module):
         self.rank = lora_b_gate.in_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a_gate, a_up = self.lora_a(x).split(self.rank, dim=-1)  # (..., r) each
+        a = self.lora_a(x)  # (..., 2r); sliced, not split: XNNPACK delegates slices, a split would cut its graph
+        a_gate, a_up = a[..., : self.rank], a[..., self.rank :]
         g = self.gate(x) + self.lora_b_gate(a_gate)
         u = self.up(x) + self.lora_b_up(a_up)
         return self.down(self.act(g) * u)
