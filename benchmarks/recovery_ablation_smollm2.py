@@ -179,6 +179,14 @@ def _slw_errors(summary: dict) -> list[float]:
     return [v["rel_err_after"] for v in (summary.get("slw") or {}).values()]
 
 
+def _slw_by_source_layer(summary: dict) -> dict[int, dict]:
+    """SLW results keyed by the source model's layer index: SLW runs after a plan's block drops, so its keys index
+    the compressed model's layers."""
+    drops = set((summary.get("plan") or {}).get("block_drops") or [])
+    kept = [i for i in range(len(drops) + 1 + max(map(int, summary.get("slw") or {0: 0}))) if i not in drops]
+    return {kept[int(k)]: v for k, v in (summary.get("slw") or {}).items()}
+
+
 def write_doc(path: Path, args: argparse.Namespace, results: list) -> None:
     if not results:
         return
@@ -235,11 +243,12 @@ def write_doc(path: Path, args: argparse.Namespace, results: list) -> None:
     lines += ["", "Each row's Original and Direct Sharing scores (the same model on the same records in every row) "
               "are computed once and reused by later rows."]
     lines += ["", "## Per-target SLW relative error (held-out; 1.0 = the MLP deleted)", ""]
-    layers = sorted({int(t) for _, _, r in results for t in (r["summary"].get("slw") or {})})
+    by_layer = [(label, _slw_by_source_layer(r["summary"])) for _, label, r in results]
+    layers = sorted({t for _, slw in by_layer for t in slw})
+    lines += ["Columns: the original model's layer index (a plan's block drops renumber the layers SLW sees).", ""]
     lines += ["| row | " + " | ".join(map(str, layers)) + " |", "|---|" + "---:|" * len(layers)]
-    for _, label, r in results:
-        slw = r["summary"].get("slw") or {}
-        lines.append(f"| {label} | " + " | ".join(f"{slw[str(t)]['rel_err_after']:.2f}" if str(t) in slw else "–"
+    for label, slw in by_layer:
+        lines.append(f"| {label} | " + " | ".join(f"{slw[t]['rel_err_after']:.2f}" if t in slw else "–"
                                                   for t in layers) + " |")
     for _, label, r in results:
         plan = r["summary"].get("plan")
