@@ -36,7 +36,7 @@ from sharp.io.lock import output_lock
 from sharp.io.manifest import write_manifest
 from sharp.io.models import load_tokenizer, resolve_model_path, source_dtype
 from sharp.recipes import distributed as dist
-from sharp.recipes.config import RUNTIME_ONLY, CompressConfig, StageMeter, log_event, prepare_work_dir
+from sharp.recipes.config import CompressConfig, StageMeter, log_event, prepare_work_dir, run_identity
 from sharp.recovery.lazy import SafetensorsWeights
 from sharp.recovery.planner import plan_strategy
 from sharp.recovery.sft import run_sft
@@ -94,8 +94,7 @@ def _finished(cfg: CompressConfig, clean: bool = True) -> dict | None:
         return None
     try:
         summary = json.loads((out / "summary.json").read_text())
-        same = {k: v for k, v in summary["config"].items() if k not in RUNTIME_ONLY} == \
-            {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_ONLY}
+        same = run_identity(summary["config"]) == run_identity(asdict(cfg))
     except (OSError, json.JSONDecodeError, KeyError, AttributeError):
         return None
     if not same or verify_manifest(out):

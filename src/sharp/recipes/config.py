@@ -172,16 +172,20 @@ def _validate_model(model: str, strategy: str, recovery: str, max_len: int) -> N
     share(skeleton, strat, rec)
 
 
+def run_identity(settings: dict) -> dict:
+    """The settings that make a run what it is (`RUNTIME_ONLY` left out). Also applied to settings recorded by
+    older versions, which kept some runtime-only ones."""
+    return {k: v for k, v in settings.items() if k not in RUNTIME_ONLY}
+
+
 def prepare_work_dir(cfg: CompressConfig) -> Path:
     """`OUT.work/`, kept from an earlier run with the same settings (to resume), else started afresh."""
     work = cfg.work_dir
-    settings = {k: v for k, v in asdict(cfg).items() if k not in RUNTIME_ONLY}
+    settings = run_identity(asdict(cfg))
     run_file = work / "run.json"
     if work.exists():
         try:
-            stored = json.loads(run_file.read_text())
-            # a folder written by a version that still recorded runtime-only settings is the same run
-            same = {k: v for k, v in stored.items() if k not in RUNTIME_ONLY} == settings
+            same = run_identity(json.loads(run_file.read_text())) == settings
         except (OSError, json.JSONDecodeError):
             same = False
         if same:
