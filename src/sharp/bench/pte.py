@@ -21,7 +21,7 @@ import torch
 from sharp.bench.protocol import load_and_decode, prompt_ids
 from sharp.errors import SharpError
 from sharp.io.manifest import folder_bytes
-from sharp.io.pte import PteModel, load_runtime, pte_files, set_xnnpack_weight_cache
+from sharp.io.pte import PteModel, load_runtime, pte_files, xnnpack_weight_cache
 
 
 def decode_pte(model, prompt: torch.Tensor, tokens: int) -> tuple[float, float]:
@@ -41,7 +41,7 @@ def measure_pte(path: str, tokens: int = 64, repeats: int = 5, prompt_tokens: in
                 load_repeats: int | None = None, threads: int = 0) -> dict:
     load_repeats = load_repeats or repeats
     runtime = load_runtime()
-    weight_cache = set_xnnpack_weight_cache(True)  # as load_runtime left it, read back for the row
+    weight_cache = xnnpack_weight_cache()  # as load_runtime left it
     if threads:
         from executorch.extension.pybindings import portable_lib
 

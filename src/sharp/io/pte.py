@@ -83,23 +83,31 @@ def _option_functions():
     return None
 
 
-def set_xnnpack_weight_cache(enabled: bool) -> bool:
-    """Switch XNNPACK's weight cache for programs loaded from now on (the process-wide default of the
-    `weight_cache_enabled` backend option). Returns the state read back: False where this ExecuTorch build
+def _weight_cache_option(enabled: bool = False) -> _OptionSpan:
+    """A one-option span for `weight_cache_enabled` holding the bool alternative (the span keeps the option alive)."""
+    opt = _BackendOption(key=b"weight_cache_enabled")
+    opt.value[0], opt.index = int(enabled), 0
+    return _OptionSpan(ctypes.pointer(opt), 1)
+
+
+def xnnpack_weight_cache() -> bool:
+    """Whether XNNPACK's weight cache is on for programs loaded from now on; False where this ExecuTorch build
     cannot tell or has no such option (then each operator packs its own weights)."""
     fns = _option_functions()
     if fns is None:
         return False
-    set_fn, get_fn = fns
-    opt = _BackendOption(key=b"weight_cache_enabled")
-    opt.value[0], opt.index = int(enabled), 0  # the bool alternative
-    if set_fn(b"XnnpackBackend", _OptionSpan(ctypes.pointer(opt), 1)) != 0:
+    span = _weight_cache_option()
+    opt = span.data.contents
+    return fns[1](b"XnnpackBackend", span) == 0 and opt.index == 0 and bool(opt.value[0] & 0xFF)
+
+
+def set_xnnpack_weight_cache(enabled: bool) -> bool:
+    """Switch XNNPACK's weight cache for programs loaded from now on (the process-wide default of the
+    `weight_cache_enabled` backend option). Returns the state read back (`xnnpack_weight_cache`)."""
+    fns = _option_functions()
+    if fns is None or fns[0](b"XnnpackBackend", _weight_cache_option(enabled)) != 0:
         return False
-    back = _BackendOption(key=b"weight_cache_enabled")
-    back.index = 0
-    if get_fn(b"XnnpackBackend", _OptionSpan(ctypes.pointer(back), 1)) != 0 or back.index != 0:
-        return False
-    return bool(back.value[0] & 0xFF)
+    return xnnpack_weight_cache()
 
 
 class PteModel:
