@@ -178,6 +178,8 @@ def write_doc(path: Path, cfg, args, result: dict, ref: dict, compare_s: float, 
                        f"remove {plan['shared_fraction']:.0%} of the removed parameters, so it "
                        f"{'counts' if 'sharp-plan' in family else 'does NOT count'} for the SHARP family "
                        "(the rule: at least half).")
+    left_out = ([] if args.planned else ["the planned row (`--no-planned`)"]) + \
+        ([] if args.reference_limit else ["the check against RESEARCH.md's numbers (`--reference-limit 0`)"])
     lines = [
         "# SHARP vs pruning baselines at matched stored size — SmolLM2-135M",
         "",
@@ -207,10 +209,7 @@ def write_doc(path: Path, cfg, args, result: dict, ref: dict, compare_s: float, 
         "",
         "This is a small training budget (minutes per row on a CPU), far below the paper's; rows are compared at "
         "the same budget.",
-        *([""] + [f"Left out of this run: {', '.join(left_out)}." ] if (left_out := [
-            *([] if args.planned else ["the planned row (`--no-planned`)"]),
-            *([] if args.reference_limit else ["the check against RESEARCH.md's numbers (`--reference-limit 0`)"]),
-        ]) else []),
+        *(["", f"Left out of this run: {', '.join(left_out)}."] if left_out else []),
         "",
         "## Comparison (`sharp compare`)",
         "",

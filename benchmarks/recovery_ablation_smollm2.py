@@ -182,9 +182,10 @@ def _slw_errors(summary: dict) -> list[float]:
 def _slw_by_source_layer(summary: dict) -> dict[int, dict]:
     """SLW results keyed by the source model's layer index: SLW runs after a plan's block drops, so its keys index
     the compressed model's layers."""
+    slw = summary.get("slw") or {}
     drops = set((summary.get("plan") or {}).get("block_drops") or [])
-    kept = [i for i in range(len(drops) + 1 + max(map(int, summary.get("slw") or {0: 0}))) if i not in drops]
-    return {kept[int(k)]: v for k, v in (summary.get("slw") or {}).items()}
+    kept = [i for i in range(len(drops) + 1 + max(map(int, slw), default=0)) if i not in drops]  # source indices
+    return {kept[int(k)]: v for k, v in slw.items()}
 
 
 def write_doc(path: Path, args: argparse.Namespace, results: list) -> None:
