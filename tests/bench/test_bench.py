@@ -121,3 +121,28 @@ def test_bench_errors(models, tmp_path, capsys):
     assert code == 2 and "not found" in err
     code, _, err = run_cli(["bench", f"{original}@merged", "--repeats", "1", "--tokens", "1"], capsys)
     assert code == 2 and "plain model" in err
+
+
+@pytest.mark.slow
+def test_bench_paired_adds_a_ratio_column(models, tmp_path, capsys):
+    original, shared = models
+    out = tmp_path / "b.json"
+    code, stdout, err = run_cli(["bench", original, shared, "--json", out, "--repeats", "1", "--tokens", "2",
+                                 "--prompt-tokens", "4", "--threads", "1", "--paired", "3"], capsys)
+    assert code == 0, err
+    report = json.loads(out.read_text())
+    first, second = report["models"]
+    assert report["settings"]["paired_rounds"] == 3
+    assert first["decode_paired"]["ratios"] == [1.0, 1.0, 1.0]
+    p = second["decode_paired"]
+    assert len(p["decode_tok_s"]) == 3 and all(s > 0 for s in p["decode_tok_s"])
+    assert p["ratios"] == pytest.approx([s / f for s, f in zip(p["decode_tok_s"], first["decode_paired"]
+                                                                ["decode_tok_s"], strict=True)])
+    assert p["ratio_ci95"][0] <= p["ratio_median"] <= p["ratio_ci95"][1]
+    assert "paired decode" in stdout
+
+
+def test_bench_paired_refuses_a_negative_count(models, capsys):
+    original, _ = models
+    code, _, err = run_cli(["bench", original, "--paired", "-1"], capsys)
+    assert code != 0 and "--paired" in err and "Traceback" not in err

@@ -50,3 +50,14 @@ def test_bench_refuses_what_a_pte_cannot_do(pte_folder, tmp_path):
         bench([f"{pte_folder}@merged"])
     with pytest.raises(SharpError, match="max-cache-len"):
         bench([str(pte_folder)], tokens=16, prompt_tokens=4, repeats=1)
+
+
+@pytest.mark.slow
+def test_bench_paired_decodes_programs_in_turn(pte_folder, tmp_path, capsys):
+    out = tmp_path / "b.json"
+    code, _, err = run_cli(["bench", pte_folder, pte_folder, "--json", out, "--repeats", "1", "--load-repeats", "1",
+                            "--tokens", "2", "--prompt-tokens", "4", "--threads", "1", "--paired", "2"], capsys)
+    assert code == 0, err
+    first, second = json.loads(out.read_text())["models"]
+    assert first["decode_paired"]["ratios"] == [1.0, 1.0]
+    assert len(second["decode_paired"]["decode_tok_s"]) == 2 and min(second["decode_paired"]["decode_tok_s"]) > 0

@@ -37,6 +37,16 @@ def _cell(r: dict, field: str, fmt: str, ratio: str | None, floor: str | None, f
     return text
 
 
+def _paired_cell(r: dict, first: bool) -> str:
+    p = r["decode_paired"]
+    lo, hi = p["ratio_ci95"]
+    return "–" if first else f"{p['ratio_median']:.3f}× [{lo:.3f}–{hi:.3f}]"
+
+
+def _paired(report: dict) -> bool:
+    return all("decode_paired" in r for r in report["models"])
+
+
 def header_lines(report: dict) -> list[str]:
     m, s = report["machine"], report["settings"]
     return [
@@ -50,6 +60,9 @@ def header_lines(report: dict) -> list[str]:
         s["cold_load"],
         "ratios are against the first model; decode speed ratio > 1 = faster; floors: load time ratio ≥ stored "
         "bytes ratio, decode speed ratio ≤ 1 / (bytes read per token ratio) when memory-bound",
+        *([f"paired decode: every model in one process, decoding in turn for {s['paired_rounds']} rounds; median of "
+           "the per-round speed ratios against the first model, [95% interval of that median]"]
+          if _paired(report) else []),
     ]
 
 
@@ -58,16 +71,23 @@ def rich_table(report: dict) -> Table:
     table.add_column("model", overflow="fold")
     for header, *_ in COLUMNS:
         table.add_column(header, justify="right")
+    paired = _paired(report)
+    if paired:
+        table.add_column("paired decode ratio", justify="right")
     for i, r in enumerate(report["models"]):
-        table.add_row(r["model"], *(_cell(r, f, fmt, ra, fl, i == 0) for _, f, fmt, ra, fl in COLUMNS))
+        table.add_row(r["model"], *(_cell(r, f, fmt, ra, fl, i == 0) for _, f, fmt, ra, fl in COLUMNS),
+                      *([_paired_cell(r, i == 0)] if paired else []))
     return table
 
 
 def markdown_table(report: dict, names: list[str] | None = None) -> str:
     names = names or [r["model"] for r in report["models"]]
-    lines = ["| model | " + " | ".join(h for h, *_ in COLUMNS) + " |", "|---" * (len(COLUMNS) + 1) + "|"]
+    paired = _paired(report)
+    headers = [h for h, *_ in COLUMNS] + (["paired decode ratio"] if paired else [])
+    lines = ["| model | " + " | ".join(headers) + " |", "|---" * (len(headers) + 1) + "|"]
     for i, (name, r) in enumerate(zip(names, report["models"], strict=True)):
         cells = [_cell(r, f, fmt, ra, fl, i == 0) for _, f, fmt, ra, fl in COLUMNS]
+        cells += [_paired_cell(r, i == 0)] if paired else []
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -33,7 +33,7 @@ FIELDS = (
     "model", "mode", "path", "bytes_on_disk", "bytes_folder", "bytes_in_memory", "bytes_per_token",
     "cold_load_s", "warm_load_s", "first_decode_s", "ttft_s", "decode_tok_s", "peak_rss_mib", "model_rss_mib",
     "resident_after_evict", "runs", "ratios", "floors",
-)
+)  # and, with --paired, "decode_paired"
 RATIO_FIELDS = {
     "bytes_on_disk": "bytes_on_disk",
     "cold_load": "cold_load_s",
@@ -104,6 +104,23 @@ def measure_in_subprocess(spec: str, mode: str, tokens: int, repeats: int, promp
     return result
 
 
+def paired_in_subprocess(parsed: list[tuple[str, str]], tokens: int, prompt_tokens: int, threads: int,
+                         rounds: int) -> list[dict]:
+    """`sharp.bench.paired` on every model in one fresh process: per model, its per-round decode speed ratios
+    against the first model, their median and 95% interval."""
+    cmd = [sys.executable, "-m", "sharp.bench.paired", *(f"{m}@{mode}" for m, mode in parsed), "--rounds",
+           str(rounds), "--tokens", str(tokens), "--prompt-tokens", str(prompt_tokens), "--threads", str(threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("[", "{"))]
+    if not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"paired decode failed (exit {proc.returncode}): {tail}")
+    result = json.loads(lines[-1])
+    if isinstance(result, dict):
+        raise SharpError(result["error"])
+    return result
+
+
 def add_ratios(results: list[dict]) -> None:
     """ratios[k] = value / first model's value, for every field in RATIO_FIELDS (decode_speed: higher = faster)."""
     first = results[0]
@@ -141,17 +158,22 @@ def bench(
     load_repeats: int = 0,
     rounds: int = 1,
     device: str = "cpu",
+    paired: int = 0,
 ) -> dict:
     """Measure every model (in order, each in a fresh subprocess) and return the report `sharp bench --json`
     writes: machine, settings, and one entry per model with ratios against the first.
 
     With `rounds > 1` the whole list is measured that many times in turn (A B C A B C ...), and each model's
     medians are taken over all its runs: a machine whose speed drifts over minutes then shifts every model alike
-    instead of whichever one it happened to be measuring. `device` is where the models decode (`--device`)."""
+    instead of whichever one it happened to be measuring. `device` is where the models decode (`--device`).
+
+    With `paired > 0`, every model is then loaded into one process and they decode in turn for that many rounds
+    (`sharp.bench.paired`): each model's `decode_paired` holds the per-round decode speed ratios against the
+    first model, their median and a 95% interval, a ratio a drifting machine cannot fake."""
     if not specs:
         raise SharpError("give at least one model to benchmark")
-    if repeats < 1 or tokens < 1 or prompt_tokens < 1 or load_repeats < 0 or rounds < 1:
-        raise SharpError("--repeats, --tokens, --prompt-tokens and --rounds must be at least 1")
+    if repeats < 1 or tokens < 1 or prompt_tokens < 1 or load_repeats < 0 or rounds < 1 or paired < 0:
+        raise SharpError("--repeats, --tokens, --prompt-tokens and --rounds must be at least 1 (--paired 0 or more)")
     load_repeats = load_repeats or repeats
     from sharp.io.device import resolve_device
     from sharp.io.formats import is_sharp_checkpoint
@@ -159,6 +181,8 @@ def bench(
     from sharp.io.pte import is_pte_folder
 
     device = str(resolve_device(device))
+    if paired and device != "cpu":
+        raise SharpError("--paired measures on the CPU only; leave out --device or --paired")
 
     parsed = [parse_spec(s) for s in specs]
     for model, mode in parsed:  # fail on a typo before minutes of measuring
@@ -183,11 +207,16 @@ def bench(
             per_model[i].append(r)
     results = [combine_rounds(rs) for rs in per_model]
     add_ratios(results)
+    if paired:
+        if progress:
+            progress(f"{len(specs)} models in turn, {paired} rounds")
+        for r, p in zip(results, paired_in_subprocess(parsed, tokens, prompt_tokens, threads, paired), strict=True):
+            r["decode_paired"] = p
     return {
         "machine": machine_info(threads, device),
         "settings": {"tokens": tokens, "repeats": repeats, "load_repeats": load_repeats,
                      "prompt_tokens": prompt_tokens, "batch": 1, "rounds": rounds,
                      "decoding": "greedy, KV cache, single-token steps", "statistic": "median",
-                     "compile": compile, "cold_load": EVICTION_NOTE},
+                     "compile": compile, "cold_load": EVICTION_NOTE, "paired_rounds": paired},
         "models": results,
     }
