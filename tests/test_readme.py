@@ -241,6 +241,10 @@ def _check(cmd: Command, proc: subprocess.CompletedProcess, cwd: Path) -> None:
     elif verb == "bench":
         for flag in ("--json", "--plot"):
             assert (cwd / _arg(cmd, flag)).stat().st_size > 0
+        if "--paired" in cmd.argv:  # every model's per-round ratios against the first
+            rounds = int(_arg(cmd, "--paired"))
+            models = json.loads((cwd / _arg(cmd, "--json")).read_text())["models"]
+            assert all(len(m["decode_paired"]["ratios"]) == rounds for m in models)
     elif verb == "export" and "executorch" in cmd.argv:  # the program and its one copy of each constant
         assert all((out / f).stat().st_size > 0 for f in ("model.pte", "weights.ptd"))
     elif verb == "export":  # merged, and base + adapter for the LoRA recovery

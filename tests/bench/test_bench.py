@@ -128,14 +128,14 @@ def test_bench_paired_adds_a_ratio_column(models, tmp_path, capsys):
     original, shared = models
     out = tmp_path / "b.json"
     code, stdout, err = run_cli(["bench", original, shared, "--json", out, "--repeats", "1", "--tokens", "2",
-                                 "--prompt-tokens", "4", "--threads", "1", "--paired", "3"], capsys)
+                                 "--prompt-tokens", "4", "--threads", "1", "--paired", "3", "--rounds", "2"], capsys)
     assert code == 0, err
     report = json.loads(out.read_text())
     first, second = report["models"]
     assert report["settings"]["paired_rounds"] == 3
-    assert first["decode_paired"]["ratios"] == [1.0, 1.0, 1.0]
+    assert first["decode_paired"]["ratios"] == [1.0] * 6  # 3 rounds in each of 2 processes (one per --rounds)
     p = second["decode_paired"]
-    assert len(p["decode_tok_s"]) == 3 and all(s > 0 for s in p["decode_tok_s"])
+    assert len(p["decode_tok_s"]) == 6 and all(s > 0 for s in p["decode_tok_s"]) and len(p["process_medians"]) == 2
     assert p["ratios"] == pytest.approx([s / f for s, f in zip(p["decode_tok_s"], first["decode_paired"]
                                                                 ["decode_tok_s"], strict=True)])
     assert p["ratio_ci95"][0] <= p["ratio_median"] <= p["ratio_ci95"][1]

@@ -55,3 +55,13 @@ def test_pairing_cancels_a_drifting_machine():
     lo, hi = b["ratio_ci95"]
     assert lo <= 0.9 <= hi + 0.01 and hi - lo < 0.05
     assert len(b["ratios"]) == 30
+
+
+def test_paired_processes_pool_their_rounds():
+    from sharp.bench.runner import pool_paired
+
+    first = [{"decode_tok_s": [10.0, 10.0]}, {"decode_tok_s": [20.0, 20.0]}]
+    other = [{"decode_tok_s": [9.0, 11.0], "ratio_median": 1.0}, {"decode_tok_s": [18.0, 18.0], "ratio_median": 0.9}]
+    p = pool_paired(other, first)
+    assert p["ratios"] == pytest.approx([0.9, 1.1, 0.9, 0.9]) and p["ratio_median"] == pytest.approx(0.9)
+    assert p["process_medians"] == [1.0, 0.9]

@@ -40,7 +40,11 @@ def _cell(r: dict, field: str, fmt: str, ratio: str | None, floor: str | None, f
 def _paired_cell(r: dict, first: bool) -> str:
     p = r["decode_paired"]
     lo, hi = p["ratio_ci95"]
-    return "–" if first else f"{p['ratio_median']:.3f}× [{lo:.3f}–{hi:.3f}]"
+    if first:
+        return "–"
+    medians = p.get("process_medians", [])
+    spread = f", processes {min(medians):.3f}–{max(medians):.3f}" if len(medians) > 1 else ""
+    return f"{p['ratio_median']:.3f}× [{lo:.3f}–{hi:.3f}{spread}]"
 
 
 def _paired(report: dict) -> bool:
@@ -60,8 +64,9 @@ def header_lines(report: dict) -> list[str]:
         s["cold_load"],
         "ratios are against the first model; decode speed ratio > 1 = faster; floors: load time ratio ≥ stored "
         "bytes ratio, decode speed ratio ≤ 1 / (bytes read per token ratio) when memory-bound",
-        *([f"paired decode: every model in one process, decoding in turn for {s['paired_rounds']} rounds; median of "
-           "the per-round speed ratios against the first model, [95% interval of that median]"]
+        *([f"paired decode: every model in one process, decoding in turn for {s['paired_rounds']} rounds, one process "
+           "per round; median of the per-round speed ratios against the first model [95% interval of that median, "
+           "and the range of the processes' medians]"]
           if _paired(report) else []),
     ]
 

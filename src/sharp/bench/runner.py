@@ -121,6 +121,17 @@ def paired_in_subprocess(parsed: list[tuple[str, str]], tokens: int, prompt_toke
     return result
 
 
+def pool_paired(runs: list[dict], firsts: list[dict]) -> dict:
+    """One model's paired decode over several processes (each a fresh load: where the OS placed its weights
+    differs between loads, which the rounds inside one process cannot vary): ratios pooled, plus each process's
+    median ratio, whose spread shows what a load changes."""
+    from sharp.bench.paired import summarize
+
+    speeds = [s for run in runs for s in run["decode_tok_s"]]
+    first = [s for run in firsts for s in run["decode_tok_s"]]
+    return {**summarize([first, speeds])[1], "process_medians": [run["ratio_median"] for run in runs]}
+
+
 def add_ratios(results: list[dict]) -> None:
     """ratios[k] = value / first model's value, for every field in RATIO_FIELDS (decode_speed: higher = faster)."""
     first = results[0]
@@ -167,9 +178,10 @@ def bench(
     medians are taken over all its runs: a machine whose speed drifts over minutes then shifts every model alike
     instead of whichever one it happened to be measuring. `device` is where the models decode (`--device`).
 
-    With `paired > 0`, every model is then loaded into one process and they decode in turn for that many rounds
-    (`sharp.bench.paired`): each model's `decode_paired` holds the per-round decode speed ratios against the
-    first model, their median and a 95% interval, a ratio a drifting machine cannot fake."""
+    With `paired > 0`, after each round every model is loaded into one fresh process and they decode in turn for
+    `paired` rounds (`sharp.bench.paired`): each model's `decode_paired` holds the per-round decode speed ratios
+    against the first model (all processes pooled), their median and 95% interval (a ratio a drifting machine
+    cannot fake), and each process's median (what a fresh load changes)."""
     if not specs:
         raise SharpError("give at least one model to benchmark")
     if repeats < 1 or tokens < 1 or prompt_tokens < 1 or load_repeats < 0 or rounds < 1 or paired < 0:
@@ -197,6 +209,7 @@ def bench(
         if mode != "shared" and not is_sharp_checkpoint(path):
             raise SharpError(f"'{model}' is a plain model: @{mode} only applies to sharp checkpoints")
     per_model: list[list[dict]] = [[] for _ in specs]
+    paired_runs: list[list[dict]] = []  # one fresh process per round
     for _ in range(rounds):
         for i, (spec, (model, mode)) in enumerate(zip(specs, parsed, strict=True)):
             if progress:
@@ -205,13 +218,15 @@ def bench(
                                       device)
             r["model"] = spec
             per_model[i].append(r)
+        if paired:
+            if progress:
+                progress(f"{len(specs)} models in turn, {paired} rounds")
+            paired_runs.append(paired_in_subprocess(parsed, tokens, prompt_tokens, threads, paired))
     results = [combine_rounds(rs) for rs in per_model]
     add_ratios(results)
     if paired:
-        if progress:
-            progress(f"{len(specs)} models in turn, {paired} rounds")
-        for r, p in zip(results, paired_in_subprocess(parsed, tokens, prompt_tokens, threads, paired), strict=True):
-            r["decode_paired"] = p
+        for i, r in enumerate(results):
+            r["decode_paired"] = pool_paired([run[i] for run in paired_runs], [run[0] for run in paired_runs])
     return {
         "machine": machine_info(threads, device),
         "settings": {"tokens": tokens, "repeats": repeats, "load_repeats": load_repeats,

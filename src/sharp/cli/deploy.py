@@ -56,9 +56,9 @@ def bench(
     device: str = typer.Option("cpu", "--device", help="Where the models decode: cpu (the default: the floors "
                                "assume a CPU's memory-bound decode), auto, cuda, cuda:N or mps. Models run in "
                                "their stored dtype."),
-    paired: int = typer.Option(0, "--paired", help="Then load every model into one process and decode them in "
-                               "turn for this many rounds: a decode speed ratio per round (median and 95% "
-                               "interval), which a machine whose speed drifts cannot fake. CPU only."),
+    paired: int = typer.Option(0, "--paired", help="After each round, load every model into one process and "
+                               "decode them in turn for this many rounds: a decode speed ratio per round (median "
+                               "and 95% interval), which a machine whose speed drifts cannot fake. CPU only."),
 ) -> None:
     """Bytes on disk, cold/warm load, time to first token, decode tokens/s and peak RSS, side by side."""
     from rich.progress import Progress
@@ -67,7 +67,7 @@ def bench(
     from sharp.bench.runner import bench as run_bench
 
     with Progress(console=err_console, transient=True) as progress:
-        task = progress.add_task("benchmarking", total=len(models) * rounds + (1 if paired else 0))
+        task = progress.add_task("benchmarking", total=(len(models) + (1 if paired else 0)) * rounds)
 
         done = [0]
 
