@@ -191,8 +191,9 @@ def main() -> None:
     p.add_argument("--ppl-examples", type=int, default=64)
     p.add_argument("--precisions", default="fp32,8da4w", help=f"of {','.join(PRECISIONS)}")
     p.add_argument("--program-ppl", choices=("quantized", "all"), default="quantized",
-                   help="programs whose perplexity they compute themselves (~10k calls each); the others show "
-                        "PyTorch fp32's, which the logit-equivalence table ties them to")
+                   help="programs whose perplexity they compute themselves (~10k calls each): quantized and "
+                        "half-precision ones, or all; fp32 programs otherwise show PyTorch fp32's, which the "
+                        "logit-equivalence table ties them to")
     p.add_argument("--quick", action="store_true", help="fp32 only, one round, few tokens: a dry run")
     p.add_argument("--note", default="", help="a line for the document (e.g. where --trained came from)")
     p.add_argument("--export-only", action="store_true", help="stop after the exports (run the rest later)")
@@ -234,9 +235,10 @@ def main() -> None:
         label, prec = key
         base = report["models"][keys.index(("original", prec.split(",")[0]))]
         untrained = label != "original" and not (args.trained and sources[label] == Path(args.trained))
-        if args.program_ppl == "all" or (prec.startswith("8da4w") and not untrained):
+        lossy = prec != "fp32"  # quantized or half precision: the program's own perplexity, not PyTorch fp32's
+        if args.program_ppl == "all" or (lossy and not untrained):
             ppl = program_ppl(programs[key]["path"], exs, ppl_cache, ppl_file)
-        elif prec.startswith("8da4w"):  # ~10k program calls for Direct Sharing's perplexity: not worth it
+        elif lossy:  # ~10k program calls for Direct Sharing's perplexity: not worth it
             ppl = {"ppl": None, "by": "untrained"}
         else:
             ppl = {"ppl": torch_ppl_rows[label], "by": "pytorch"}

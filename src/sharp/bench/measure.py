@@ -15,7 +15,6 @@ weights are there, and every timing waits for the device to finish (`synchronize
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from sharp.bench.protocol import load_and_decode, prompt_ids
+from sharp.bench.protocol import load_and_decode, prompt_ids, subprocess_main
 from sharp.bench.pte import measure_pte
 
 WEIGHT_SUFFIXES = (".safetensors", ".gguf", ".bin", ".pt")
@@ -180,24 +179,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--load-repeats", type=int, default=0)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    from sharp.errors import SharpError
-
-    try:
+    def work() -> dict:
         from sharp.io.device import resolve_device
 
-        result = measure(args.spec, args.mode, args.tokens, args.repeats, args.prompt_tokens, args.compile,
-                         args.load_repeats or None, str(resolve_device(args.device)), args.threads)
-    except SharpError as e:
-        print(json.dumps({"error": str(e)}))
-        raise SystemExit(2) from None
-    print(json.dumps(result))
+        return measure(args.spec, args.mode, args.tokens, args.repeats, args.prompt_tokens, args.compile,
+                       args.load_repeats or None, str(resolve_device(args.device)), args.threads)
+
+    subprocess_main(args.threads, work)
 
 
 if __name__ == "__main__":

@@ -13,16 +13,14 @@ per model.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import statistics
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from sharp.bench.protocol import prompt_ids
+from sharp.bench.protocol import prompt_ids, subprocess_main
 
 
 def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
@@ -97,23 +95,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    from sharp.errors import SharpError
-
-    try:
+    def work() -> list[dict]:
         models = [load(*spec.rsplit("@", 1), args.prompt_tokens, args.threads) for spec in args.specs]
-    except SharpError as e:
-        print(json.dumps({"error": str(e)}))
-        raise SystemExit(2) from None
-    with torch.no_grad():
-        speeds = paired_decode(models, args.tokens, args.rounds)
-    print(json.dumps(summarize(speeds)))
+        with torch.no_grad():
+            return summarize(paired_decode(models, args.tokens, args.rounds))
+
+    subprocess_main(args.threads, work)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import json
 import mmap
 import os
 import resource
@@ -58,6 +59,27 @@ def load_and_decode(load: Callable[[], Any], ready: Callable[[Any], torch.Tensor
         del model
         gc.collect()
     return timings(cold, warm, first_decode, runs, peak, baseline, resident)
+
+
+def subprocess_main(threads: int, work: Callable[[], Any]) -> None:
+    """The body of a measuring subprocess (`sharp.bench.measure`, `sharp.bench.paired`): `threads` torch threads
+    (0: torch's default), libraries quiet, `work()`'s result printed as one JSON line for the parent; a SharpError
+    becomes {"error": message} and exit code 2."""
+    if threads:
+        torch.set_num_threads(threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    from sharp.errors import SharpError
+
+    try:
+        result = work()
+    except SharpError as e:
+        print(json.dumps({"error": str(e)}))
+        raise SystemExit(2) from None
+    print(json.dumps(result))
 
 
 def timings(cold: list[float], warm: list[float], first_decode: float, runs: list[tuple[float, float]], peak: int,
