@@ -10,24 +10,30 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from sharp.bench.paired import median_interval, paired_decode, summarize
+from sharp.errors import SharpError
 
 
 def test_median_interval_order_statistics():
     xs = list(range(1, 21))  # n = 20: the textbook 95% interval is the 6th and 15th values
-    assert median_interval([float(x) for x in reversed(xs)]) == (6.0, 15.0)
-    assert median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) == (1.0, 5.0)  # too few for 95%: the full range
+    lo, hi, coverage = median_interval([float(x) for x in reversed(xs)])
+    assert (lo, hi) == (6.0, 15.0) and coverage == pytest.approx(0.9586, abs=1e-4)
+    # too few for 95%: the full range, and how sure it is (1 - 2 / 2^5)
+    assert median_interval([1.0, 2.0, 3.0, 4.0, 5.0]) == (1.0, 5.0, 0.9375)
+    with pytest.raises(SharpError, match="no paired rounds"):
+        median_interval([])
 
 
 @given(st.lists(st.floats(0.1, 10.0), min_size=1, max_size=60))
 def test_median_interval_holds_the_median(values):
-    lo, hi = median_interval(values)
+    lo, hi, coverage = median_interval(values)
+    assert coverage >= (0.95 if len(values) >= 6 else 0.0)
     assert min(values) <= lo <= statistics.median(values) <= hi <= max(values)
 
 
 def test_median_interval_covers_the_true_median_95_percent_of_the_time():
     rng = random.Random(0)
     trials = 2000
-    hits = sum(lo <= 0.0 <= hi for lo, hi in
+    hits = sum(lo <= 0.0 <= hi for lo, hi, _ in
                (median_interval([rng.gauss(0, 1) for _ in range(20)]) for _ in range(trials)))
     assert 0.93 <= hits / trials <= 0.985  # exact coverage for n = 20: 1 - 2 P(Binomial(20, 1/2) <= 5) = 0.959
 
@@ -65,3 +71,10 @@ def test_paired_processes_pool_their_rounds():
     p = pool_paired(other, first)
     assert p["ratios"] == pytest.approx([0.9, 1.1, 0.9, 0.9]) and p["ratio_median"] == pytest.approx(0.9)
     assert p["process_medians"] == [1.0, 0.9]
+
+
+def test_paired_refuses_what_it_cannot_measure():
+    from sharp.bench.runner import bench
+
+    with pytest.raises(SharpError, match="--compile"):
+        bench(["no-such-model"], paired=2, compile=True)

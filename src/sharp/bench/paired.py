@@ -5,9 +5,9 @@ of N per-round decode speed ratios against the first model with a distribution-f
 
     python -m sharp.bench.paired SPEC[@mode] SPEC[@mode] ... --rounds 20 [--tokens 64] [--threads 1]  # JSON
 
-Round i decodes the models in the list rotated by i (each model goes first equally often); each decode is the
-same as `sharp bench`'s (prefill of the prompt, then single-token greedy steps), after one untimed warm-up decode
-per model.
+Round i decodes the models in the list rotated by i (each goes first equally often when the rounds are a multiple
+of the models); each decode is the same as `sharp bench`'s eager one (prefill of the prompt, then single-token
+greedy steps), after one untimed warm-up decode per model. Every model is held in memory at once.
 """
 
 from __future__ import annotations
@@ -21,11 +21,15 @@ from typing import Any
 import torch
 
 from sharp.bench.protocol import prompt_ids, subprocess_main
+from sharp.errors import SharpError
 
 
-def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
-    """A distribution-free confidence interval for the median of `values` (order statistics: the number of
-    values below the median is Binomial(n, 1/2)). With too few values for the confidence asked, the full range."""
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float]:
+    """(low, high, coverage): a distribution-free confidence interval for the median of `values` (order statistics:
+    the number of values below the median is Binomial(n, 1/2)) and the probability that it holds the median, at
+    least `confidence` from 6 values on (95%); with fewer, the full range and its lower coverage."""
+    if not values:
+        raise SharpError("no paired rounds to summarize")
     xs = sorted(values)
     n = len(xs)
     tail = (1 - confidence) / 2
@@ -35,9 +39,9 @@ def median_interval(values: list[float], confidence: float = 0.95) -> tuple[floa
         if nxt > tail:
             break
         below, k = nxt, k + 1
-    if k == 0:
-        return xs[0], xs[-1]
-    return xs[k - 1], xs[n - k]
+    if k == 0:  # too few values: the full range, which misses the median with probability 2 / 2^n
+        return xs[0], xs[-1], 1 - 2 / 2**n
+    return xs[k - 1], xs[n - k], 1 - 2 * below
 
 
 def paired_decode(models: list[tuple[Any, Callable[[Any, torch.Tensor, int], tuple[float, float]], torch.Tensor]],
@@ -59,9 +63,9 @@ def summarize(speeds: list[list[float]]) -> list[dict]:
     out = []
     for s in speeds:
         ratios = [a / b for a, b in zip(s, speeds[0], strict=True)]
-        lo, hi = median_interval(ratios)
+        lo, hi, coverage = median_interval(ratios)
         out.append({"decode_tok_s": s, "ratios": ratios, "ratio_median": statistics.median(ratios),
-                    "ratio_ci95": [lo, hi]})
+                    "ratio_ci95": [lo, hi], "ci_coverage": coverage})
     return out
 
 
@@ -95,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
 
     def work() -> list[dict]:
         models = [load(*spec.rsplit("@", 1), args.prompt_tokens, args.threads) for spec in args.specs]

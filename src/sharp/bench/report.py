@@ -44,7 +44,8 @@ def _paired_cell(r: dict, first: bool) -> str:
         return "–"
     medians = p.get("process_medians", [])
     spread = f", processes {min(medians):.3f}–{max(medians):.3f}" if len(medians) > 1 else ""
-    return f"{p['ratio_median']:.3f}× [{lo:.3f}–{hi:.3f}{spread}]"
+    few = f", only {p['ci_coverage']:.0%} sure: too few rounds" if p.get("ci_coverage", 1.0) < 0.95 else ""
+    return f"{p['ratio_median']:.3f}× [{lo:.3f}–{hi:.3f}{few}{spread}]"
 
 
 def _paired(report: dict) -> bool:
@@ -64,9 +65,10 @@ def header_lines(report: dict) -> list[str]:
         s["cold_load"],
         "ratios are against the first model; decode speed ratio > 1 = faster; floors: load time ratio ≥ stored "
         "bytes ratio, decode speed ratio ≤ 1 / (bytes read per token ratio) when memory-bound",
-        *([f"paired decode: every model in one process, decoding in turn for {s['paired_rounds']} rounds, one process "
-           "per round; median of the per-round speed ratios against the first model [95% interval of that median, "
-           "and the range of the processes' medians]"]
+        *([f"paired decode: after each bench round, every model loaded into one fresh process, decoding in turn for "
+           f"{s['paired_rounds']} rounds; median of the per-round speed ratios against the first model [95% interval "
+           "of that median, and the range of the processes' medians: rounds in one process share its load, so read "
+           "the interval beside that range]"]
           if _paired(report) else []),
     ]
 

@@ -114,7 +114,8 @@ def paired_in_subprocess(parsed: list[tuple[str, str]], tokens: int, prompt_toke
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("[", "{"))]
     if not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"paired decode failed (exit {proc.returncode}): {tail}")
+        raise SharpError(f"the paired decode failed (exit {proc.returncode}: {tail}); it holds every model in memory "
+                         "at once: leave out --paired or bench fewer models")
     result = json.loads(lines[-1])
     if isinstance(result, dict):
         raise SharpError(result["error"])
@@ -195,6 +196,8 @@ def bench(
     device = str(resolve_device(device))
     if paired and device != "cpu":
         raise SharpError("--paired measures on the CPU only; leave out --device or --paired")
+    if paired and compile:
+        raise SharpError("--paired decodes eagerly; leave out --compile or --paired")
 
     parsed = [parse_spec(s) for s in specs]
     for model, mode in parsed:  # fail on a typo before minutes of measuring

@@ -56,9 +56,10 @@ def bench(
     device: str = typer.Option("cpu", "--device", help="Where the models decode: cpu (the default: the floors "
                                "assume a CPU's memory-bound decode), auto, cuda, cuda:N or mps. Models run in "
                                "their stored dtype."),
-    paired: int = typer.Option(0, "--paired", help="After each round, load every model into one process and "
-                               "decode them in turn for this many rounds: a decode speed ratio per round (median "
-                               "and 95% interval), which a machine whose speed drifts cannot fake. CPU only."),
+    paired: int = typer.Option(0, "--paired", help="After each round, load every model into one process (all "
+                               "in memory at once) and decode them in turn for this many rounds: a decode speed "
+                               "ratio against the first model per round (median and 95% interval), where a "
+                               "machine's drift cancels. CPU only, eager."),
 ) -> None:
     """Bytes on disk, cold/warm load, time to first token, decode tokens/s and peak RSS, side by side."""
     from rich.progress import Progress
