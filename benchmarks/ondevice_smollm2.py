@@ -270,15 +270,14 @@ def paired_vs(row: dict, base: dict) -> dict | None:
     per round, the two programs' speeds measured moments apart; median and 95% interval of the ratios."""
     if "decode_paired" not in row:
         return None
-    from sharp.bench.paired import median_interval
+    from sharp.bench.paired import summarize
 
-    ratios = [a / b for a, b in zip(row["decode_paired"]["decode_tok_s"], base["decode_paired"]["decode_tok_s"],
-                                    strict=True)]
-    per = len(ratios) // len(row["decode_paired"]["process_medians"])  # rounds per process, in process order
-    lo, hi, coverage = median_interval(ratios)
-    return {"speeds": row["decode_paired"]["decode_tok_s"], "ratios": ratios, "median": statistics.median(ratios),
-            "ci95": [lo, hi], "ci_coverage": coverage,
-            "process_medians": [statistics.median(ratios[i:i + per]) for i in range(0, len(ratios), per)]}
+    speeds, base_speeds = row["decode_paired"]["decode_tok_s"], base["decode_paired"]["decode_tok_s"]
+    s = summarize([base_speeds, speeds])[1]
+    per = len(speeds) // len(row["decode_paired"]["process_medians"])  # rounds per process, in process order
+    return {"speeds": speeds, "ratios": s["ratios"], "median": s["ratio_median"], "ci95": s["ratio_ci95"],
+            "ci_coverage": s["ci_coverage"],
+            "process_medians": [statistics.median(s["ratios"][i:i + per]) for i in range(0, len(speeds), per)]}
 
 
 def _training(trained: str | None) -> dict | None:

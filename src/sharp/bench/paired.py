@@ -75,15 +75,10 @@ def load(spec: str, mode: str, prompt_tokens: int, threads: int) -> tuple[Any, C
     from sharp.io.pte import is_pte_folder
 
     if is_pte_folder(spec):
-        from sharp.bench.pte import decode_pte
-        from sharp.io.pte import PteModel, load_runtime
+        from sharp.bench.pte import decode_pte, pte_runtime
+        from sharp.io.pte import PteModel
 
-        runtime = load_runtime()
-        if threads:
-            from executorch.extension.pybindings import portable_lib
-
-            portable_lib._unsafe_reset_threadpool(threads)
-        model = PteModel(spec, runtime)
+        model = PteModel(spec, pte_runtime(threads))
         return model, decode_pte, prompt_ids(model.vocab_size, prompt_tokens)
     from sharp.bench.measure import decode, load_for_bench
 

@@ -37,15 +37,22 @@ def decode_pte(model, prompt: torch.Tensor, tokens: int) -> tuple[float, float]:
     return ttft, tokens / (time.perf_counter() - t1)
 
 
-def measure_pte(path: str, tokens: int = 64, repeats: int = 5, prompt_tokens: int = 32,
-                load_repeats: int | None = None, threads: int = 0) -> dict:
-    load_repeats = load_repeats or repeats
+def pte_runtime(threads: int = 0):
+    """ExecuTorch's runtime as `sharp bench` runs programs (`sharp.io.pte.load_runtime`: XNNPACK's weight cache on),
+    with `threads` XNNPACK threads (0: ExecuTorch's default)."""
     runtime = load_runtime()
-    weight_cache = xnnpack_weight_cache()  # as load_runtime left it
     if threads:
         from executorch.extension.pybindings import portable_lib
 
         portable_lib._unsafe_reset_threadpool(threads)
+    return runtime
+
+
+def measure_pte(path: str, tokens: int = 64, repeats: int = 5, prompt_tokens: int = 32,
+                load_repeats: int | None = None, threads: int = 0) -> dict:
+    load_repeats = load_repeats or repeats
+    runtime = pte_runtime(threads)
+    weight_cache = xnnpack_weight_cache()  # as load_runtime left it
     files = pte_files(path)
     first = PteModel(path, runtime)  # untimed: one-time costs must not count as the first cold load
     if prompt_tokens + tokens + 1 > first.max_cache_len:

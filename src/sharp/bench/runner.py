@@ -85,41 +85,39 @@ def machine_info(threads: int = 0, device: str = "cpu") -> dict:
     }
 
 
-def measure_in_subprocess(spec: str, mode: str, tokens: int, repeats: int, prompt_tokens: int, threads: int,
-                          compile: bool = False, load_repeats: int = 0, device: str = "cpu") -> dict:
-    cmd = [sys.executable, "-m", "sharp.bench.measure", spec, "--mode", mode, "--tokens", str(tokens),
-           "--repeats", str(repeats), "--prompt-tokens", str(prompt_tokens), "--threads", str(threads),
-           "--load-repeats", str(load_repeats), "--device", device]
-    if compile:
-        cmd.append("--compile")
+def _run_json(module: str, args: list[str], crashed: Callable[[int, str], Exception]):
+    """Run `python -m module args` (a measuring subprocess, `sharp.bench.protocol.subprocess_main`) and return the
+    JSON it printed last; {"error": ...} becomes a SharpError, no output `crashed(exit code, last stderr line)`."""
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    proc = subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True, env=env)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("{", "[{"))]  # not ExecuTorch's "[cpuinfo…"
     if not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"benchmark of '{spec}' failed (exit {proc.returncode}): {tail}")
+        raise crashed(proc.returncode, (proc.stderr.strip().splitlines() or ["no output"])[-1])
     result = json.loads(lines[-1])
-    if "error" in result:
+    if isinstance(result, dict) and "error" in result:
         raise SharpError(result["error"])
     return result
+
+
+def measure_in_subprocess(spec: str, mode: str, tokens: int, repeats: int, prompt_tokens: int, threads: int,
+                          compile: bool = False, load_repeats: int = 0, device: str = "cpu") -> dict:
+    args = [spec, "--mode", mode, "--tokens", str(tokens), "--repeats", str(repeats), "--prompt-tokens",
+            str(prompt_tokens), "--threads", str(threads), "--load-repeats", str(load_repeats), "--device", device]
+    if compile:
+        args.append("--compile")
+    return _run_json("sharp.bench.measure", args, lambda code, tail: RuntimeError(
+        f"benchmark of '{spec}' failed (exit {code}): {tail}"))
 
 
 def paired_in_subprocess(parsed: list[tuple[str, str]], tokens: int, prompt_tokens: int, threads: int,
                          rounds: int) -> list[dict]:
     """`sharp.bench.paired` on every model in one fresh process: per model, its per-round decode speed ratios
     against the first model, their median and 95% interval."""
-    cmd = [sys.executable, "-m", "sharp.bench.paired", *(f"{m}@{mode}" for m, mode in parsed), "--rounds",
-           str(rounds), "--tokens", str(tokens), "--prompt-tokens", str(prompt_tokens), "--threads", str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(("[", "{"))]
-    if not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise SharpError(f"the paired decode failed (exit {proc.returncode}: {tail}); it holds every model in memory "
-                         "at once: leave out --paired or bench fewer models")
-    result = json.loads(lines[-1])
-    if isinstance(result, dict):
-        raise SharpError(result["error"])
-    return result
+    args = [*(f"{m}@{mode}" for m, mode in parsed), "--rounds", str(rounds), "--tokens", str(tokens),
+            "--prompt-tokens", str(prompt_tokens), "--threads", str(threads)]
+    return _run_json("sharp.bench.paired", args, lambda code, tail: SharpError(
+        f"the paired decode failed (exit {code}: {tail}); it holds every model in memory at once: leave out "
+        "--paired or bench fewer models"))
 
 
 def pool_paired(runs: list[dict], firsts: list[dict]) -> dict:
