@@ -4,13 +4,14 @@ load, TTFT, decode tokens/s, peak RSS (`sharp bench`, interleaved rounds), perpl
 themselves, logit equivalence with PyTorch; and `sharp quantize --recovery-bits / --embedding-bits` in PyTorch.
 Writes docs/results/ondevice_smollm2.md (+ .json).
 
-    python benchmarks/ondevice_smollm2.py --trained runs/trained_next6-29 [--rounds 3] [--paired 15]
+    python benchmarks/ondevice_smollm2.py --trained runs/trained_next6-29 [--trained runs/next6-29_r16] [--paired 15]
     python benchmarks/ondevice_smollm2.py --model /path/to/stories260K --strategies next:1-4 --quick   # dry run
 
 Here (one core): ~45 min of exports, then ~50 min of measuring. Needs the `[executorch]` extra. Exports are cached
 in --work (a folder that holds model.pte is not exported again), so the script can be stopped and rerun. Without
 --trained the next:6-29 checkpoint is an untrained `sharp share` (its perplexity is Direct Sharing's); group:3:3-29
-is always untrained (lora:64, B = 0).
+is always untrained (lora:64, B = 0). Several --trained checkpoints of the first strategy (e.g. two recovery ranks)
+each get their rows, labelled with their recovery.
 """
 
 from __future__ import annotations
@@ -43,14 +44,17 @@ def sharp_cli(*args: str) -> None:
                     *args], check=True)
 
 
-def prepare(model: str, work: Path, strategies: list[str], trained: str | None) -> dict[str, Path]:
-    """{label: source}: the original model folder and one sharp checkpoint per strategy."""
+def prepare(model: str, work: Path, strategies: list[str], trained: list[str]) -> dict[str, Path]:
+    """{label: source}: the original model folder and one sharp checkpoint per strategy (the first strategy's are
+    the `trained` ones, if any, labelled with their recovery when there are several)."""
     from sharp.io.models import resolve_model_path
 
     sources = {"original": Path(resolve_model_path(model))}
     for i, strategy in enumerate(strategies):
         if i == 0 and trained:
-            sources[f"SHARP {strategy}"] = Path(trained)
+            for t in trained:
+                recovery = json.loads((Path(t) / "sharp_config.json").read_text())["recovery"]
+                sources[f"SHARP {strategy}" + (f" {recovery}" if len(trained) > 1 else "")] = Path(t)
             continue
         folder = work / f"share_{strategy.replace(':', '_')}"
         if not folder.exists():
@@ -139,7 +143,7 @@ def pytorch_quantize(sources: dict[str, Path], work: Path, exs: list[dict]) -> l
 
     rows = []
     label, src = list(sources.items())[1]
-    bf16 = {"original": work / "orig_bf16", label: work / "sharp_bf16"}
+    bf16 = {"original": work / "orig_bf16", label: work / f"{src.name}_bf16"}  # by source: --trained may change
     if not bf16["original"].exists():
         m, tok = sharp.load_model(str(sources["original"]), dtype=torch.bfloat16)
         m.save_pretrained(bf16["original"])
@@ -153,7 +157,7 @@ def pytorch_quantize(sources: dict[str, Path], work: Path, exs: list[dict]) -> l
     cache_file = work / "q4_ppl_cache.json"
     cache = json.loads(cache_file.read_text()) if cache_file.is_file() else {}
     for name, rbits, ebits in variants:
-        out = work / f"q4_{'orig' if name == 'original' else 'sharp'}_r{rbits}_e{ebits}"
+        out = work / f"q4_{'orig' if name == 'original' else src.name}_r{rbits}_e{ebits}"
         if not out.exists():
             sharp_cli("quantize", str(bf16[name]), "--bits", "4", "--method", "quanto", "--recovery-bits",
                       str(rbits), "--embedding-bits", str(ebits), "--out", str(out))
@@ -176,7 +180,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--strategies", default="next:6-29,group:3:3-29")
-    p.add_argument("--trained", default=None, help="a recovered checkpoint of the first strategy")
+    p.add_argument("--trained", action="append", default=[], help="a recovered checkpoint of the first strategy "
+                   "(repeat for several, e.g. two recovery ranks)")
     p.add_argument("--work", default=str(ROOT / "runs" / "ondevice_smollm2"))
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "ondevice_smollm2.md"))
     p.add_argument("--rounds", type=int, default=3)
@@ -235,7 +240,7 @@ def main() -> None:
     for key, r in zip(keys, report["models"], strict=True):
         label, prec = key
         base = report["models"][keys.index(("original", prec.split(",")[0]))]
-        untrained = label != "original" and not (args.trained and sources[label] == Path(args.trained))
+        untrained = label != "original" and sources[label] not in map(Path, args.trained)
         lossy = prec != "fp32"  # quantized or half precision: the program's own perplexity, not PyTorch fp32's
         if args.program_ppl == "all" or (lossy and not untrained):
             ppl = program_ppl(programs[key]["path"], exs, ppl_cache, ppl_file)
@@ -256,7 +261,7 @@ def main() -> None:
                                                          "ppl_examples": args.ppl_examples},
               "threads": args.threads or _threads(), "sources": {k: str(v) for k, v in sources.items()},
               "trained": args.trained,
-              "training": _training(args.trained), "note": args.note,
+              "training": [_training(t) for t in args.trained], "note": args.note,
               "rows": rows, "equivalence": equiv, "torch_ppl": torch_ppl_rows, "pytorch_quantize": quant_rows,
               "reference_gguf": _gguf_reference()}
     out = Path(args.out)
@@ -328,30 +333,59 @@ def _mib(b: float) -> str:
 def _training_lines(t: dict | None) -> list[str]:
     if not t:
         return []
-    c, p = t["config"], t["perplexity"] or {}
-    return [f"- recovered checkpoint: `sharp compress {c['model']} --strategy {c['strategy']} --recovery "
-            f"{c['recovery']} --data '{c['data']}' --slw-steps {c['slw_steps']} --sft-steps {c['sft_steps']} "
-            f"--lr {c['lr']} --max-len {c['max_len']}` (SLW then SFT, {t['seconds'].get('slw', 0) / 60:.0f} + "
-            f"{t['seconds'].get('sft', 0) / 60:.0f} min here): a deliberately short budget, enough for the "
-            f"on-device numbers (bytes and speed do not depend on training), not for quality. Its own eval on "
-            f"`{t['eval_data']}`: original {p.get('original', 0):.2f}, Direct Sharing {p.get('direct', 0):,.0f}, "
+    c, p, sec = t["config"], t["perplexity"] or {}, t["seconds"]
+    command = (f"sharp compress {c['model']} --strategy {c['strategy']} --recovery {c['recovery']} --data "
+               f"'{c['data']}' --slw-steps {c['slw_steps']} --sft-steps {c['sft_steps']} --lr {c['lr']} "
+               f"--max-len {c['max_len']}")
+    return [f"- recovered checkpoint ({c['recovery']}): `{command}` (SLW then SFT, {sec.get('slw', 0) / 60:.0f} + "
+            f"{sec.get('sft', 0) / 60:.0f} min here): a deliberately short budget, enough for the on-device numbers "
+            f"(bytes and speed do not depend on training), not for quality. Its own eval on `{t['eval_data']}`: "
+            f"original {p.get('original', 0):.2f}, Direct Sharing {p.get('direct', 0):,.0f}, "
             f"SLW {p.get('slw', 0):.1f}, SFT {p.get('sft', 0):.1f}"]
+
+
+def _rank_lines(r: dict, recovered: list[str]) -> list[str]:
+    """Where several recovered checkpoints of one strategy were measured (two recovery ranks, say): what each
+    costs and buys per precision, side by side."""
+    if len(recovered) < 2:
+        return []
+    lines = ["", "## Recovered checkpoints side by side", "",
+             "The same strategy with different recovery, per precision: bytes and paired decode against the "
+             "original in that precision, and held-out perplexity.", "",
+             "| precision | " + " | ".join(recovered) + " |", "|---|" + "---|" * len(recovered)]
+    for prec in dict.fromkeys(row["precision"] for row in r["rows"]):
+        cells = []
+        for label in recovered:
+            row = next((x for x in r["rows"] if x["model"] == label and x["precision"] == prec), None)
+            if row is None:
+                cells.append("–")
+                continue
+            paired = row.get("paired")
+            decode = f"{paired['median']:.3f}×" if paired else f"{row['vs_original']['decode_tok_s']:.2f}×"
+            cells.append(f"{row['vs_original']['bytes_on_disk']:.3f}× bytes, decode {decode}, ppl {_ppl(row['ppl'])}")
+        lines.append(f"| {prec} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def render(r: dict) -> str:
     m, s = r["machine"], r["settings"]
-    trained = r["trained"]
+    trained = r["trained"] if isinstance(r["trained"], list) else [r["trained"]] * bool(r["trained"])  # was one
+    trained = [str(Path(t)) for t in trained]
+    training = r.get("training")
+    training = training if isinstance(training, list) else [training]  # one checkpoint in earlier runs
+    recovered = [k for k, v in r["sources"].items() if v in trained]
     first = next(k for k in r["sources"] if k != "original")
     lines = [
         "# SHARP SmolLM2-135M on an on-device runtime: ExecuTorch",
         "",
         f"Generated by `benchmarks/ondevice_smollm2.py` ({r['started']} – {r['finished']}). "
-        + (f"The {first} rows are the **recovered** checkpoint `{trained}`. " if trained else
+        + ("".join(f"The {k} rows are the **recovered** checkpoint `{r['sources'][k]}`. " for k in recovered)
+           if recovered else
            f"The {first} rows are an **untrained** `sharp share` (lora:64, B = 0: Direct Sharing's perplexity). ")
         + "The other SHARP rows carry **untrained** lora:64 recovery (their perplexity is Direct Sharing's; size "
           "and speed do not depend on training).",
         "",
-        *_training_lines(r.get("training")),
+        *[line for t in training for line in _training_lines(t)],
         *([f"- {r['note']}"] if r.get("note") else []),
         f"- machine: {m['cpu']}, {m['cores']} cores, load average {m['load_average_1m']:.2f} at start; ExecuTorch's "
         f"Python runtime with {r['threads']} XNNPACK threads",
@@ -422,6 +456,7 @@ def render(r: dict) -> str:
             decode = f"{v['decode_tok_s']:.2f}× {'met' if v['decode_tok_s'] >= 1.0 else 'missed'}"
         lines.append(f"| {row['model']} {row['precision']}: bytes ≤ {want:.2f}×, decode ≥ 1.0× | "
                      f"{v['bytes_on_disk']:.3f}× {'met' if v['bytes_on_disk'] <= want else 'missed'}, {decode} |")
+    lines += _rank_lines(r, recovered)
     lines += ["", "PyTorch fp32 perplexity on the same examples: "
               + ", ".join(f"{k} {v:,.1f}" for k, v in r["torch_ppl"].items()) + ".", ""]
     lines += ["## Logit equivalence (fp32 program vs PyTorch fp32)", "",
