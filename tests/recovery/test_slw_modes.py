@@ -77,6 +77,20 @@ def test_closed_form_init_beats_direct_sharing_and_the_output_only_fit(tmp_path)
         assert set(out_only[t]["init"]["fit"]) == {"down_proj"}
 
 
+@pytest.mark.parametrize("recovery", ["lora:8", "lora+gate:8"])
+def test_closed_form_init_is_never_worse_than_the_output_only_fit(tmp_path, recovery):
+    # closed-form also tries lstsq's fit (the same rows, the same solve) and keeps the best held-out score
+    _, _, cf = _slw("llama", recovery, tmp_path / "cf", steps=1, init="closed-form")
+    _, _, out_only = _slw("llama", recovery, tmp_path / "lstsq", steps=1, init="lstsq")
+    for t in cf:
+        init, alone = cf[t]["init"], out_only[t]["init"]
+        assert init["score_fit_output"] == pytest.approx(alone["score_fit"], rel=1e-5)
+        chosen = min(v for k, v in init.items() if k.startswith("score_"))
+        assert init[f"score_{init['chosen']}"] == chosen
+        assert chosen <= min(v for k, v in alone.items() if k.startswith("score_")) * (1 + 1e-5)
+        assert set(init["fit_output"]) == {"down_proj"}
+
+
 def test_first_sequential_target_sees_the_original_capture(tmp_path):
     original = tiny_model()
     shared = sharp.share(copy.deepcopy(original), "map:2=1,4=3", "lora:4")

@@ -37,7 +37,8 @@ SLW_LR = typer.Option(1e-2, "--slw-lr", help="SLW peak learning rate (AdamW, war
 SLW_BATCH_TOKENS = typer.Option(1024, "--slw-batch-tokens", help="Captured tokens per SLW step.")
 SLW_PATIENCE = typer.Option(4, "--slw-patience", help="SLW evaluations without improvement before stopping early.")
 SLW_INIT = typer.Option("closed-form", "--slw-init", help="closed-form (every shared projection fitted in closed "
-                        "form first), lstsq (the output projection only) or zero.")
+                        "form first; lstsq's fit kept where it scores better), lstsq (the output projection only) "
+                        "or zero.")
 SLW_INPUTS = typer.Option("original", "--slw-inputs", help="original (layers fitted in parallel on the original "
                           "model's activations) or sequential (in layer order, on the partly shared model's).")
 PLAN_ACTIONS = typer.Option("share,drop-mlp,drop-block", "--plan-actions", help="What the planner (--strategy "

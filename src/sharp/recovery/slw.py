@@ -20,11 +20,13 @@ one pooled loss. Early stopping and the kept (best) state use the sum of the two
 Init (`init`):
     closed-form  every shared projection gets its best gated / rank-r correction in closed form on the captured
                  rows (`closed_form.py`: whitened reduced-rank regression; gate/up towards the target's own
-                 projections, then down on the corrected features towards the target MLP's output)
+                 projections, then down on the corrected features towards the target MLP's output); lstsq's
+                 fit is tried too, as a candidate below
     lstsq        the same, for the output projection only (the toolkit's first init)
     zero         start from Direct Sharing
-The init keeps the best held-out of: Direct Sharing, the fit, and (recoveries with a gate) the deleted MLP, so
-a gated target never ends worse than dropping its MLP. Gradient steps (AdamW) then refine from there.
+The init keeps the best held-out of: Direct Sharing, the fit(s), and (recoveries with a gate) the deleted MLP, so
+a gated target never ends worse than dropping its MLP, and closed-form never worse than lstsq (on held-out rows).
+Gradient steps (AdamW) then refine from there.
 
 Inputs (`inputs`):
     original     every target sees the original model's activations: one capture, layers independent, so they

@@ -154,18 +154,29 @@ def deleted_state(job: LayerJob) -> dict[str, torch.Tensor] | None:
 
 
 def initialize(job: LayerJob, rows: Rows, cfg) -> dict:
-    """Apply `cfg.init` and keep, among the identity (Direct Sharing), the fit and (with a gate) the deleted MLP,
-    the state with the best held-out score. Returns the init report."""
-    candidates = {"identity": recovery_state(job.mlp)}
+    """Apply `cfg.init` and keep, among the identity (Direct Sharing), the fit(s) and (with a gate) the deleted
+    MLP, the state with the best held-out score. Returns the init report.
+
+    closed-form also tries lstsq's fit (the output projection alone, on the reference's own features): moving
+    gate/up towards the target's projections can leave features the output projection reads worse than the
+    reference's (SmolLM2, lora:64 without a gate: docs/results/recovery_ablation_smollm2.md's second row), so the
+    held-out score decides per layer."""
+    identity = recovery_state(job.mlp)
+    candidates = {"identity": identity}
     report: dict = {}
     if cfg.init != "zero":
         chunk = 8192
         xs = torch.cat([rows.x_train, rows.sink_train[0]])
         ys = torch.cat([rows.y_train, rows.sink_train[1]])
         chunks = [(xs[i : i + chunk].float(), ys[i : i + chunk].float()) for i in range(0, xs.shape[0], chunk)]
-        projections = job.projections if cfg.init == "closed-form" else job.projections[-1:]
-        report["fit"] = fit_mlp(job.mlp, job.original, projections, chunks, cfg.damping, cfg.fit_iters)
+        report["fit"] = fit_mlp(job.mlp, job.original, job.projections if cfg.init == "closed-form"
+                                else job.projections[-1:], chunks, cfg.damping, cfg.fit_iters)
         candidates["fit"] = recovery_state(job.mlp)
+        if cfg.init == "closed-form" and len(report["fit"]) > 1:  # something besides the output was fitted
+            load_recovery_state(job.mlp, identity)
+            report["fit_output"] = fit_mlp(job.mlp, job.original, job.projections[-1:], chunks, cfg.damping,
+                                           cfg.fit_iters)
+            candidates["fit_output"] = recovery_state(job.mlp)
     if (deleted := deleted_state(job)) is not None:
         candidates["deleted"] = deleted
     scores = {}
