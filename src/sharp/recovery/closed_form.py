@@ -170,7 +170,7 @@ def fit_mlp(mlp: nn.Module, original: nn.Module, projections: tuple[str, ...], c
     report: dict[str, dict[str, float]] = {}
     chunks = list(chunks) if not isinstance(chunks, list | tuple) else chunks
     xx = None
-    for x, _ in chunks:
+    for x, _ in chunks if inputs else ():  # the input covariance: only gate/up's fits read it
         x = float64(x)
         xx = (x.T @ x).cpu() if xx is None else xx + (x.T @ x).cpu()
     for name in inputs:
