@@ -369,10 +369,7 @@ def _rank_lines(r: dict, recovered: list[str]) -> list[str]:
 
 def render(r: dict) -> str:
     m, s = r["machine"], r["settings"]
-    trained = r["trained"] if isinstance(r["trained"], list) else [r["trained"]] * bool(r["trained"])  # was one
-    trained = [str(Path(t)) for t in trained]
-    training = r.get("training")
-    training = training if isinstance(training, list) else [training]  # one checkpoint in earlier runs
+    trained = [str(Path(t)) for t in r["trained"]]  # as `sources` holds them
     recovered = [k for k, v in r["sources"].items() if v in trained]
     first = next(k for k in r["sources"] if k != "original")
     lines = [
@@ -385,7 +382,7 @@ def render(r: dict) -> str:
         + "The other SHARP rows carry **untrained** lora:64 recovery (their perplexity is Direct Sharing's; size "
           "and speed do not depend on training).",
         "",
-        *[line for t in training for line in _training_lines(t)],
+        *[line for t in r["training"] for line in _training_lines(t)],
         *([f"- {r['note']}"] if r.get("note") else []),
         f"- machine: {m['cpu']}, {m['cores']} cores, load average {m['load_average_1m']:.2f} at start; ExecuTorch's "
         f"Python runtime with {r['threads']} XNNPACK threads",
