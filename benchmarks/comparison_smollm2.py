@@ -45,6 +45,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--slw-tokens", type=int, default=24576)
     p.add_argument("--slw-init", default="closed-form")
     p.add_argument("--slw-inputs", default="original")
+    p.add_argument("--slw-sink-weight", type=float, default=1.0)
     p.add_argument("--sft-steps", type=int, default=60)
     p.add_argument("--loss", default="kd", help="SHARP SFT and every heal: ce, kd or ce+kd")
     p.add_argument("--train", default="full-lora", help="what SHARP's SFT trains (compress --train)")
@@ -58,6 +59,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--reference-limit", type=int, default=25, help="held-out GPT4-Alpaca examples, reference check")
     p.add_argument("--threads", type=int, default=0, help="CPUs this run may use (pinned; 0 = all)")
+    p.add_argument("--note", default="", help="a paragraph for the document (e.g. which rows came from the cache)")
     return p.parse_args()
 
 
@@ -139,7 +141,8 @@ def main() -> None:
         model=args.model, strategy=args.strategy, recovery=args.recovery, data=f"alpaca:{ALPACA}[:899]", eval=tasks,
         out=str(work / "compare"), calib_samples=args.calib_samples, slw_steps=args.slw_steps,
         slw_fraction=args.slw_fraction, slw_tokens=args.slw_tokens, slw_init=args.slw_init, slw_inputs=args.slw_inputs,
-        sft_steps=args.sft_steps, loss=args.loss, train=args.train, planned=args.planned, methods=args.methods,
+        slw_sink_weight=args.slw_sink_weight, sft_steps=args.sft_steps, loss=args.loss, train=args.train,
+        planned=args.planned, methods=args.methods,
         plan_min_shared=args.plan_min_shared, lr=args.lr, batch_size=args.batch_size,
         max_len=args.max_len, eval_fraction=0.01, eval_max_len=512, eval_limit=args.eval_limit, eval_batch_size=2,
         overwrite=True)
@@ -187,6 +190,7 @@ def write_doc(path: Path, cfg, args, result: dict, ref: dict, compare_s: float, 
         f"{platform.machine()}, {args.threads or 'all'} CPU thread(s) on a shared 2-core machine). Do not edit "
         "by hand; rerun the script.",
         "",
+        *([args.note, ""] if args.note else []),
         "## Budget used (read this first)",
         "",
         f"Building and evaluating the rows took **{total_s / 60:.1f} min** of compute (comparison "
@@ -200,7 +204,8 @@ def write_doc(path: Path, cfg, args, result: dict, ref: dict, compare_s: float, 
         f"{args.lr}, max {args.max_len} tokens, loss **{args.loss}** (kd: distillation from the original model), "
         f"LoRA r={cfg.full_lora_rank} on the remaining linear layers; SHARP trains `{args.train}` (its recovery "
         "parameters on top); trained parameters and training tokens are in the table;",
-        f"- SLW: init {args.slw_init}, inputs {args.slw_inputs}, {args.slw_steps} AdamW steps per target layer on a "
+        f"- SLW: init {args.slw_init}, inputs {args.slw_inputs}, sink weight {args.slw_sink_weight}, "
+        f"{args.slw_steps} AdamW steps per target layer on a "
         f"random {args.slw_fraction:.0%} of the 899 training records (≤ {args.slw_tokens:,} tokens per target);",
         f"- baselines' calibration (angular distances, Taylor importance): {args.calib_samples} training examples;",
         f"- recovery `{args.recovery}` on `{args.strategy}`"

@@ -67,6 +67,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--slw-steps", type=int, default=100)
     p.add_argument("--slw-fraction", type=float, default=0.15)
     p.add_argument("--slw-tokens", type=int, default=24576)
+    p.add_argument("--slw-sink-weight", type=float, default=1.0, help="compress --slw-sink-weight, every row")
     p.add_argument("--sft-steps", type=int, default=60)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -94,6 +95,8 @@ def row_settings(args: argparse.Namespace, upto: str, stored: int | None = None)
                 "slw_fraction": args.slw_fraction, "slw_tokens": args.slw_tokens, "sft_steps": args.sft_steps,
                 "batch_size": args.batch_size, "lr": args.lr, "max_len": args.max_len, "eval_steps": 0,
                 "save_steps": 20}
+    if args.slw_sink_weight != 1.0:  # only when set, so rows cached before the flag existed stay valid
+        settings["slw_sink_weight"] = args.slw_sink_weight
     for key, _, change in LEVERS:
         settings.update({k: v.format(stored=stored) if isinstance(v, str) else v for k, v in change.items()})
         if key == upto:
@@ -207,7 +210,8 @@ def write_doc(path: Path, args: argparse.Namespace, results: list) -> None:
         f"- training data: GPT4-Alpaca records [:899]; held out: the last {args.eval_limit} records (never trained on)",
         f"- SLW: a random {args.slw_fraction:.0%} of the training records, at most {args.slw_tokens:,} tokens per "
         f"target, {args.slw_steps} AdamW steps per target at peak lr 1e-2 (early stopping allowed; the last row "
-        "changes this budget, as it says)",
+        "changes this budget, as it says)" + (f"; attention-sink weight {args.slw_sink_weight} (default 1.0)"
+                                              if args.slw_sink_weight != 1.0 else ""),
         f"- SFT: {args.sft_steps} steps × batch {args.batch_size}, lr {args.lr}, max {args.max_len} tokens",
         f"- evaluation: {args.eval_limit} examples per task (WikiText-2: {args.eval_limit} windows of "
         f"{args.max_len * 2} tokens); ± = standard error of the mean NLL per token (nats)",

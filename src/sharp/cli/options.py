@@ -36,6 +36,9 @@ SLW_STEPS = typer.Option(300, "--slw-steps", help="SLW optimizer steps per targe
 SLW_LR = typer.Option(1e-2, "--slw-lr", help="SLW peak learning rate (AdamW, warmup + cosine).")
 SLW_BATCH_TOKENS = typer.Option(1024, "--slw-batch-tokens", help="Captured tokens per SLW step.")
 SLW_PATIENCE = typer.Option(4, "--slw-patience", help="SLW evaluations without improvement before stopping early.")
+SLW_SINK_WEIGHT = typer.Option(1.0, "--slw-sink-weight", help="Weight of the attention-sink rows (position 0) in "
+                               "SLW's loss and early-stopping score, next to the other tokens' (each a relative "
+                               "error).")
 SLW_INIT = typer.Option("closed-form", "--slw-init", help="closed-form (every shared projection fitted in closed "
                         "form first; lstsq's fit kept where it scores better), lstsq (the output projection only) "
                         "or zero.")
@@ -72,7 +75,8 @@ RECOVERY_OPTIONS = {  # the other RecoverySettings fields (data and out are the 
     # tests/cli/test_options.py checks the defaults against the dataclass
     "slw_fraction": SLW_FRACTION, "slw_tokens": SLW_TOKENS, "slw_workers": SLW_WORKERS, "slw_backend": SLW_BACKEND,
     "ray_address": RAY_ADDRESS, "slw_task_gpus": SLW_TASK_GPUS, "slw_steps": SLW_STEPS, "slw_lr": SLW_LR,
-    "slw_batch_tokens": SLW_BATCH_TOKENS, "slw_patience": SLW_PATIENCE, "slw_init": SLW_INIT, "slw_inputs": SLW_INPUTS,
+    "slw_batch_tokens": SLW_BATCH_TOKENS, "slw_patience": SLW_PATIENCE,
+    "slw_sink_weight": SLW_SINK_WEIGHT, "slw_init": SLW_INIT, "slw_inputs": SLW_INPUTS,
     "plan_actions": PLAN_ACTIONS, "plan_min_shared": PLAN_MIN_SHARED, "sft_steps": SFT_STEPS, "loss": LOSS,
     "kd_temperature": KD_TEMPERATURE, "lr": LR, "shared_lr": SHARED_LR, "batch_size": BATCH_SIZE,
     "grad_accum": GRAD_ACCUM, "max_len": MAX_LEN, "eval_fraction": EVAL_FRACTION, "seed": SEED, "template": TEMPLATE,

@@ -46,6 +46,7 @@ class RecoverySettings:
     slw_lr: float = 1e-2
     slw_batch_tokens: int = 1024
     slw_patience: int = 4
+    slw_sink_weight: float = 1.0  # weight of the attention-sink rows' relative loss next to the other tokens'
     slw_init: str = "closed-form"  # closed-form | lstsq | zero (see sharp.recovery.slw)
     slw_inputs: str = "original"  # original | sequential
     plan_actions: str = "share,drop-mlp,drop-block"  # what --strategy auto:BUDGET may choose per layer
@@ -75,8 +76,8 @@ class RecoverySettings:
         from sharp.recovery.slw_config import SLWConfig
 
         return SLWConfig(steps=self.slw_steps, lr=self.slw_lr, batch_tokens=self.slw_batch_tokens,
-                         patience=self.slw_patience, init=self.slw_init, inputs=self.slw_inputs,
-                         max_tokens=self.slw_tokens, workers=self.slw_workers, seed=self.seed,
+                         patience=self.slw_patience, sink_weight=self.slw_sink_weight, init=self.slw_init,
+                         inputs=self.slw_inputs, max_tokens=self.slw_tokens, workers=self.slw_workers, seed=self.seed,
                          backend=self.slw_backend, ray_address=self.ray_address, task_gpus=self.slw_task_gpus)
 
 

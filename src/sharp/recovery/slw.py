@@ -15,7 +15,8 @@ as deleting the MLP.
 Rows at positions < `sink_positions` (position 0 by default) form a second group with its own relative loss
 term (weight `sink_weight`): some MLPs write a massive attention-sink activation there (SmolLM2's layer 11,
 13x the residual), which must be reproduced or the whole model breaks, yet it would swamp the ordinary tokens in
-one pooled loss. Early stopping and the kept (best) state use the sum of the two held-out squared errors.
+one pooled loss. Early stopping and the kept (best) state use err^2 + sink_weight * sink_err^2 on held-out rows
+(`--slw-sink-weight`).
 
 Init (`init`):
     closed-form  every shared projection gets its best gated / rank-r correction in closed form on the captured
