@@ -45,7 +45,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--slw-tokens", type=int, default=24576)
     p.add_argument("--slw-init", default="closed-form")
     p.add_argument("--slw-inputs", default="original")
-    p.add_argument("--slw-sink-weight", type=float, default=1.0)
+    p.add_argument("--slw-sink-weight", type=float, default=0.1)
     p.add_argument("--sft-steps", type=int, default=60)
     p.add_argument("--loss", default="kd", help="SHARP SFT and every heal: ce, kd or ce+kd")
     p.add_argument("--train", default="full-lora", help="what SHARP's SFT trains (compress --train)")

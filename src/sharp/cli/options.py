@@ -36,7 +36,7 @@ SLW_STEPS = typer.Option(300, "--slw-steps", help="SLW optimizer steps per targe
 SLW_LR = typer.Option(1e-2, "--slw-lr", help="SLW peak learning rate (AdamW, warmup + cosine).")
 SLW_BATCH_TOKENS = typer.Option(1024, "--slw-batch-tokens", help="Captured tokens per SLW step.")
 SLW_PATIENCE = typer.Option(4, "--slw-patience", help="SLW evaluations without improvement before stopping early.")
-SLW_SINK_WEIGHT = typer.Option(1.0, "--slw-sink-weight", help="Weight of the attention-sink rows (position 0) in "
+SLW_SINK_WEIGHT = typer.Option(0.1, "--slw-sink-weight", help="Weight of the attention-sink rows (position 0) in "
                                "SLW's loss and early-stopping score, next to the other tokens' (each a relative "
                                "error).")
 SLW_INIT = typer.Option("closed-form", "--slw-init", help="closed-form (every shared projection fitted in closed "

@@ -46,7 +46,7 @@ class RecoverySettings:
     slw_lr: float = 1e-2
     slw_batch_tokens: int = 1024
     slw_patience: int = 4
-    slw_sink_weight: float = 1.0  # weight of the attention-sink rows' relative loss next to the other tokens'
+    slw_sink_weight: float = 0.1  # weight of the attention-sink rows' relative loss next to the other tokens'
     slw_init: str = "closed-form"  # closed-form | lstsq | zero (see sharp.recovery.slw)
     slw_inputs: str = "original"  # original | sequential
     plan_actions: str = "share,drop-mlp,drop-block"  # what --strategy auto:BUDGET may choose per layer

@@ -40,7 +40,7 @@ class SLWConfig:
     max_tokens: int | None = None  # per-layer token budget of the capture (None: every token of the SLW data)
     skip_positions: int = 0  # drop the first positions of each sequence entirely (not recommended, see sink_*)
     sink_positions: int = 1  # rows at positions < this (attention-sink tokens) are fitted as a separate group
-    sink_weight: float = 1.0  # weight of the sink group's relative loss next to the other tokens'
+    sink_weight: float = 0.1  # weight of the sink group's relative loss next to the other tokens' (see slw.py)
     sink_batch: int = 32  # sink rows per step
     dtype: str = "float16"  # stored activations (float16/bfloat16 halve the disk of float32)
     keep_activations: bool = False  # keep the captured shards once every layer is trained
