@@ -27,8 +27,8 @@ def test_every_recovery_setting_has_one_flag_with_the_api_default():
 
 
 def test_slw_settings_reach_the_slw_config():
-    settings = RecoverySettings("stories", "next:1-4", "lora:4", "alpaca-demo", "o", slw_sink_weight=0.25,
-                                slw_patience=7, slw_lr=3e-3, slw_tokens=100)
+    settings = RecoverySettings(model="stories", strategy="next:1-4", recovery="lora:4", data="alpaca-demo", out="o",
+                                slw_sink_weight=0.25, slw_patience=7, slw_lr=3e-3, slw_tokens=100)
     cfg = settings.slw_config()
     assert (cfg.sink_weight, cfg.patience, cfg.lr, cfg.max_tokens) == (0.25, 7, 3e-3, 100)
 

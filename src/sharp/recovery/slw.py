@@ -27,8 +27,9 @@ Init (`init`):
                  fit is tried too, as a candidate below
     lstsq        the same, for the output projection only (the toolkit's first init)
     zero         start from Direct Sharing
-The init keeps the best held-out of: Direct Sharing, the fit(s), and (recoveries with a gate) the deleted MLP, so
-a gated target never ends worse than dropping its MLP, and closed-form never worse than lstsq (on held-out rows).
+The init keeps the best held-out of: Direct Sharing, the fit(s), and (recoveries with a gate) the deleted MLP, and
+a gated target keeps no state worse than its deleted MLP on either group (ordinary or sink rows), so it never ends
+worse than dropping its MLP; closed-form never ends worse than lstsq (on held-out rows).
 Gradient steps (AdamW) then refine from there.
 
 Inputs (`inputs`):

@@ -115,13 +115,22 @@ class Score:
 
     err: float
     sink: float | None
-    value: float
+    value: float  # err^2 + sink_weight * sink^2
+    in_bounds: bool = True
+
+    @property
+    def rank(self) -> float:
+        """What the init's choice and early stopping minimize: the value, or inf out of bounds (never kept)."""
+        return self.value if self.in_bounds else math.inf
 
 
-def evaluate(job: LayerJob, rows: Rows, sink_weight: float) -> Score:
+def evaluate(job: LayerJob, rows: Rows, sink_weight: float, bounded: bool = False) -> Score:
+    """`bounded` (a gated target, which can always fall back to its deleted MLP): a state worse than the deleted
+    MLP on either group (rel-err > 1) is out of bounds, so it is never kept, whatever the sink weight trades."""
     err = rel_err(job, rows.x_eval, rows.y_eval)
     sink = rel_err(job, *rows.sink_eval) if rows.sink_eval[0].shape[0] else None
-    return Score(err, sink, err**2 + (sink_weight * sink**2 if sink is not None else 0.0))
+    value = err**2 + (sink_weight * sink**2 if sink is not None else 0.0)
+    return Score(err, sink, value, in_bounds=not bounded or max(err, sink or 0.0) <= 1 + 1e-6)
 
 
 # --- init -------------------------------------------------------------------------------------------------
@@ -182,10 +191,12 @@ def initialize(job: LayerJob, rows: Rows, cfg) -> dict:
     scores = {}
     for name, state in candidates.items():
         load_recovery_state(job.mlp, state)
-        scores[name] = evaluate(job, rows, cfg.sink_weight)
-    best = min(scores, key=lambda n: scores[n].value)
+        scores[name] = evaluate(job, rows, cfg.sink_weight, bounded=deleted is not None)
+    best = min(scores, key=lambda n: scores[n].rank)
     load_recovery_state(job.mlp, candidates[best])
     report.update(chosen=best, **{f"score_{n}": s.value for n, s in scores.items()})
+    if out := [n for n, s in scores.items() if not s.in_bounds]:
+        report["out_of_bounds"] = out  # worse than the deleted MLP on ordinary or sink rows
     return {"report": report, "before": scores["identity"], "init": scores[best]}
 
 
@@ -301,9 +312,10 @@ def train_layer(job: LayerJob, threads: int, report: Callable[..., None] | None 
                                                                                          + rows.sink_eval[0].shape[0]),
                 "train_tokens": int(rows.x_train.shape[0]), "eval_tokens": int(rows.x_eval.shape[0]),
                 "params": sum(p.numel() for p in params)}
-        stopper = EarlyStopping(chosen.value, recovery_state(mlp), cfg.patience, cfg.min_delta)
+        stopper = EarlyStopping(chosen.rank, recovery_state(mlp), cfg.patience, cfg.min_delta)
         log(job.log_path, {"event": "start", "layer": job.layer, "rel_err_before": before.err,
                            "rel_err_init": chosen.err, "init": init["report"].get("chosen")})
+    gated = deleted_state(job) is not None
     steps_this_call = 0
     running = None
     x_tr, y_tr = rows.x_train, rows.y_train
@@ -332,12 +344,12 @@ def train_layer(job: LayerJob, threads: int, report: Callable[..., None] | None 
         info["step"] = step = step + 1
         steps_this_call += 1
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            score = evaluate(job, rows, cfg.sink_weight)
+            score = evaluate(job, rows, cfg.sink_weight, bounded=gated)
             point = {"step": step, "train_loss": running, "rel_err": score.err, "sink_rel_err": score.sink,
                      "lr": scheduler.get_last_lr()[0]}
             info["curve"].append(point)
             log(job.log_path, {"event": "eval", "layer": job.layer, **point})
-            if stopper.update(score.value, lambda: recovery_state(mlp)):
+            if stopper.update(score.rank, lambda: recovery_state(mlp)):
                 info.update(best_step=step, rel_err_after=score.err, sink_rel_err_after=score.sink)
             info["stopped_early"] = stopper.stop
         if step % cfg.checkpoint_every == 0 and step < cfg.steps and not info["stopped_early"]:
