@@ -1,8 +1,9 @@
 """Why SLW must fit position 0: SmolLM2's layer 11 writes a massive attention-sink activation there.
 
 Shares layers 11 and 29 (map:11=10,29=28, lora:64), runs SLW twice on the same captured data, once dropping
-position 0 from the data (the first design) and once with the default (position 0 fitted as its own loss
-group), and reports held-out response perplexity. Writes docs/results/position0_smollm2.md.
+position 0 from the data (the first design) and once with position 0 fitted as its own loss group at weight 1.0
+(the default until docs/results/sink_weight_smollm2.md), and reports held-out response perplexity. Writes
+docs/results/position0_smollm2.md.
 
     python benchmarks/position0_smollm2.py [--steps 60] [--train 48] [--eval 16]
 """
@@ -48,7 +49,7 @@ def main() -> None:
     rows.append(("Direct Sharing", response_perplexity(direct, held, 8, progress=False)["ppl"], None, None))
     variants = {
         "SLW, position 0 dropped from the data": dict(skip_positions=1, sink_positions=0),
-        "SLW, position 0 fitted as its own group (default)": {},
+        "SLW, position 0 fitted as its own group (sink weight 1.0)": dict(sink_weight=1.0),
     }
     for name, kw in variants.items():
         shared = sharp.share(copy.deepcopy(model), args.strategy, "lora:64")

@@ -1,17 +1,19 @@
-"""SLW's attention-sink weight, swept on one ablation row → docs/results/sink_weight_smollm2.md.
+"""SLW's attention-sink weight, swept on ablation rows → docs/results/sink_weight_smollm2.md.
 
-    .venv/bin/python benchmarks/sink_weight_smollm2.py --weights 0.02,0.1,1,3      # the budget flags of
-                                                                                  # recovery_ablation_smollm2.py
+    .venv/bin/python benchmarks/sink_weight_smollm2.py --rows gate,closed-form \
+        --weights 'gate=0.02,0.1,1,3;closed-form=0.1,1'     # or one list for every row; + the budget flags of
+                                                            # recovery_ablation_smollm2.py
 
-Each weight is one `sharp compress` of recovery_ablation_smollm2.py's `--row` (default "gate": `lora+gate:64` on
-`next:6-29`, closed-form init, CE SFT) with `--slw-sink-weight W`, nothing else changed, and the same three-task
-evaluation. SLW scores a state by err^2 + W * sink_err^2 (held-out ordinary-token and position-0 relative errors)
-and trains on the same weighted loss, so W decides how much ordinary-token error SLW gives up for the attention
-sink. Finished runs are cached in `--work`/sink-W/rows.json.
+Each (row, weight) is one `sharp compress` of recovery_ablation_smollm2.py's row (e.g. "gate": `lora+gate:64` on
+`next:6-29`, closed-form init, CE SFT; "closed-form": the same without the gate) with `--slw-sink-weight W`,
+nothing else changed, and the same three-task evaluation. SLW scores a state by err^2 + W * sink_err^2 (held-out
+ordinary-token and position-0 relative errors) and trains on the same weighted loss, so W decides how much
+ordinary-token error SLW gives up for the attention sink. Finished runs are cached in `--work`/ROW/sink-W/rows.json.
 """
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -24,43 +26,68 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import recovery_ablation_smollm2 as ablation  # noqa: E402  (the rows, their budget and evaluation)
 
 ROOT = ablation.ROOT
+ROWS = [key for key, _, change in ablation.LEVERS if "strategy" not in change][:6]  # rows with a fixed strategy
 
 
 def main() -> None:
     p = ablation.build_parser()
     p.description = __doc__.splitlines()[0]
-    p.add_argument("--weights", default="0.02,0.1,1,3")
-    p.add_argument("--row", default="gate", help="the ablation row to sweep (its settings, cumulative)")
+    p.add_argument("--weights", default="0.02,0.1,1,3", help="W,W,... for every row, or ROW=W,W,...;ROW=...")
     p.add_argument("--note", default="", help="a paragraph for the document (e.g. which commit made which run)")
-    p.set_defaults(work="runs/sink_weight_smollm2", doc=str(ROOT / "docs" / "results" / "sink_weight_smollm2.md"))
+    p.set_defaults(rows="gate", work="runs/sink_weight_smollm2",
+                   doc=str(ROOT / "docs" / "results" / "sink_weight_smollm2.md"))
     args = p.parse_args()
+    if args.slw_sink_weight != 1.0:
+        p.error("--slw-sink-weight: this script sets the weight of each run from --weights")
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    if bad := [r for r in rows if r not in ROWS]:
+        p.error(f"--rows: {', '.join(bad)} not sweepable here; choose from {', '.join(ROWS)}")
     if args.threads:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
-    results, known = [], {}
-    for weight in [float(w) for w in args.weights.split(",")]:
-        args.slw_sink_weight = weight
-        settings = ablation.row_settings(args, args.row)
-        work = Path(args.work) / f"sink-{weight:g}"
-        work.mkdir(parents=True, exist_ok=True)
-        cache_path = work / "rows.json"
-        cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
-        hit = cache.get(args.row)
-        if hit and ablation.same_settings(hit["settings"], settings):
-            ablation.log(f"sink weight {weight:g}: cached")
-        else:
-            ablation.log(f"sink weight {weight:g}: running {json.dumps(settings)}")
-            hit = ablation.run_row(args.row, settings, work, args, known)
-            cache[args.row] = hit
-            cache_path.write_text(json.dumps(cache, indent=2, sort_keys=True, default=str))
-        known = {k: hit["summary"]["perplexity"][k] for k in ("original", "direct")}
-        results.append((weight, hit))
+    results, known = {}, {}
+    weights = parse_weights(args.weights, rows, p)
+    for row in rows:
+        for weight in weights[row]:
+            hit = run_cached(row, weight, args, known)
+            known = {k: hit["summary"]["perplexity"][k] for k in ("original", "direct")}  # within the row
+            results.setdefault(row, []).append((weight, hit))
+        known.pop("direct", None)
     write_doc(Path(args.doc), args, results)
     ablation.log(f"wrote {args.doc}")
 
 
-def write_doc(path: Path, args, results: list) -> None:
-    tasks = list(results[0][1]["eval"])
-    label = next(label for key, label, _ in ablation.LEVERS if key == args.row)
+def parse_weights(text: str, rows: list[str], p: argparse.ArgumentParser) -> dict[str, list[float]]:
+    try:
+        if "=" not in text:
+            return {row: [float(w) for w in text.split(",")] for row in rows}
+        given = {k.strip(): [float(w) for w in v.split(",")] for k, v in (e.split("=") for e in text.split(";"))}
+    except ValueError:
+        p.error(f"--weights: cannot read '{text}' (W,W,... or ROW=W,W,...;ROW=...)")
+    if missing := [r for r in rows if r not in given]:
+        p.error(f"--weights: no weights for {', '.join(missing)}")
+    return given
+
+
+def run_cached(row: str, weight: float, args: argparse.Namespace, known: dict) -> dict:
+    args.slw_sink_weight = weight
+    settings = ablation.row_settings(args, row)
+    work = Path(args.work) / row / f"sink-{weight:g}"
+    work.mkdir(parents=True, exist_ok=True)
+    cache_path = work / "rows.json"
+    cache = json.loads(cache_path.read_text()) if cache_path.is_file() else {}
+    hit = cache.get(row)
+    if hit and ablation.same_settings(hit["settings"], settings):
+        ablation.log(f"{row}, sink weight {weight:g}: cached")
+        return hit
+    ablation.log(f"{row}, sink weight {weight:g}: running {json.dumps(settings)}")
+    hit = ablation.run_row(row, settings, work, args, known)
+    cache[row] = hit
+    cache_path.write_text(json.dumps(cache, indent=2, sort_keys=True, default=str))
+    return hit
+
+
+def write_doc(path: Path, args: argparse.Namespace, results: dict[str, list]) -> None:
+    labels = {key: label for key, label, _ in ablation.LEVERS}
     lines = [
         "# SLW's attention-sink weight — SmolLM2-135M `next:6-29`",
         "",
@@ -68,31 +95,37 @@ def write_doc(path: Path, args, results: list) -> None:
         f"{platform.machine()}, {os.cpu_count()} CPUs shared with other jobs; one run per weight, no repeats). Do "
         "not edit by hand; rerun the script.",
         "",
-        f"Row swept: recovery_ablation_smollm2.py's '{label}' (settings below), the same budget as that file: a "
-        f"random {args.slw_fraction:.0%} of the training records for SLW (≤ {args.slw_tokens:,} tokens per target, "
+        "Rows swept: recovery_ablation_smollm2.py's, with that script's budget: a random "
+        f"{args.slw_fraction:.0%} of the training records for SLW (≤ {args.slw_tokens:,} tokens per target, "
         f"{args.slw_steps} steps), {args.sft_steps} SFT steps × batch {args.batch_size}, {args.eval_limit} held-out "
-        "examples per task, ± = standard error of the mean NLL per token (nats). Only `--slw-sink-weight` changes.",
+        "examples per task, ± = standard error of the mean NLL per token (nats). Only `--slw-sink-weight` changes "
+        "within a table.",
         "",
         *([args.note, ""] if args.note else []),
-        "| sink weight | SLW rel. error median (range) | sink rel. error median (max) | after SLW: alpaca | "
-        "after SFT: " + " | ".join(tasks) + " | SLW time |",
-        "|---:|---|---|---:|" + "---:|" * len(tasks) + "---:|",
     ]
-    for weight, r in results:
-        s = r["summary"]
-        slw = list((s.get("slw") or {}).values())
-        errs = [v["rel_err_after"] for v in slw]
-        sinks = [v["sink_rel_err_after"] for v in slw if v.get("sink_rel_err_after") is not None]
-        cells = [f"{r['eval'][t]['ppl']:.2f} ±{r['eval'][t]['nll_sem']:.3f}" for t in tasks]
-        lines.append(f"| {weight:g} | {statistics.median(errs):.3f} ({min(errs):.2f}–{max(errs):.2f}) | "
-                     f"{statistics.median(sinks):.3f} ({max(sinks):.3f}) | {s['perplexity']['slw']:.2f} | "
-                     + " | ".join(cells) + f" | {s['timing']['slw']['seconds'] / 60:.1f} min |")
-    lines += ["", "SLW rel. error: per target, on held-out ordinary tokens; sink rel. error: on held-out position-0 "
+    for row, runs in results.items():
+        tasks = list(runs[0][1]["eval"])
+        lines += [f"## {labels[row]}", "",
+                  "| sink weight | SLW rel. error median (range) | sink rel. error median (max) | after SLW: alpaca | "
+                  "after SFT: " + " | ".join(tasks) + " | SLW time |",
+                  "|---:|---|---|---:|" + "---:|" * len(tasks) + "---:|"]
+        for weight, r in runs:
+            s = r["summary"]
+            slw = list((s.get("slw") or {}).values())
+            errs = [v["rel_err_after"] for v in slw]
+            sinks = [v["sink_rel_err_after"] for v in slw if v.get("sink_rel_err_after") is not None]
+            cells = [f"{r['eval'][t]['ppl']:.2f} ±{r['eval'][t]['nll_sem']:.3f}" for t in tasks]
+            lines.append(f"| {weight:g} | {statistics.median(errs):.3f} ({min(errs):.2f}–{max(errs):.2f}) | "
+                         f"{statistics.median(sinks):.3f} ({max(sinks):.3f}) | {s['perplexity']['slw']:.2f} | "
+                         + " | ".join(cells) + f" | {s['timing']['slw']['seconds'] / 60:.1f} min |")
+        lines.append("")
+    lines += ["SLW rel. error: per target, on held-out ordinary tokens; sink rel. error: on held-out position-0 "
               "rows; both after SLW, 1.0 = the MLP deleted. Two runs differ beyond noise on a task where their "
-              "log-perplexities differ by more than about twice the ± (the same examples in every run)."]
-    lines += ["", "Settings of each run (JSON, as passed to `CompressConfig`; runs without `slw_sink_weight` predate "
+              "log-perplexities differ by more than about twice the ± (the same examples in every run).", "",
+              "Settings of each run (JSON, as passed to `CompressConfig`; runs without `slw_sink_weight` predate "
               "the flag and used 1.0):", ""]
-    lines += [f"- {weight:g}: `{json.dumps(r['settings'], sort_keys=True)}`" for weight, r in results]
+    lines += [f"- {row}, {weight:g}: `{json.dumps(r['settings'], sort_keys=True)}`"
+              for row, runs in results.items() for weight, r in runs]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 

@@ -84,6 +84,20 @@ def test_the_device_is_not_part_of_a_run_s_identity(stories_path, tmp_path):
         assert not (prepare_work_dir(CompressConfig(**{**base, "dtype": "fp32"})) / "marker").exists()
 
 
+def test_a_run_recorded_before_the_sink_weight_flag_ran_at_1(stories_path, tmp_path):
+    from sharp.recipes import prepare_work_dir
+
+    base = dict(model=str(stories_path), out=str(tmp_path / "o"), **SETTINGS)
+    work = prepare_work_dir(CompressConfig(**base, slw_sink_weight=1.0))
+    (work / "marker").write_text("kept")
+    run_file = work / "run.json"
+    old = {k: v for k, v in json.loads(run_file.read_text()).items() if k != "slw_sink_weight"}
+    run_file.write_text(json.dumps(old))
+    assert (prepare_work_dir(CompressConfig(**base, slw_sink_weight=1.0)) / "marker").is_file()
+    with pytest.warns(UserWarning, match="other settings"):
+        assert not (prepare_work_dir(CompressConfig(**base)) / "marker").exists()  # the default is 0.1
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_compress_on_cuda_in_bf16_with_a_kd_teacher_stores_bf16(stories_path, tmp_path):

@@ -51,15 +51,17 @@ def print_summary(summary: dict) -> None:
 
 def slw_table(layers: dict) -> Table:
     """Per target: held-out relative error before (Direct Sharing), after the init and after SLW (1.0 = the MLP
-    deleted), and how much of each projection's whitened correction the recovery rank captures."""
+    deleted), the attention-sink rows' after SLW, and how much of each projection's whitened correction the
+    recovery rank captures."""
     table = Table(title="SLW per target (held-out relative error; 1.0 = MLP deleted)")
-    for col in ("layer", "shared", "init", "after SLW", "init kept", "rank captures (energy)", "tokens"):
+    for col in ("layer", "shared", "init", "after SLW", "sink", "init kept", "rank captures (energy)", "tokens"):
         table.add_column(col, justify="right" if col not in ("init kept", "rank captures (energy)") else "left")
     for layer, r in sorted(layers.items(), key=lambda kv: int(kv[0])):
         init = r.get("init") or {}
         energy = ", ".join(f"{p.removesuffix('_proj')} {v['energy']:.2f}" for p, v in (init.get("fit") or {}).items())
         table.add_row(str(layer), f"{r['rel_err_before']:.3f}", f"{r['rel_err_init']:.3f}",
-                      f"{r['rel_err_after']:.3f}", str(init.get("chosen", "–")), energy or "–",
+                      f"{r['rel_err_after']:.3f}", "–" if r.get("sink_rel_err_after") is None
+                      else f"{r['sink_rel_err_after']:.3f}", str(init.get("chosen", "–")), energy or "–",
                       f"{r.get('train_tokens', 0):,}")
     return table
 

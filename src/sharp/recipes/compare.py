@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from sharp.errors import SharpError
-from sharp.recipes.config import RUNTIME_ONLY, CompressConfig, RecoverySettings
+from sharp.recipes.config import RUNTIME_ONLY, SETTINGS_BEFORE_THEIR_FLAG, CompressConfig, RecoverySettings
 
 ROW_NAMES = {"layer-drop": "LayerPruning (layer-drop)", "layer-drop-adapted": "LayerPruning-adapted",
              "mlp-drop": "MLP-drop", "width": "Width pruning (Taylor)"}
@@ -106,7 +106,8 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
     def row(key: str, name: str, build: Callable[[], tuple[object, dict]], compressed: bool = True) -> None:
         settings = _row_settings(cfg, key)
         cached = cache.get(key, {}).get("settings")
-        if cached is not None and _depends_on(cached, key) == settings:  # older files may hold more settings
+        if cached is not None and _depends_on({**SETTINGS_BEFORE_THEIR_FLAG, **cached}, key) == settings:
+            # older files may hold more settings, or lack one that had a fixed value then
             rows.append(Row(**cache[key]["row"]))
             log(f"{name}: cached")
             return

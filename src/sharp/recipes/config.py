@@ -175,8 +175,11 @@ def _validate_model(model: str, strategy: str, recovery: str, max_len: int) -> N
 
 def run_identity(settings: dict) -> dict:
     """The settings that make a run what it is (`RUNTIME_ONLY` left out). Also applied to settings recorded by
-    older versions, which kept some runtime-only ones."""
-    return {k: v for k, v in settings.items() if k not in RUNTIME_ONLY}
+    older versions, which kept some runtime-only ones and predate settings that had one fixed value then."""
+    return {k: v for k, v in {**SETTINGS_BEFORE_THEIR_FLAG, **settings}.items() if k not in RUNTIME_ONLY}
+
+
+SETTINGS_BEFORE_THEIR_FLAG = {"slw_sink_weight": 1.0}  # what runs recorded without the setting used
 
 
 def prepare_work_dir(cfg: CompressConfig) -> Path:

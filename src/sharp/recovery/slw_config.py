@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
@@ -64,8 +65,8 @@ class SLWConfig:
                                      ("backend", self.backend, BACKENDS)):
             if value not in choices:
                 raise SharpError(f"unknown SLW {name} '{value}'; choose one of: {', '.join(choices)}")
-        if not self.sink_weight >= 0:
-            raise SharpError(f"SLW sink weight must be >= 0 (got {self.sink_weight})")
+        if not (math.isfinite(self.sink_weight) and self.sink_weight >= 0):
+            raise SharpError(f"SLW sink weight must be a finite number >= 0 (got {self.sink_weight})")
         if self.max_tokens is not None and self.max_tokens < 2:
             raise SharpError(f"SLW max_tokens must be at least 2 (got {self.max_tokens})")
         if self.task_gpus < 0:

@@ -119,7 +119,7 @@ class Score:
     in_bounds: bool = True
 
     @property
-    def rank(self) -> float:
+    def objective(self) -> float:
         """What the init's choice and early stopping minimize: the value, or inf out of bounds (never kept)."""
         return self.value if self.in_bounds else math.inf
 
@@ -130,7 +130,8 @@ def evaluate(job: LayerJob, rows: Rows, sink_weight: float, bounded: bool = Fals
     err = rel_err(job, rows.x_eval, rows.y_eval)
     sink = rel_err(job, *rows.sink_eval) if rows.sink_eval[0].shape[0] else None
     value = err**2 + (sink_weight * sink**2 if sink is not None else 0.0)
-    return Score(err, sink, value, in_bounds=not bounded or max(err, sink or 0.0) <= 1 + 1e-6)
+    in_bounds = err <= 1 + 1e-6 and (sink is None or sink <= 1 + 1e-6)  # False for NaN too
+    return Score(err, sink, value, in_bounds=not bounded or in_bounds)
 
 
 # --- init -------------------------------------------------------------------------------------------------
@@ -148,11 +149,16 @@ def load_recovery_state(mlp: nn.Module, state: dict[str, torch.Tensor]) -> None:
             m.load_state_dict({k: state[f"{n}.{k}"].to(v.dtype) for k, v in m.state_dict().items()})
 
 
+def has_gate(job: LayerJob) -> bool:
+    """Whether the output projection's recovery has a gate (so the MLP can be turned off)."""
+    out = getattr(job.mlp, job.projections[-1])
+    return isinstance(out, SharedLinear) and fittable(out.recovery)[0]
+
+
 def deleted_state(job: LayerJob) -> dict[str, torch.Tensor] | None:
     """The recovery state that turns the MLP's output off (gate 0, no correction on the output projection), or
     None when the output projection has no gate."""
-    out = getattr(job.mlp, job.projections[-1])
-    if not (isinstance(out, SharedLinear) and fittable(out.recovery)[0]):
+    if not has_gate(job):
         return None
     state = recovery_state(job.mlp)
     prefix = f"{job.projections[-1]}.recovery."
@@ -192,9 +198,10 @@ def initialize(job: LayerJob, rows: Rows, cfg) -> dict:
     for name, state in candidates.items():
         load_recovery_state(job.mlp, state)
         scores[name] = evaluate(job, rows, cfg.sink_weight, bounded=deleted is not None)
-    best = min(scores, key=lambda n: scores[n].rank)
+    best = min(scores, key=lambda n: scores[n].objective)
     load_recovery_state(job.mlp, candidates[best])
-    report.update(chosen=best, **{f"score_{n}": s.value for n, s in scores.items()})
+    report.update(chosen=best, **{f"score_{n}": s.value for n, s in scores.items()},
+                  **{f"errors_{n}": [s.err, s.sink] for n, s in scores.items()})
     if out := [n for n, s in scores.items() if not s.in_bounds]:
         report["out_of_bounds"] = out  # worse than the deleted MLP on ordinary or sink rows
     return {"report": report, "before": scores["identity"], "init": scores[best]}
@@ -312,10 +319,10 @@ def train_layer(job: LayerJob, threads: int, report: Callable[..., None] | None 
                                                                                          + rows.sink_eval[0].shape[0]),
                 "train_tokens": int(rows.x_train.shape[0]), "eval_tokens": int(rows.x_eval.shape[0]),
                 "params": sum(p.numel() for p in params)}
-        stopper = EarlyStopping(chosen.rank, recovery_state(mlp), cfg.patience, cfg.min_delta)
+        stopper = EarlyStopping(chosen.objective, recovery_state(mlp), cfg.patience, cfg.min_delta)
         log(job.log_path, {"event": "start", "layer": job.layer, "rel_err_before": before.err,
                            "rel_err_init": chosen.err, "init": init["report"].get("chosen")})
-    gated = deleted_state(job) is not None
+    gated = has_gate(job)
     steps_this_call = 0
     running = None
     x_tr, y_tr = rows.x_train, rows.y_train
@@ -349,7 +356,7 @@ def train_layer(job: LayerJob, threads: int, report: Callable[..., None] | None 
                      "lr": scheduler.get_last_lr()[0]}
             info["curve"].append(point)
             log(job.log_path, {"event": "eval", "layer": job.layer, **point})
-            if stopper.update(score.rank, lambda: recovery_state(mlp)):
+            if stopper.update(score.objective, lambda: recovery_state(mlp)):
                 info.update(best_step=step, rel_err_after=score.err, sink_rel_err_after=score.sink)
             info["stopped_early"] = stopper.stop
         if step % cfg.checkpoint_every == 0 and step < cfg.steps and not info["stopped_early"]:
