@@ -143,8 +143,10 @@ def run_row(key: str, settings: dict, work: Path, args: argparse.Namespace, know
 
 
 def same_settings(cached: dict, settings: dict) -> bool:
-    """Whether a cached row was run with `settings` (rows cached before the sink-weight flag existed ran at 1.0)."""
-    return {"slw_sink_weight": 1.0, **cached} == settings
+    """Whether a cached row was run with `settings` (rows cached before a flag existed ran at its value then)."""
+    from sharp.recipes.config import SETTINGS_BEFORE_THEIR_FLAG
+
+    return {**SETTINGS_BEFORE_THEIR_FLAG, **cached} == settings
 
 
 def git_rev() -> str:

@@ -124,14 +124,14 @@ class Score:
         return self.value if self.in_bounds else math.inf
 
 
-def evaluate(job: LayerJob, rows: Rows, sink_weight: float, bounded: bool = False) -> Score:
-    """`bounded` (a gated target, which can always fall back to its deleted MLP): a state worse than the deleted
-    MLP on either group (rel-err > 1) is out of bounds, so it is never kept, whatever the sink weight trades."""
+def evaluate(job: LayerJob, rows: Rows, sink_weight: float) -> Score:
+    """A gated target can always fall back to its deleted MLP, so for it a state worse than that on either group
+    (rel-err > 1) is out of bounds: never kept, whatever the sink weight trades."""
     err = rel_err(job, rows.x_eval, rows.y_eval)
     sink = rel_err(job, *rows.sink_eval) if rows.sink_eval[0].shape[0] else None
     value = err**2 + (sink_weight * sink**2 if sink is not None else 0.0)
     in_bounds = err <= 1 + 1e-6 and (sink is None or sink <= 1 + 1e-6)  # False for NaN too
-    return Score(err, sink, value, in_bounds=not bounded or in_bounds)
+    return Score(err, sink, value, in_bounds=in_bounds or not has_gate(job))
 
 
 # --- init -------------------------------------------------------------------------------------------------
@@ -197,7 +197,7 @@ def initialize(job: LayerJob, rows: Rows, cfg) -> dict:
     scores = {}
     for name, state in candidates.items():
         load_recovery_state(job.mlp, state)
-        scores[name] = evaluate(job, rows, cfg.sink_weight, bounded=deleted is not None)
+        scores[name] = evaluate(job, rows, cfg.sink_weight)
     best = min(scores, key=lambda n: scores[n].objective)
     load_recovery_state(job.mlp, candidates[best])
     report.update(chosen=best, **{f"score_{n}": s.value for n, s in scores.items()},
@@ -322,7 +322,6 @@ def train_layer(job: LayerJob, threads: int, report: Callable[..., None] | None 
         stopper = EarlyStopping(chosen.objective, recovery_state(mlp), cfg.patience, cfg.min_delta)
         log(job.log_path, {"event": "start", "layer": job.layer, "rel_err_before": before.err,
                            "rel_err_init": chosen.err, "init": init["report"].get("chosen")})
-    gated = has_gate(job)
     steps_this_call = 0
     running = None
     x_tr, y_tr = rows.x_train, rows.y_train
@@ -351,7 +350,7 @@ def train_layer(job: LayerJob, threads: int, report: Callable[..., None] | None 
         info["step"] = step = step + 1
         steps_this_call += 1
         if step % cfg.eval_every == 0 or step == cfg.steps:
-            score = evaluate(job, rows, cfg.sink_weight, bounded=gated)
+            score = evaluate(job, rows, cfg.sink_weight)
             point = {"step": step, "train_loss": running, "rel_err": score.err, "sink_rel_err": score.sink,
                      "lr": scheduler.get_last_lr()[0]}
             info["curve"].append(point)
