@@ -15,6 +15,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -54,12 +55,18 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--planned", action=argparse.BooleanOptionalAction, default=True,
                    help="add the planner's row (auto: at SHARP's stored size)")
     p.add_argument("--plan-min-shared", type=float, default=0.5)
+    p.add_argument("--plan-reach", type=int, default=1, help="the planned row's --plan-reach")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max-len", type=int, default=256)
     p.add_argument("--reference-limit", type=int, default=25, help="held-out GPT4-Alpaca examples, reference check")
     p.add_argument("--threads", type=int, default=0, help="CPUs this run may use (pinned; 0 = all)")
     p.add_argument("--note", default="", help="a paragraph for the document (e.g. which rows came from the cache)")
+    p.add_argument("--rows", default=str(ROOT / "docs" / "results" / "comparison_smollm2_rows.json"),
+                   help="every row's settings and numbers, written beside the document")
+    p.add_argument("--from-rows", default=None,
+                   help="seed an empty row cache from such a file (say which code built those rows in --note): "
+                        "rows whose settings match are reused, the rest are rebuilt")
     return p.parse_args()
 
 
@@ -143,12 +150,17 @@ def main() -> None:
         slw_fraction=args.slw_fraction, slw_tokens=args.slw_tokens, slw_init=args.slw_init, slw_inputs=args.slw_inputs,
         slw_sink_weight=args.slw_sink_weight, sft_steps=args.sft_steps, loss=args.loss, train=args.train,
         planned=args.planned, methods=args.methods,
-        plan_min_shared=args.plan_min_shared, lr=args.lr, batch_size=args.batch_size,
+        plan_min_shared=args.plan_min_shared, plan_reach=args.plan_reach, lr=args.lr, batch_size=args.batch_size,
         max_len=args.max_len, eval_fraction=0.01, eval_max_len=512, eval_limit=args.eval_limit, eval_batch_size=2,
         overwrite=True)
     start = time.perf_counter()
     log(f"compare: {json.dumps({k: v for k, v in vars(args).items()})}")
+    cache = cfg.work_dir / "rows.json"
+    if args.from_rows and not cache.is_file():
+        cfg.work_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(args.from_rows, cache)
     result = compare(cfg, progress=False, log=log)
+    shutil.copyfile(cache, args.rows)
     ref, ref_s = ({}, 0.0)
     if args.reference_limit:
         ref, ref_s = reference_check(args.model, args.reference_limit, args.reference_strategy,
@@ -210,7 +222,8 @@ def write_doc(path: Path, cfg, args, result: dict, ref: dict, compare_s: float, 
         f"- baselines' calibration (angular distances, Taylor importance): {args.calib_samples} training examples;",
         f"- recovery `{args.recovery}` on `{args.strategy}`"
         + (f"; the planned row: `auto:` at SHARP's stored size, shared MLPs ≥ {args.plan_min_shared:.0%} of the "
-           "removal" if args.planned else "") + ".",
+           f"removal, references up to {args.plan_reach} layer(s) back (`--plan-reach`)" if args.planned else "")
+        + ".",
         "",
         "This is a small training budget (minutes per row on a CPU), far below the paper's; rows are compared at "
         "the same budget.",

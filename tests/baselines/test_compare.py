@@ -85,6 +85,13 @@ def test_row_cache_reruns_only_what_a_setting_affects(tmp_path):
     assert _row_settings(more_calib, "sharp-slw") == _row_settings(cfg, "sharp-slw")
     assert _row_settings(more_calib, "width") != _row_settings(cfg, "width")
     assert _row_settings(more_sft, "width+heal") != _row_settings(cfg, "width+heal")
+    # the planner's settings matter to the planned row alone; where a run writes, to none
+    reach = dataclasses.replace(cfg, plan_reach=2, out=str(tmp_path / "elsewhere"))
+    assert _row_settings(reach, "sharp-plan") != _row_settings(cfg, "sharp-plan")
+    for key in ("sharp", "sharp-slw", "width+heal"):
+        assert _row_settings(reach, key) == _row_settings(cfg, key)
+    assert _depends_on({k: v for k, v in _row_settings(cfg, "sharp-plan").items() if k != "plan_reach"},
+                       "sharp-plan") != _row_settings(cfg, "sharp-plan")
     # where SLW runs changes no number: a row cached under other (or, from an older version, extra) runtime
     # settings is reused, but a row cached without a setting that counts is not
     on_ray = dataclasses.replace(cfg, slw_backend="ray", ray_address="auto", slw_task_gpus=1.0)

@@ -17,14 +17,16 @@ from tests.conftest import tiny_model
 REC = {4: 30, 16: 120}  # rank -> recovery parameters of one target
 
 
-def _random_costs(seed: int, n: int) -> list[LayerCosts]:
+def _random_costs(seed: int, n: int, reach: int = 1) -> list[LayerCosts]:
     g = torch.Generator().manual_seed(seed)
     u = lambda: float(torch.rand(1, generator=g))  # noqa: E731
-    return [LayerCosts(t, drop_mlp=u(), drop_block=1.5 * u(), share={4: 0.8 * u(), 16: 0.5 * u()} if t else {},
-                       mlp_params=300, block_params=400) for t in range(n)]
+    share = lambda: {4: 0.8 * u(), 16: 0.5 * u()}  # noqa: E731
+    return [LayerCosts(t, drop_mlp=u(), drop_block=1.5 * u(), share=share() if t else {}, mlp_params=300,
+                       block_params=400, share_further={d: share() for d in range(2, min(reach, t) + 1)})
+            for t in range(n)]
 
 
-def _brute_force(costs, need, actions, protect=(0,)):
+def _brute_force(costs, need, actions, protect=(0,), reach=1):
     best = None
     per_layer = []
     for c in costs:
@@ -38,12 +40,13 @@ def _brute_force(costs, need, actions, protect=(0,)):
         ok = True
         for i, (name, r) in enumerate(combo):
             c = costs[i]
-            if name == "share":
-                if i == 0 or combo[i - 1][0] != "keep":
+            if name == "share":  # the reference: the nearest earlier layer kept whole, at most `reach` back
+                d = next((d for d in range(1, i + 1) if combo[i - d][0] == "keep"), None)
+                if d is None or d > reach:
                     ok = False
                     break
                 removed += c.mlp_params - REC[r]
-                cost += c.share[r]
+                cost += c.share_at(d)[r]
             elif name == "drop-mlp":
                 removed, cost = removed + c.mlp_params, cost + c.drop_mlp
             elif name == "drop-block":
@@ -68,6 +71,26 @@ def test_plan_is_the_exact_optimum_of_its_cost(seed, need, actions):
     assert plan.removed >= need
     for t, (ref, _) in plan.shares.items():  # every reference keeps its own MLP and block
         assert ref == t - 1 and ref not in plan.shares and ref not in plan.mlp_drops + plan.block_drops
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000), st.integers(100, 1500), st.integers(2, 3))
+def test_plan_with_farther_references_is_the_exact_optimum(seed, need, reach):
+    costs = _random_costs(seed, 7, reach)
+    expected = _brute_force(costs, need, ("share", "drop-mlp", "drop-block"), reach=reach)
+    near = _brute_force(costs, need, ("share", "drop-mlp", "drop-block"), reach=1)
+    if expected is None:
+        with pytest.raises(sharp.SharpError, match="no plan"):
+            plan_layers(costs, need, REC, unit=1)
+        return
+    plan = plan_layers(costs, need, REC, unit=1)
+    assert plan.cost == pytest.approx(expected, abs=1e-9)
+    assert near is None or plan.cost <= near + 1e-9  # reaching further never costs more
+    assert plan.removed >= need
+    touched = set(plan.shares) | set(plan.mlp_drops) | set(plan.block_drops)
+    for t, (ref, _) in plan.shares.items():  # the nearest layer kept whole, within reach
+        assert 1 <= t - ref <= reach and ref not in touched
+        assert all(layer in touched for layer in range(ref + 1, t))
 
 
 def test_mixing_never_loses_to_a_pure_strategy():
@@ -98,6 +121,12 @@ def test_measured_costs_mean_what_they_say():
     batches = [{"input_ids": torch.randint(128, (4, 20), generator=g)} for _ in range(4)]
     costs = measure_costs(model, batches, ranks=[0, 4, 16])
     assert [c.layer for c in costs] == list(range(6)) and costs[0].share == {}
+    assert all(c.share_further == {} for c in costs)
+    farther = measure_costs(model, batches, ranks=[0, 4, 16], reach=3)
+    for c, f in zip(costs, farther, strict=True):  # reference t - 1: the same numbers; t - 2, t - 3 where they exist
+        assert f.share == pytest.approx(c.share) and sorted(f.share_further) == list(range(2, min(3, c.layer) + 1))
+        for by_rank in f.share_further.values():
+            assert by_rank[16] <= by_rank[0] * (1 + 1e-6) and by_rank[0] <= c.drop_mlp * (1 + 1e-6)
     for c in costs[1:]:
         assert 0 < c.drop_mlp and 0 < c.drop_block
         assert c.share[16] <= c.share[4] + 1e-9 <= c.share[0] + 2e-9  # more rank, less error

@@ -78,14 +78,30 @@ def test_planned_checkpoint_round_trips_and_merges(tmp_path):
         sharp.load(tmp_path / "ad", base=tiny_model())
 
 
-def test_planner_output_is_a_strategy_share_accepts():
+def test_one_reference_serves_targets_across_a_dropped_block(tmp_path):
+    """What the planner's --plan-reach 2-3 can write: layer 1 serves 3 and 4; block 2 between them is gone."""
+    torch.manual_seed(0)
+    model = sharp.share(tiny_model(), "map:2=drop-block,3=1@4,4=1", "lora+gate:8")
+    randomize_recovery(model)
+    layers = model.model.layers
+    assert len(layers) == 5 and sharp_config(model).sharing == {2: 1, 3: 1}
+    assert layers[2].mlp.up_proj.base_layer is layers[1].mlp.up_proj is layers[3].mlp.up_proj.base_layer
+    ids = torch.randint(128, (2, 12))
+    sharp.save(model, tmp_path / "ck")
+    with torch.no_grad():
+        torch.testing.assert_close(sharp.load(tmp_path / "ck")(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("reach", [1, 3])
+def test_planner_output_is_a_strategy_share_accepts(reach):
     from sharp.recovery.planner import plan_strategy
     from sharp.sharing.recovery import parse_recovery
 
     model = tiny_model()
     g = torch.Generator().manual_seed(0)
     batches = [{"input_ids": torch.randint(128, (4, 20), generator=g)} for _ in range(3)]
-    text, plan, costs = plan_strategy(model, batches, parse_recovery("lora+gate:4"), "50%")
+    text, plan, costs = plan_strategy(model, batches, parse_recovery("lora+gate:4"), "50%", reach=reach)
+    assert all(1 <= t - ref <= reach for t, (ref, _) in plan.shares.items())
     shared = sharp.share(copy.deepcopy(model), text, "lora+gate:4")
     counts = sharp.count_parameters(shared)
     mlp_total = sum(p.numel() for i in range(6) for p in model.model.layers[i].mlp.parameters())

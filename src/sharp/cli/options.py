@@ -49,6 +49,9 @@ PLAN_ACTIONS = typer.Option("share,drop-mlp,drop-block", "--plan-actions", help=
                             "drop-block.")
 PLAN_MIN_SHARED = typer.Option(0.0, "--plan-min-shared", help="Planner: shared MLPs must remove at least this "
                                "share of the removed parameters (0.5: sharing does most of the work).")
+PLAN_REACH = typer.Option(1, "--plan-reach", help="Planner: a shared MLP's reference is the nearest earlier layer "
+                          "that keeps its own MLP and block, at most this many layers back (1: always the layer "
+                          "before; 2-3 let a run of layers share one MLP, or share across a dropped block).")
 SFT_STEPS = typer.Option(200, "--sft-steps", help="SFT optimizer steps (0: use --epochs).")
 LOSS = typer.Option("ce", "--loss", help="SFT / healing loss: ce (labels), kd (distill the original model) or ce+kd.")
 KD_TEMPERATURE = typer.Option(1.0, "--kd-temperature", help="Softmax temperature of the kd loss.")
@@ -77,7 +80,8 @@ RECOVERY_OPTIONS = {  # the other RecoverySettings fields (data and out are the 
     "ray_address": RAY_ADDRESS, "slw_task_gpus": SLW_TASK_GPUS, "slw_steps": SLW_STEPS, "slw_lr": SLW_LR,
     "slw_batch_tokens": SLW_BATCH_TOKENS, "slw_patience": SLW_PATIENCE,
     "slw_sink_weight": SLW_SINK_WEIGHT, "slw_init": SLW_INIT, "slw_inputs": SLW_INPUTS,
-    "plan_actions": PLAN_ACTIONS, "plan_min_shared": PLAN_MIN_SHARED, "sft_steps": SFT_STEPS, "loss": LOSS,
+    "plan_actions": PLAN_ACTIONS, "plan_min_shared": PLAN_MIN_SHARED, "plan_reach": PLAN_REACH,
+    "sft_steps": SFT_STEPS, "loss": LOSS,
     "kd_temperature": KD_TEMPERATURE, "lr": LR, "shared_lr": SHARED_LR, "batch_size": BATCH_SIZE,
     "grad_accum": GRAD_ACCUM, "max_len": MAX_LEN, "eval_fraction": EVAL_FRACTION, "seed": SEED, "template": TEMPLATE,
     "full_lora_rank": FULL_LORA_RANK, "device": DEVICE, "dtype": DTYPE, "overwrite": OVERWRITE,

@@ -206,9 +206,11 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
     return result
 
 
-# settings no row's numbers depend on: compress's runtime-only ones and the choice of rows
-_NOT_ROW_SETTINGS = RUNTIME_ONLY + ("methods", "heal", "reference_model", "tolerance", "planned")
+# settings no row's numbers depend on: compress's runtime-only ones, where the run writes and the choice of rows
+# (so rows built by separate processes, each with its own --out, can be pooled in one cache)
+_NOT_ROW_SETTINGS = RUNTIME_ONLY + ("out", "methods", "heal", "reference_model", "tolerance", "planned")
 _SLW_SETTINGS = tuple(f.name for f in fields(RecoverySettings) if f.name.startswith(("slw_", "plan_")))
+_PLAN_SETTINGS = tuple(f.name for f in fields(RecoverySettings) if f.name.startswith("plan_"))
 _BASELINE_SETTINGS = ("allocation", "calib_samples")
 
 
@@ -217,9 +219,11 @@ def _row_settings(cfg: CompareConfig, key: str) -> dict:
 
 
 def _depends_on(settings: dict, key: str) -> dict:
-    """The settings row `key` depends on: SLW settings only matter to SHARP rows, calibration only to baselines,
-    so changing the SLW budget reruns the SHARP rows alone."""
+    """The settings row `key` depends on: SLW settings only matter to SHARP rows, the planner's only to the planned
+    row, calibration only to baselines, so changing the SLW budget reruns the SHARP rows alone."""
     skip = _NOT_ROW_SETTINGS + (_BASELINE_SETTINGS if key.startswith("sharp") else _SLW_SETTINGS)
+    if key != "sharp-plan":
+        skip += _PLAN_SETTINGS
     return {k: v for k, v in settings.items() if k not in skip}
 
 

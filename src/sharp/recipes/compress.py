@@ -79,7 +79,7 @@ def _plan(cfg: CompressConfig, model, batches, path: Path, meter: StageMeter) ->
     with meter("plan"):
         text, plan, costs = plan_strategy(model, batches, parse_recovery(cfg.recovery), budget,
                                           [a.strip() for a in cfg.plan_actions.split(",")], cfg.plan_min_shared,
-                                          max_tokens=cfg.slw_tokens)
+                                          max_tokens=cfg.slw_tokens, reach=cfg.plan_reach)
     result = {"strategy": text, "budget": budget, **plan.to_dict(), "costs": [asdict(c) for c in costs]}
     write_text_atomic(path, json.dumps(result, indent=2, sort_keys=True))
     return result

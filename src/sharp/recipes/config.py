@@ -51,6 +51,7 @@ class RecoverySettings:
     slw_inputs: str = "original"  # original | sequential
     plan_actions: str = "share,drop-mlp,drop-block"  # what --strategy auto:BUDGET may choose per layer
     plan_min_shared: float = 0.0  # auto: shared MLPs remove at least this share of the removed parameters
+    plan_reach: int = 1  # auto: a shared MLP's reference may be up to this many layers back (1: the layer before)
     sft_steps: int = 200  # optimizer steps; 0 = `epochs` instead
     loss: str = "ce"  # SFT (and healing) loss: ce | kd | ce+kd
     kd_temperature: float = 1.0
@@ -131,6 +132,8 @@ class CompressConfig(RecoverySettings):
             raise SharpError(f"--eval-fraction must be in (0, 1) (or 0 with --eval-data), got {self.eval_fraction}")
         if self.full_lora_rank < 1:
             raise SharpError(f"--full-lora-rank must be at least 1, got {self.full_lora_rank}")
+        if self.plan_reach < 1:
+            raise SharpError(f"--plan-reach must be at least 1 (the layer just before), got {self.plan_reach}")
         resolve_device(self.device)
         parse_dtype(self.dtype)
         self.slw_config()
@@ -179,7 +182,7 @@ def run_identity(settings: dict) -> dict:
     return {k: v for k, v in {**SETTINGS_BEFORE_THEIR_FLAG, **settings}.items() if k not in RUNTIME_ONLY}
 
 
-SETTINGS_BEFORE_THEIR_FLAG = {"slw_sink_weight": 1.0}  # what runs recorded without the setting used
+SETTINGS_BEFORE_THEIR_FLAG = {"slw_sink_weight": 1.0, "plan_reach": 1}  # what runs recorded without the setting used
 
 
 def prepare_work_dir(cfg: CompressConfig) -> Path:

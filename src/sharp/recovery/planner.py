@@ -7,12 +7,15 @@ h_t the residual stream entering it and what it adds to it measured in squared n
     drop-mlp     || mlp_t(x) ||^2                       (what the MLP writes, lost)
     drop-block   || h_{t+1} - h_t ||^2                  (what attention and MLP write, lost)
     share(r)     || y - g * D_ref h_ref - M h_ref ||^2  at the closed-form optimum of a rank-r correction with a
-                                                        gate (`closed_form.fit_projection`), reference t - 1
+                                                        gate (`closed_form.fit_projection`), reference t - d
 
 each divided by || h_{t+1} ||^2, so a cost is the relative perturbation of the residual stream at that layer. The
 plan minimizes the sum of the chosen costs subject to the parameters it removes (net of recovery parameters)
-reaching the budget; a share needs its reference (t - 1) to keep its own MLP and block. Costs are summed as if
-independent, which they are not (RESEARCH.md: losses compound), so the plan is a ranking, not a prediction.
+reaching the budget; a share's reference is the nearest earlier layer that keeps its own MLP and block, at most
+`reach` layers back (reach 1: always t - 1, the paper's adjacent sharing; reach 2 or 3 lets a run of layers share
+one MLP, or share across a dropped block, so that sharing can go where it is cheap instead of every other layer).
+Costs are summed as if independent, which they are not (RESEARCH.md: losses compound), so the plan is a ranking,
+not a prediction.
 
 Sharing where it fits and dropping where it does not can never lose to either alone *on this cost*: every pure
 strategy (all shares, all MLP drops) is among the candidates the exact search (dynamic programming over layers)
@@ -48,6 +51,11 @@ class LayerCosts:
     share: dict[int, float] = field(default_factory=dict)  # rank -> cost (reference = layer - 1); empty for 0
     mlp_params: int = 0
     block_params: int = 0
+    share_further: dict[int, dict[int, float]] = field(default_factory=dict)  # d >= 2 -> rank -> cost (ref t - d)
+
+    def share_at(self, distance: int) -> dict[int, float]:
+        """rank -> cost of sharing with reference `layer - distance` (empty where not measured)."""
+        return self.share if distance == 1 else self.share_further.get(distance, {})
 
 
 @dataclass
@@ -74,15 +82,18 @@ class Plan:
 
 @torch.no_grad()
 def measure_costs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], ranks: Iterable[int],
-                  damping: float = 1e-4, max_tokens: int | None = None) -> list[LayerCosts]:
+                  damping: float = 1e-4, max_tokens: int | None = None, reach: int = 1) -> list[LayerCosts]:
     """One pass of `model` over `batches` (on the model's device; padding excluded, position 0 included): every
-    layer's costs, accumulated in float64."""
+    layer's costs, accumulated in float64; shares with references up to `reach` layers back."""
+    if reach < 1:
+        raise SharpError(f"the planner's reach must be at least 1 (the layer just before), got {reach}")
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     n = len(layers)
     ranks = sorted(set(ranks))
     inter = getattr(adapter.mlp(model, 0), adapter.mlp_projs[-1]).in_features
-    stats = {t: ProjectionStats.zeros(inter, model.config.hidden_size) for t in range(1, n)}
+    stats = {(t, d): ProjectionStats.zeros(inter, model.config.hidden_size)
+             for t in range(1, n) for d in range(1, min(reach, t) + 1)}
     mlp_e, block_e, resid_e = np.zeros(n), np.zeros(n), np.zeros(n)
     keep: dict[str, torch.Tensor] = {}
     seen = {"tokens": 0}
@@ -102,12 +113,12 @@ def measure_costs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
                 return
             x, y = args[0][keep["mask"]], output[keep["mask"]]
             mlp_e[t] += float((float64(y) ** 2).sum())
-            if t >= 1:
-                ref = adapter.mlp(model, t - 1)
+            for d in range(1, min(reach, t) + 1):
+                ref = adapter.mlp(model, t - d)
                 *_, down_name = adapter.mlp_projs
                 down = getattr(ref, down_name)
                 captured: list[torch.Tensor] = []
-                handle = down.register_forward_hook(lambda m, a, o: captured.append(a[0]))
+                handle = down.register_forward_hook(lambda m, a, o, out=captured: out.append(a[0]))
                 keep["inner"] = True
                 try:
                     ref(x)
@@ -115,7 +126,7 @@ def measure_costs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
                     keep["inner"] = False
                     handle.remove()
                 h = captured[0]
-                stats[t].add(h, down(h), _post(adapter, layers[t], y))
+                stats[t, d].add(h, down(h), _post(adapter, layers[t], y))
         return hook
 
     handles = [layers[t].register_forward_hook(layer_hook(t), with_kwargs=True) for t in range(n)]
@@ -142,14 +153,14 @@ def measure_costs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
     out = []
     for t in range(n):
         norm = max(resid_e[t], 1e-30)
-        share = {}
-        if t >= 1:
+        share = {d: {} for d in range(1, min(reach, t) + 1)}
+        for d in share:
             for r in ranks:
-                fit = fit_projection(stats[t], r, gate=True, damping=damping)
-                share[r] = fit.rel_err**2 * float(stats[t].yy.sum()) / norm
-        out.append(LayerCosts(t, mlp_e[t] / norm, block_e[t] / norm, share,
+                fit = fit_projection(stats[t, d], r, gate=True, damping=damping)
+                share[d][r] = fit.rel_err**2 * float(stats[t, d].yy.sum()) / norm
+        out.append(LayerCosts(t, mlp_e[t] / norm, block_e[t] / norm, share.pop(1, {}),
                               sum(p.numel() for p in adapter.mlp(model, t).parameters()),
-                              sum(p.numel() for p in layers[t].parameters())))
+                              sum(p.numel() for p in layers[t].parameters()), share))
     return out
 
 
@@ -207,31 +218,35 @@ def plan_layers(costs: list[LayerCosts], need: int, recovery_cost: Mapping[int, 
 
 
 def _solve(costs, need, recovery_cost, actions, protect, unit, penalty) -> Plan | None:
-    """Exact DP over layers; state = (does the previous layer keep its own MLP and block, units removed, capped
-    at the need). `penalty` (cost per removed unit) is added to the non-sharing actions (see `min_shared`)."""
+    """Exact DP over layers; state = (how far back the nearest layer that keeps its own MLP and block is: 1 to
+    the reach, 0 when none is within reach; units removed, capped at the need). `penalty` (cost per removed unit)
+    is added to the non-sharing actions (see `min_shared`)."""
+    reach = max([1] + [d for c in costs for d in c.share_further])
     cap = math.ceil(need / unit)
-    f = np.full((2, cap + 1), math.inf)  # f[intact, s]: least cost with s units removed
+    f = np.full((reach + 1, cap + 1), math.inf)  # f[back, s]: least cost with s units removed
     f[0, 0] = 0.0  # layer 0 has no predecessor to share with
-    steps = []  # per layer: (options, chosen option, previous intact, previous s) arrays over (intact, s)
+    steps = []  # per layer: (options, chosen option, previous state, previous s) arrays over (state, s)
     for c in costs:
-        options = [("keep", 0, 0, 0.0, 1)]
+        options = [("keep", 0, 0, 0, 0.0)]  # (action, rank, reference distance, parameters removed, cost)
         if c.layer not in protect:
             if "share" in actions:
-                options += [("share", r, c.mlp_params - recovery_cost[r], cost, 0) for r, cost in c.share.items()
-                            if c.mlp_params > recovery_cost[r]]
+                options += [("share", r, d, c.mlp_params - recovery_cost[r], cost) for d in range(1, reach + 1)
+                            for r, cost in c.share_at(d).items() if c.mlp_params > recovery_cost[r]]
             if "drop-mlp" in actions:
-                options.append(("drop-mlp", 0, c.mlp_params, c.drop_mlp + penalty * c.mlp_params / unit, 0))
+                options.append(("drop-mlp", 0, 0, c.mlp_params, c.drop_mlp + penalty * c.mlp_params / unit))
             if "drop-block" in actions:
-                options.append(("drop-block", 0, c.block_params, c.drop_block + penalty * c.block_params / unit, 0))
-        g = np.full((2, cap + 1), math.inf)
-        choice = np.full((2, cap + 1), -1)
-        prev_of = np.zeros((2, cap + 1), dtype=np.int8)
-        src_of = np.zeros((2, cap + 1), dtype=np.int64)
-        for k, (name, _, save, cost, intact) in enumerate(options):
+                options.append(("drop-block", 0, 0, c.block_params,
+                                c.drop_block + penalty * c.block_params / unit))
+        g = np.full((reach + 1, cap + 1), math.inf)
+        choice = np.full((reach + 1, cap + 1), -1)
+        prev_of = np.zeros((reach + 1, cap + 1), dtype=np.int8)
+        src_of = np.zeros((reach + 1, cap + 1), dtype=np.int64)
+        for k, (name, _, distance, save, cost) in enumerate(options):
             units = min(save // unit, cap)
-            for prev in (0, 1):
-                if name == "share" and not prev:
-                    continue  # the reference (layer - 1) must keep its own MLP and block
+            for prev in range(reach + 1):
+                if name == "share" and prev != distance:
+                    continue  # the reference is the nearest earlier layer that keeps its own MLP and block
+                state = 1 if name == "keep" else (prev + 1 if 0 < prev < reach else 0)
                 cand = f[prev] + cost
                 shifted = np.full(cap + 1, math.inf)
                 src = np.zeros(cap + 1, dtype=np.int64)
@@ -241,23 +256,23 @@ def _solve(costs, need, recovery_cost, actions, protect, unit, penalty) -> Plan 
                 j = int(np.argmin(tail))
                 if tail[j] < shifted[cap]:
                     shifted[cap], src[cap] = tail[j], cap - units + j
-                better = shifted < g[intact]
-                g[intact][better] = shifted[better]
-                choice[intact][better] = k
-                prev_of[intact][better] = prev
-                src_of[intact][better] = src[better]
+                better = shifted < g[state]
+                g[state][better] = shifted[better]
+                choice[state][better] = k
+                prev_of[state][better] = prev
+                src_of[state][better] = src[better]
         steps.append((options, choice, prev_of, src_of))
         f = g
-    intact = int(np.argmin(f[:, cap]))
-    if not math.isfinite(f[intact, cap]):
+    state = int(np.argmin(f[:, cap]))
+    if not math.isfinite(f[state, cap]):
         return None
     plan, s = Plan(), cap
     for c, (options, choice, prev_of, src_of) in zip(reversed(costs), reversed(steps), strict=True):
-        name, rank, save, _, _ = options[choice[intact, s]]
+        name, rank, distance, save, _ = options[choice[state, s]]
         if name == "share":
-            plan.shares[c.layer] = (c.layer - 1, rank)
+            plan.shares[c.layer] = (c.layer - distance, rank)
             plan.removed_by_sharing += save
-            plan.cost += c.share[rank]
+            plan.cost += c.share_at(distance)[rank]
         elif name == "drop-mlp":
             plan.mlp_drops.append(c.layer)
             plan.cost += c.drop_mlp
@@ -265,7 +280,7 @@ def _solve(costs, need, recovery_cost, actions, protect, unit, penalty) -> Plan 
             plan.block_drops.append(c.layer)
             plan.cost += c.drop_block
         plan.removed += save
-        intact, s = int(prev_of[intact, s]), int(src_of[intact, s])
+        state, s = int(prev_of[state, s]), int(src_of[state, s])
     plan.mlp_drops.sort()
     plan.block_drops.sort()
     return plan
@@ -291,8 +306,9 @@ def removal_needed(model: nn.Module, budget: str) -> int:
 
 def plan_strategy(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], recovery: RecoveryConfig,
                   budget: str, actions: Iterable[str] = ACTIONS, min_shared: float = 0.0,
-                  max_tokens: int | None = None) -> tuple[str, Plan, list[LayerCosts]]:
-    """Measure, plan and spell the plan as a `map:` strategy (ranks R/4, R/2, R, 2R of `recovery`'s family)."""
+                  max_tokens: int | None = None, reach: int = 1) -> tuple[str, Plan, list[LayerCosts]]:
+    """Measure, plan and spell the plan as a `map:` strategy (ranks R/4, R/2, R, 2R of `recovery`'s family;
+    references up to `reach` layers back)."""
     need = removal_needed(model, budget)
     adapter = get_adapter(model)
     mlp = adapter.mlp(model, 0)
@@ -302,7 +318,7 @@ def plan_strategy(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
                          f"'{recovery.text}'")
     ranks = sorted({r for r in (recovery.rank // 4, recovery.rank // 2, recovery.rank, 2 * recovery.rank)
                     if 1 <= r <= min(min(shape) for shape in shapes)})
-    costs = measure_costs(model, batches, ranks, max_tokens=max_tokens)
+    costs = measure_costs(model, batches, ranks, max_tokens=max_tokens, reach=reach)
     per_rank = {r: recovery_params(recovery, r, shapes) for r in ranks}
     unit = max(1000, need // 20000)
     plan = plan_layers(costs, need, per_rank, actions, min_shared, unit=unit)
