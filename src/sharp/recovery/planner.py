@@ -2,15 +2,20 @@
 block, or keep it, under one stored-parameter budget, from cheap closed-form measurements.
 
 Costs come from one pass of the original model over calibration data (`measure_costs`). For every layer t, with
-h_t the residual stream entering it and what it adds to it measured in squared norm over the tokens:
+h_t the residual stream entering it, each token's loss of what the layer adds is measured relative to that token's
+own residual, then averaged over tokens:
 
-    drop-mlp     || mlp_t(x) ||^2                       (what the MLP writes, lost)
-    drop-block   || h_{t+1} - h_t ||^2                  (what attention and MLP write, lost)
-    share(r)     || y - g * D_ref h_ref - M h_ref ||^2  at the closed-form optimum of a rank-r correction with a
-                                                        gate (`closed_form.fit_projection`), reference t - d
+    drop-mlp     mean_i || mlp_t(x)_i ||^2 / || h_t,i ||^2                       (what the MLP writes, lost)
+    drop-block   mean_i || h_{t+1},i - h_t,i ||^2 / || h_t,i ||^2                (what attention and MLP write)
+    share(r)     mean_i || (y - g * D_ref h_ref - M h_ref)_i ||^2 / || h_t,i ||^2  at the optimum of a rank-r
+                 correction with a gate (`closed_form.fit_projection` on rows scaled by 1 / || h_t,i ||), reference
+                 t - d
 
-each divided by || h_{t+1} ||^2, so a cost is the relative perturbation of the residual stream at that layer. The
-plan minimizes the sum of the chosen costs subject to the parameters it removes (net of recovery parameters)
+Per token, because every layer reads its input through an RMS norm, so what reaches it is each token's direction:
+a perturbation matters relative to that token's residual (layer-drop's angular distance is per token too). Summing
+over tokens first and dividing by the total residual energy would let the attention sink's massive activations at
+position 0 (thousands of times an ordinary token's norm from layer 11 on in SmolLM2) decide every cost: that was
+this planner's first cost, and it rated all deep layers nearly free. The plan minimizes the sum of the chosen costs subject to the parameters it removes (net of recovery parameters)
 reaching the budget; a share's reference is the nearest earlier layer that keeps its own MLP and block, at most
 `reach` layers back (reach 1: always t - 1, the paper's adjacent sharing; reach 2 or 3 lets a run of layers share
 one MLP, or share across a dropped block, so that sharing can go where it is cheap instead of every other layer).
@@ -94,17 +99,19 @@ def measure_costs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
     inter = getattr(adapter.mlp(model, 0), adapter.mlp_projs[-1]).in_features
     stats = {(t, d): ProjectionStats.zeros(inter, model.config.hidden_size)
              for t in range(1, n) for d in range(1, min(reach, t) + 1)}
-    mlp_e, block_e, resid_e = np.zeros(n), np.zeros(n), np.zeros(n)
+    mlp_e, block_e = np.zeros(n), np.zeros(n)
     keep: dict[str, torch.Tensor] = {}
     seen = {"tokens": 0}
+
+    def scale_hook(module, args, kwargs):  # each token's 1 / || h_t,i ||, for the layer's costs
+        h_in = float64((args[0] if args else kwargs["hidden_states"])[keep["mask"]])
+        keep["scale"] = h_in.norm(dim=-1, keepdim=True).clamp_min(1e-30).reciprocal()
 
     def layer_hook(t: int):
         def hook(module, args, kwargs, output):
             h_in = float64((args[0] if args else kwargs["hidden_states"])[keep["mask"]])
             out = output[0] if isinstance(output, tuple) else output
-            h_out = float64(out[keep["mask"]])
-            block_e[t] += float(((h_out - h_in) ** 2).sum())
-            resid_e[t] += float((h_out**2).sum())
+            block_e[t] += float((((float64(out[keep["mask"]]) - h_in) * keep["scale"]) ** 2).sum())
         return hook
 
     def mlp_hook(t: int):
@@ -112,7 +119,9 @@ def measure_costs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
             if keep.get("inner"):  # the reference's own hook, fired by the call below
                 return
             x, y = args[0][keep["mask"]], output[keep["mask"]]
-            mlp_e[t] += float((float64(y) ** 2).sum())
+            scale = keep["scale"]
+            y = float64(_post(adapter, layers[t], y)) * scale
+            mlp_e[t] += float((y**2).sum())
             for d in range(1, min(reach, t) + 1):
                 ref = adapter.mlp(model, t - d)
                 *_, down_name = adapter.mlp_projs
@@ -126,10 +135,11 @@ def measure_costs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
                     keep["inner"] = False
                     handle.remove()
                 h = captured[0]
-                stats[t, d].add(h, down(h), _post(adapter, layers[t], y))
+                stats[t, d].add(float64(h) * scale, float64(down(h)) * scale, y)  # rows scaled: the fit per token
         return hook
 
-    handles = [layers[t].register_forward_hook(layer_hook(t), with_kwargs=True) for t in range(n)]
+    handles = [layers[t].register_forward_pre_hook(scale_hook, with_kwargs=True) for t in range(n)]
+    handles += [layers[t].register_forward_hook(layer_hook(t), with_kwargs=True) for t in range(n)]
     handles += [adapter.mlp(model, t).register_forward_hook(mlp_hook(t)) for t in range(n)]
     was_training = model.training
     model.eval()
@@ -151,8 +161,8 @@ def measure_costs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
     if seen["tokens"] == 0:
         raise SharpError("the planner's calibration data gave no tokens; give more data")
     out = []
+    norm = seen["tokens"]
     for t in range(n):
-        norm = max(resid_e[t], 1e-30)
         share = {d: {} for d in range(1, min(reach, t) + 1)}
         for d in share:
             for r in ranks:
