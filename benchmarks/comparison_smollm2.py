@@ -56,6 +56,8 @@ def parse_args() -> argparse.Namespace:
                    help="add the planner's row (auto: at SHARP's stored size)")
     p.add_argument("--plan-min-shared", type=float, default=0.5)
     p.add_argument("--plan-reach", type=int, default=1, help="the planned row's --plan-reach")
+    p.add_argument("--only", default="", help="build only these row keys (compare's `only`), e.g. to split the rows "
+                   "over processes whose caches are pooled afterwards")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max-len", type=int, default=256)
@@ -150,7 +152,8 @@ def main() -> None:
         slw_fraction=args.slw_fraction, slw_tokens=args.slw_tokens, slw_init=args.slw_init, slw_inputs=args.slw_inputs,
         slw_sink_weight=args.slw_sink_weight, sft_steps=args.sft_steps, loss=args.loss, train=args.train,
         planned=args.planned, methods=args.methods,
-        plan_min_shared=args.plan_min_shared, plan_reach=args.plan_reach, lr=args.lr, batch_size=args.batch_size,
+        plan_min_shared=args.plan_min_shared, plan_reach=args.plan_reach, only=args.only, lr=args.lr,
+        batch_size=args.batch_size,
         max_len=args.max_len, eval_fraction=0.01, eval_max_len=512, eval_limit=args.eval_limit, eval_batch_size=2,
         overwrite=True)
     start = time.perf_counter()

@@ -53,6 +53,27 @@ def test_compare_builds_every_row_at_one_budget(stories_path, tmp_path, capsys):
     assert "| Original |" in stdout
 
 
+def test_rows_built_by_separate_runs_pool_in_one_cache(stories_path, tmp_path, capsys):
+    args = ["compare", stories_path, "--strategy", "next:1-4", "--recovery", "lora:4", "--data", f"text:{C4}[:8]",
+            "--eval", f"ppl:text={C4}[-3:]", "--eval-limit", "2", "--eval-max-len", "64", "--max-len", "64",
+            "--eval-fraction", "0.2", "--calib-samples", "2", "--slw-steps", "2", "--sft-steps", "2",
+            "--batch-size", "2", "--methods", "mlp-drop", "--no-heal"]
+    code, _, err = run_cli([*args, "--only", "original,mlp-drop", "--out", tmp_path / "a"], capsys)
+    assert code == 0, err
+    assert [r["key"] for r in json.loads((tmp_path / "a" / "comparison.json").read_text())["rows"]] == \
+        ["original", "mlp-drop"] and "left out (--only)" in err
+    code, _, err = run_cli([*args, "--only", "direct,sharp-slw,sharp", "--out", tmp_path / "b"], capsys)
+    assert code == 0, err
+    pooled = json.loads((tmp_path / "a.work" / "rows.json").read_text())
+    pooled["rows"].update(json.loads((tmp_path / "b.work" / "rows.json").read_text())["rows"])
+    (tmp_path / "a.work" / "rows.json").write_text(json.dumps(pooled))
+    code, _, err = run_cli([*args, "--out", tmp_path / "a", "--overwrite"], capsys)  # nothing left to build
+    assert code == 0, err
+    rows = json.loads((tmp_path / "a" / "comparison.json").read_text())["rows"]
+    assert [r["key"] for r in rows] == ["original", "direct", "mlp-drop", "sharp-slw", "sharp"]
+    assert err.count(": cached") == 5
+
+
 def test_markdown_bolds_the_best_compressed_row():
     rows = [Row("original", "Original", 100, {"t": 1.0}, compressed=False),
             Row("a", "A", 80, {"t": 5.0}), Row("b", "B", 79, {"t": 3.0})]

@@ -96,6 +96,9 @@ def compare(
                                          "whose trainable parameter count is nearest SHARP's."),
     planned: bool = typer.Option(False, "--planned", help="Add a row planned by --strategy auto:BUDGET (share, drop "
                                  "MLPs or blocks per layer) at SHARP's stored size; see --plan-min-shared."),
+    only: str = typer.Option("", "--only", help="Build only these rows (keys as in comparison.json, e.g. "
+                             "sharp-plan,width+heal); the others come from OUT's cache or are left out. Runs split "
+                             "this way, each with its own --out, can pool their OUT.work/rows.json afterwards."),
     **settings: Any,
 ) -> None:
     """Every baseline, Direct Sharing and SHARP at the same stored size, evaluated on the same tasks."""

@@ -42,6 +42,7 @@ class CompareConfig(RecoverySettings):
     train: str = "full-lora"  # what SHARP's SFT trains (as compress --train)
     match_trainable: bool = False  # heal each baseline with the LoRA rank whose trainable count is nearest SHARP's
     planned: bool = False  # add a row `--strategy auto:BUDGET` (the planner) at SHARP's stored size
+    only: str = ""  # build only these row keys (e.g. "sharp-plan"); the others come from the cache or are left out
 
     @property
     def method_list(self) -> list[str]:
@@ -98,6 +99,7 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
     cache_path = work / "rows.json"
     cache = _read_cache(cache_path)
     rows: list[Row] = []
+    only = {k.strip() for k in cfg.only.split(",") if k.strip()}
 
     def evaluate(model) -> dict[str, dict[str, float]]:
         return evaluate_tasks(model, tokenizer, tasks, max_len=cfg.eval_max_len, batch_size=cfg.eval_batch_size,
@@ -110,6 +112,9 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
             # older files may hold more settings, or lack one that had a fixed value then
             rows.append(Row(**cache[key]["row"]))
             log(f"{name}: cached")
+            return
+        if only and key not in only:  # another process builds it (rows pooled in one cache afterwards)
+            log(f"{name}: left out (--only)")
             return
         start = time.perf_counter()
         model, details = build()
@@ -208,7 +213,7 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
 
 # settings no row's numbers depend on: compress's runtime-only ones, where the run writes and the choice of rows
 # (so rows built by separate processes, each with its own --out, can be pooled in one cache)
-_NOT_ROW_SETTINGS = RUNTIME_ONLY + ("out", "methods", "heal", "reference_model", "tolerance", "planned")
+_NOT_ROW_SETTINGS = RUNTIME_ONLY + ("out", "methods", "heal", "reference_model", "tolerance", "planned", "only")
 _SLW_SETTINGS = tuple(f.name for f in fields(RecoverySettings) if f.name.startswith(("slw_", "plan_")))
 _PLAN_SETTINGS = tuple(f.name for f in fields(RecoverySettings) if f.name.startswith("plan_"))
 _BASELINE_SETTINGS = ("allocation", "calib_samples")

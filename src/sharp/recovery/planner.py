@@ -13,9 +13,11 @@ own residual, then averaged over tokens:
 
 Per token, because every layer reads its input through an RMS norm, so what reaches it is each token's direction:
 a perturbation matters relative to that token's residual (layer-drop's angular distance is per token too). Summing
-over tokens first and dividing by the total residual energy would let the attention sink's massive activations at
-position 0 (thousands of times an ordinary token's norm from layer 11 on in SmolLM2) decide every cost: that was
-this planner's first cost, and it rated all deep layers nearly free. The plan minimizes the sum of the chosen costs subject to the parameters it removes (net of recovery parameters)
+over tokens first and dividing by the total residual energy lets the attention sink's massive activation at
+position 0 (from layer 11 on in SmolLM2) decide every cost: that was this planner's first cost, and it rated the
+deep layers 12-27 nearly free (1e-4 against 0.02-0.4 for layers 1-10).
+
+The plan minimizes the sum of the chosen costs subject to the parameters it removes (net of recovery parameters)
 reaching the budget; a share's reference is the nearest earlier layer that keeps its own MLP and block, at most
 `reach` layers back (reach 1: always t - 1, the paper's adjacent sharing; reach 2 or 3 lets a run of layers share
 one MLP, or share across a dropped block, so that sharing can go where it is cheap instead of every other layer).
