@@ -6,6 +6,11 @@ Runs `sharp.recipes.compare.compare` (strategy next:6-29, recovery lora:64, GPT4
 GPT4-Alpaca + DialogSum + WikiText-2 evaluation), then a check against RESEARCH.md's reference numbers (the 7 odd
 layers 17..29: MLPs removed / blocks removed, no healing), and writes the results file. Every number in that file
 comes from this run; the budget (steps, examples) is printed in it, whatever it was.
+
+Every row's settings and numbers are also written to docs/results/comparison_smollm2_rows.json (`--rows`). On a
+fresh machine, `--from-rows docs/results/comparison_smollm2_rows.json` seeds the row cache from it, so that only
+rows whose settings changed are rebuilt (a row's settings include the task files' paths: ../shared/assets here).
+Say in `--note` which code built the reused rows.
 """
 
 from __future__ import annotations
