@@ -90,6 +90,11 @@ def test_bad_method_fails_before_work(stories_path, tmp_path, capsys):
                             "--out", tmp_path / "x"], capsys)
     assert code == 2 and "unknown method 'magic'" in err
     assert not (tmp_path / "x").exists()
+    code, _, err = run_cli(["compare", stories_path, "--strategy", "next:1-4", "--recovery", "lora:4",
+                            "--data", f"text:{C4}", "--eval", f"ppl:text={C4}", "--only", "sharp,sharp-plann",
+                            "--out", tmp_path / "x"], capsys)
+    assert code == 2 and "unknown row 'sharp-plann'" in err  # a typo would otherwise leave every row out
+    assert not (tmp_path / "x").exists()
 
 
 def test_row_cache_reruns_only_what_a_setting_affects(tmp_path):

@@ -69,6 +69,11 @@ class CompareConfig(RecoverySettings):
         unknown = [m for m in self.method_list if m not in METHODS]
         if unknown:
             raise SharpError(f"unknown method '{unknown[0]}' in --methods; choose from: {', '.join(METHODS)}")
+        keys = ["original", "direct", *(k for m in METHODS for k in (m, f"{m}+heal")), "sharp-slw", "sharp",
+                "sharp-plan", "reference"]
+        strange = [k.strip() for k in self.only.split(",") if k.strip() and k.strip() not in keys]
+        if strange:
+            raise SharpError(f"unknown row '{strange[0]}' in --only; choose from: {', '.join(keys)}")
         if self.allocation not in ALLOCATIONS:
             raise SharpError(f"unknown --allocation '{self.allocation}'; choose one of: {', '.join(ALLOCATIONS)}")
         if self.calib_samples < 1 or not 0 < self.tolerance < 1:
