@@ -7,7 +7,7 @@ h_t the residual stream entering it and what it adds to it measured in squared n
     drop-mlp     || mlp_t(x) ||^2                       (what the MLP writes, lost)
     drop-block   || h_{t+1} - h_t ||^2                  (what attention and MLP write, lost)
     share(r)     || y - g * D_ref h_ref - M h_ref ||^2  at the closed-form optimum of a rank-r correction with a
-                                                        gate (`closed_form.fit_projection`), reference t - d
+                                                        gate (`closed_form.fit_ranks`), reference t - d
 
 each divided by || h_{t+1} ||^2, so a cost is the relative perturbation of the residual stream at that layer.
 In SmolLM2 the attention sink's massive activation at position 0 dominates || h_{t+1} ||^2 from layer 11 on, so the
@@ -41,7 +41,7 @@ from torch import nn
 
 from sharp.arch import get_adapter
 from sharp.errors import SharpError
-from sharp.recovery.closed_form import ProjectionStats, fit_projection, float64
+from sharp.recovery.closed_form import ProjectionStats, fit_ranks, float64
 from sharp.sharing.recovery import RecoveryConfig
 
 ACTIONS = ("keep", "share", "drop-mlp", "drop-block")
@@ -161,8 +161,7 @@ def measure_costs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
         norm = max(resid_e[t], 1e-30)
         share = {d: {} for d in range(1, min(reach, t) + 1)}
         for d in share:
-            for r in ranks:
-                fit = fit_projection(stats[t, d], r, gate=True, damping=damping)
+            for r, fit in fit_ranks(stats[t, d], ranks, gate=True, damping=damping).items():
                 share[d][r] = fit.rel_err**2 * float(stats[t, d].yy.sum()) / norm
         out.append(LayerCosts(t, mlp_e[t] / norm, block_e[t] / norm, share.pop(1, {}),
                               sum(p.numel() for p in adapter.mlp(model, t).parameters()),
