@@ -165,7 +165,7 @@ def _whitened_svd(stats: ProjectionStats, chol: torch.Tensor, g: torch.Tensor):
 
 def _gate(stats: ProjectionStats, b: torch.Tensor | None, a: torch.Tensor | None) -> torch.Tensor:
     """The g step: each output channel's least-squares gate given M = B A (or none)."""
-    m_hp = 0.0 if b is None else (b * (a @ stats.hp).T).sum(1)  # diag(M H^T P)
+    m_hp = 0.0 if b is None else ((b @ a) * stats.hp.T).sum(1)  # diag(M H^T P)
     return (stats.py - m_hp) / stats.pp.clamp_min(1e-30)
 
 
