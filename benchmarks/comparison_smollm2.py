@@ -187,12 +187,13 @@ def write_doc(path: Path, cfg, args, result: dict, ref: dict, compare_s: float, 
     plan = ((plan_row or {}).get("details") or {}).get("compress", {}).get("plan")
     family = {"sharp", "sharp-slw"} | ({"sharp-plan"} if plan and plan["shared_fraction"] >= 0.5 else set())
     verdict, wins = [], 0
-    for t in names:
+    for t in names if compressed else ():
         best = min(compressed, key=lambda r: r["ppl"][t])
-        ours = min((r for r in compressed if r["key"] in family), key=lambda r: r["ppl"][t])
+        ours = min((r for r in compressed if r["key"] in family), key=lambda r: r["ppl"][t], default=None)
         wins += best["key"] in family
         verdict.append(f"- {t.split('=')[0]}: best compressed row is **{best['name']}** ({best['ppl'][t]:.2f}); "
-                       f"best of the SHARP family: {ours['name']} ({ours['ppl'][t]:.2f}).")
+                       "best of the SHARP family: "
+                       + (f"{ours['name']} ({ours['ppl'][t]:.2f})." if ours else "none in this run (`--only`)."))
     verdict.append(f"- The SHARP family is best on **{wins} of {len(names)}** tasks (target: at least 2) — target "
                    f"{'met' if wins >= 2 else 'NOT met'}.")
     if plan:
