@@ -133,14 +133,13 @@ def test_measured_costs_mean_what_they_say():
         assert c.share[0] <= c.drop_mlp * (1 + 1e-6)  # the gate can always switch the reference off
     # drop-mlp cost = what the MLP writes, over the residual after the layer, computed independently
     layer = model.model.layers[3]
-    xs, ys, hs = [], [], []
-    h1 = layer.post_attention_layernorm.register_forward_hook(lambda m, a, o: xs.append(o))
-    h2 = layer.mlp.register_forward_hook(lambda m, a, o: ys.append(o))
-    h3 = layer.register_forward_hook(lambda m, a, o: hs.append(o[0] if isinstance(o, tuple) else o))
+    ys, hs = [], []
+    h1 = layer.mlp.register_forward_hook(lambda m, a, o: ys.append(o))
+    h2 = layer.register_forward_hook(lambda m, a, o: hs.append(o[0] if isinstance(o, tuple) else o))
     with torch.no_grad():
         for b in batches:
             model(**b)
-    for h in (h1, h2, h3):
+    for h in (h1, h2):
         h.remove()
     y, h = torch.cat(ys), torch.cat(hs)
     assert costs[3].drop_mlp == pytest.approx(float((y.double() ** 2).sum() / (h.double() ** 2).sum()), rel=1e-6)

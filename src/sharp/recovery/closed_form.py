@@ -136,8 +136,8 @@ def fit_ranks(stats: ProjectionStats, ranks: Iterable[int], gate: bool, damping:
     ranks = sorted(set(ranks), reverse=True)
     top = ranks[0]
     chol = whitener(stats.hh, damping)
-    g = torch.zeros(stats.hy.shape[1], dtype=torch.float64) if gate else torch.ones(stats.hy.shape[1],
-                                                                                    dtype=torch.float64)
+    out = stats.hy.shape[1]
+    g = torch.zeros(out, dtype=torch.float64) if gate else torch.ones(out, dtype=torch.float64)
     b = a = svd = None
     energy = 1.0
     for _ in range(iters if gate and top else 1):
