@@ -61,6 +61,7 @@ def parse_args() -> argparse.Namespace:
                    help="add the planner's row (auto: at SHARP's stored size)")
     p.add_argument("--plan-min-shared", type=float, default=0.5)
     p.add_argument("--plan-reach", type=int, default=1, help="the planned row's --plan-reach")
+    p.add_argument("--plan-cost", default="residual", help="the planned row's --plan-cost (residual or kl)")
     p.add_argument("--only", default="", help="build only these row keys (compare's `only`), e.g. to split the rows "
                    "over processes whose caches are pooled afterwards")
     p.add_argument("--batch-size", type=int, default=4)
@@ -157,7 +158,8 @@ def main() -> None:
         slw_fraction=args.slw_fraction, slw_tokens=args.slw_tokens, slw_init=args.slw_init, slw_inputs=args.slw_inputs,
         slw_sink_weight=args.slw_sink_weight, sft_steps=args.sft_steps, loss=args.loss, train=args.train,
         planned=args.planned, methods=args.methods,
-        plan_min_shared=args.plan_min_shared, plan_reach=args.plan_reach, only=args.only, lr=args.lr,
+        plan_min_shared=args.plan_min_shared, plan_reach=args.plan_reach, plan_cost=args.plan_cost,
+        only=args.only, lr=args.lr,
         batch_size=args.batch_size,
         max_len=args.max_len, eval_fraction=0.01, eval_max_len=512, eval_limit=args.eval_limit, eval_batch_size=2,
         overwrite=True)
@@ -231,7 +233,8 @@ def write_doc(path: Path, cfg, args, result: dict, ref: dict, compare_s: float, 
         f"- baselines' calibration (angular distances, Taylor importance): {args.calib_samples} training examples;",
         f"- recovery `{args.recovery}` on `{args.strategy}`"
         + (f"; the planned row: `auto:` at SHARP's stored size, shared MLPs ≥ {args.plan_min_shared:.0%} of the "
-           f"removal, references up to {args.plan_reach} layer(s) back (`--plan-reach`)" if args.planned else "")
+           f"removal, references up to {args.plan_reach} layer(s) back (`--plan-reach`), actions scored by the "
+           f"{args.plan_cost} cost (`--plan-cost`)" if args.planned else "")
         + ".",
         "",
         "This is a small training budget (minutes per row on a CPU), far below the paper's; rows are compared at "

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import sharp
+from sharp.errors import SharpError
 from sharp.recovery.planner import LayerCosts, Plan, measure_costs, plan_layers
 from tests.conftest import tiny_model
 
@@ -143,6 +144,36 @@ def test_measured_costs_mean_what_they_say():
         h.remove()
     y, h = torch.cat(ys), torch.cat(hs)
     assert costs[3].drop_mlp == pytest.approx(float((y.double() ** 2).sum() / (h.double() ** 2).sum()), rel=1e-6)
+
+
+def test_kl_cost_scores_each_action_end_to_end():
+    model = tiny_model()
+    mlps = [layer.mlp for layer in model.model.layers]
+    with torch.no_grad():
+        mlps[3].down_proj.weight.zero_()  # layer 3's MLP writes nothing: deleting it moves no prediction
+        for name in ("gate_proj", "up_proj", "down_proj"):  # layer 5's MLP is layer 4's: sharing it is exact
+            getattr(mlps[5], name).weight.copy_(getattr(mlps[4], name).weight)
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(128, (4, 20), generator=g)} for _ in range(4)]
+    residual = measure_costs(model, batches, ranks=[0, 4, 16])
+    kl = measure_costs(model, batches, ranks=[0, 4, 16], cost="kl")
+    assert kl[3].drop_mlp == pytest.approx(0.0, abs=1e-9)
+    gate_only = measure_costs(model, batches, ranks=[0], cost="kl")  # the gate alone fits a copy exactly
+    assert gate_only[5].share[0] < 1e-6 * gate_only[5].drop_mlp
+    for c, r in zip(kl[1:], residual[1:], strict=True):
+        assert c.drop_block > 0 and (c.drop_mlp > 0 or c.layer == 3)
+        if r.share[4] > 1e-12:  # other ranks keep the residual cost's ratio to the measured (middle) rank
+            assert c.share[0] / c.share[4] == pytest.approx(r.share[0] / r.share[4], rel=1e-6)
+    # drop-block, computed independently: the model without layer 2, KL of its next-token distributions
+    ids = torch.cat([b["input_ids"] for b in batches])
+    with torch.no_grad():
+        teacher = torch.log_softmax(model(input_ids=ids).logits, -1)
+        model.model.layers = torch.nn.ModuleList([m for i, m in enumerate(model.model.layers) if i != 2])
+        student = torch.log_softmax(model(input_ids=ids).logits, -1)
+    expected = float((teacher.exp() * (teacher - student)).sum(-1).mean())
+    assert kl[2].drop_block == pytest.approx(expected, rel=1e-4)
+    with pytest.raises(SharpError, match="planner cost"):
+        measure_costs(model, batches, ranks=[4], cost="loss")
 
 
 def test_plan_counts_what_it_removes():

@@ -30,6 +30,7 @@ def analyze(
     plan_actions: str = opt.PLAN_ACTIONS,
     plan_min_shared: float = opt.PLAN_MIN_SHARED,
     plan_reach: int = opt.PLAN_REACH,
+    plan_cost: str = opt.PLAN_COST,
     max_len: int = typer.Option(512, "--max-len", help="Tokens per example / text window."),
     batch_size: int = typer.Option(4, "--batch-size", help="Sequences per forward pass."),
     template: str = typer.Option("plain", "--template", help="plain (### Instruction/### Response) or chat."),
@@ -92,14 +93,14 @@ def analyze(
         analysis["suggestion"] = suggest_strategy(costs, analysis["layers"], fraction, source).to_dict()
     if plan is not None:
         analysis["plan"] = _plan(loaded, tokenizer, data, recovery, budget, plan_actions, plan_min_shared, plan_reach,
-                                 max_tokens, max_len, batch_size, template)
+                                 plan_cost, max_tokens, max_len, batch_size, template)
     with atomic_dir(out, overwrite) as tmp:
         write_analysis(analysis, tmp)
     _print_summary(analysis, out)
 
 
 def _plan(model, tokenizer, data: str, recovery, budget: str, actions: str, min_shared: float, reach: int,
-          max_tokens: int, max_len: int, batch_size: int, template: str) -> dict:
+          cost: str, max_tokens: int, max_len: int, batch_size: int, template: str) -> dict:
     """The planner's mixed strategy for `budget`, measured on up to `max_tokens` tokens of `data`."""
     from sharp.baselines.calibration import calibration_examples
     from sharp.data import collate_examples
@@ -110,7 +111,7 @@ def _plan(model, tokenizer, data: str, recovery, budget: str, actions: str, min_
     batches = [collate_examples(examples[i : i + batch_size], pad) for i in range(0, len(examples), batch_size)]
     with err_console.status("planning"):
         text, chosen, _ = plan_strategy(model, batches, recovery, budget, [a.strip() for a in actions.split(",")],
-                                        min_shared, max_tokens=max_tokens, reach=reach)
+                                        min_shared, max_tokens=max_tokens, reach=reach, cost=cost)
     return {"strategy": text, "recovery": recovery.text, "budget": budget, **chosen.to_dict()}
 
 

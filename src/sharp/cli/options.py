@@ -52,6 +52,10 @@ PLAN_MIN_SHARED = typer.Option(0.0, "--plan-min-shared", help="Planner: shared M
 PLAN_REACH = typer.Option(1, "--plan-reach", help="Planner: a shared MLP's reference is the nearest earlier layer "
                           "that keeps its own MLP and block, at most this many layers back (1: always the layer "
                           "before; 2-3 let a run of layers share one MLP, or share across a dropped block).")
+PLAN_COST = typer.Option("residual", "--plan-cost", help="Planner: how an action is scored: residual (the "
+                         "closed-form perturbation of the residual stream at that layer, one pass) or kl (the KL "
+                         "divergence of the final next-token distribution with the action applied alone: one "
+                         "forward pass per layer and action, on 1,024 calibration tokens).")
 SFT_STEPS = typer.Option(200, "--sft-steps", help="SFT optimizer steps (0: use --epochs).")
 LOSS = typer.Option("ce", "--loss", help="SFT / healing loss: ce (labels), kd (distill the original model) or ce+kd.")
 KD_TEMPERATURE = typer.Option(1.0, "--kd-temperature", help="Softmax temperature of the kd loss.")
@@ -81,6 +85,7 @@ RECOVERY_OPTIONS = {  # the other RecoverySettings fields (data and out are the 
     "slw_batch_tokens": SLW_BATCH_TOKENS, "slw_patience": SLW_PATIENCE,
     "slw_sink_weight": SLW_SINK_WEIGHT, "slw_init": SLW_INIT, "slw_inputs": SLW_INPUTS,
     "plan_actions": PLAN_ACTIONS, "plan_min_shared": PLAN_MIN_SHARED, "plan_reach": PLAN_REACH,
+    "plan_cost": PLAN_COST,
     "sft_steps": SFT_STEPS, "loss": LOSS,
     "kd_temperature": KD_TEMPERATURE, "lr": LR, "shared_lr": SHARED_LR, "batch_size": BATCH_SIZE,
     "grad_accum": GRAD_ACCUM, "max_len": MAX_LEN, "eval_fraction": EVAL_FRACTION, "seed": SEED, "template": TEMPLATE,

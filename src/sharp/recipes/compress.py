@@ -68,7 +68,7 @@ def compress(cfg: CompressConfig, progress: bool = True) -> dict:
         return _compress(cfg, work, progress)
 
 
-def _plan(cfg: CompressConfig, model, batches, path: Path, meter: StageMeter) -> dict:
+def _plan(cfg: CompressConfig, model, batches, path: Path, meter: StageMeter, progress: bool = False) -> dict:
     """The planner's choice for `auto:BUDGET` (cached in the work folder, so a resumed run shares the same;
     under torchrun rank 0 plans and the other ranks read its file)."""
     if not dist.is_main():
@@ -79,7 +79,8 @@ def _plan(cfg: CompressConfig, model, batches, path: Path, meter: StageMeter) ->
     with meter("plan"):
         text, plan, costs = plan_strategy(model, batches, parse_recovery(cfg.recovery), budget,
                                           [a.strip() for a in cfg.plan_actions.split(",")], cfg.plan_min_shared,
-                                          max_tokens=cfg.slw_tokens, reach=cfg.plan_reach)
+                                          max_tokens=cfg.slw_tokens, reach=cfg.plan_reach,
+                                          cost=cfg.plan_cost, progress=progress)
     result = {"strategy": text, "budget": budget, **plan.to_dict(), "costs": [asdict(c) for c in costs]}
     write_text_atomic(path, json.dumps(result, indent=2, sort_keys=True))
     return result
@@ -170,7 +171,7 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
     batches = [collate(sample[i : i + cfg.batch_size]) for i in range(0, n, cfg.batch_size)]
     strategy, plan = cfg.strategy, None
     if parse_strategy(strategy).kind == "auto":
-        plan = _plan(cfg, model, batches, work / "plan.json", meter)
+        plan = _plan(cfg, model, batches, work / "plan.json", meter, progress)
         strategy = plan["strategy"]
     set_seed(cfg.seed)
     sharp.share(model, strategy, cfg.recovery, source=cfg.model)

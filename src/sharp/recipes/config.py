@@ -52,6 +52,7 @@ class RecoverySettings:
     plan_actions: str = "share,drop-mlp,drop-block"  # what --strategy auto:BUDGET may choose per layer
     plan_min_shared: float = 0.0  # auto: shared MLPs remove at least this share of the removed parameters
     plan_reach: int = 1  # auto: a shared MLP's reference may be up to this many layers back (1: the layer before)
+    plan_cost: str = "residual"  # auto: how the planner scores an action (residual | kl: end to end, slower)
     sft_steps: int = 200  # optimizer steps; 0 = `epochs` instead
     loss: str = "ce"  # SFT (and healing) loss: ce | kd | ce+kd
     kd_temperature: float = 1.0
@@ -113,6 +114,7 @@ class CompressConfig(RecoverySettings):
         from sharp.io.dtypes import parse_dtype
         from sharp.io.formats import is_sharp_checkpoint
         from sharp.io.models import resolve_model_path
+        from sharp.recovery.planner import COSTS
         from sharp.recovery.trainable import TRAIN_CHOICES
 
         stages = self.stage_list
@@ -134,6 +136,8 @@ class CompressConfig(RecoverySettings):
             raise SharpError(f"--full-lora-rank must be at least 1, got {self.full_lora_rank}")
         if self.plan_reach < 1:
             raise SharpError(f"--plan-reach must be at least 1 (the layer just before), got {self.plan_reach}")
+        if self.plan_cost not in COSTS:
+            raise SharpError(f"unknown --plan-cost '{self.plan_cost}'; choose one of: {', '.join(COSTS)}")
         resolve_device(self.device)
         parse_dtype(self.dtype)
         self.slw_config()
@@ -182,7 +186,8 @@ def run_identity(settings: dict) -> dict:
     return {k: v for k, v in {**SETTINGS_BEFORE_THEIR_FLAG, **settings}.items() if k not in RUNTIME_ONLY}
 
 
-SETTINGS_BEFORE_THEIR_FLAG = {"slw_sink_weight": 1.0, "plan_reach": 1}  # what runs recorded without the setting used
+# what runs recorded before a setting existed used
+SETTINGS_BEFORE_THEIR_FLAG = {"slw_sink_weight": 1.0, "plan_reach": 1, "plan_cost": "residual"}
 
 
 def prepare_work_dir(cfg: CompressConfig) -> Path:

@@ -9,7 +9,12 @@ h_t the residual stream entering it and what it adds to it measured in squared n
     share(r)     || y - g * D_ref h_ref - M h_ref ||^2  at the closed-form optimum of a rank-r correction with a
                                                         gate (`closed_form.fit_ranks`), reference t - d
 
-each divided by || h_{t+1} ||^2, so a cost is the relative perturbation of the residual stream at that layer.
+each divided by || h_{t+1} ||^2, so a cost is the relative perturbation of the residual stream at that layer
+(`cost="residual"`, the default). `cost="kl"` scores each action end to end instead: applied alone (a share as its
+closed-form fit), the KL divergence of the model's next-token distribution from the original's, averaged over the
+first `KL_TOKENS` calibration tokens; one forward pass per layer and action, shares at the middle rank only (a
+share's other ranks keep their residual costs' ratios to it). It sees what the residual cost cannot: how much a
+layer's perturbation moves the loss after the layers above have processed it.
 In SmolLM2 the attention sink's massive activation at position 0 dominates || h_{t+1} ||^2 from layer 11 on, so the
 deep layers' costs come out tiny (1e-4 against 0.02-0.4 for layers 1-10). Averaging each token's perturbation
 relative to its own residual instead was tried (one run, comparison_smollm2's budget): it moved the plan (7 shares,
@@ -48,6 +53,8 @@ from sharp.recovery.closed_form import ProjectionStats, fit_ranks, float64
 from sharp.sharing.recovery import RecoveryConfig
 
 ACTIONS = ("keep", "share", "drop-mlp", "drop-block")
+COSTS = ("residual", "kl")
+KL_TOKENS = 1024  # calibration tokens the "kl" cost scores each action on (one forward pass per action)
 
 
 @dataclass
@@ -91,11 +98,16 @@ class Plan:
 
 @torch.no_grad()
 def measure_costs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], ranks: Iterable[int],
-                  damping: float = 1e-4, max_tokens: int | None = None, reach: int = 1) -> list[LayerCosts]:
+                  damping: float = 1e-4, max_tokens: int | None = None, reach: int = 1, cost: str = "residual",
+                  kl_tokens: int = KL_TOKENS, progress: bool = False) -> list[LayerCosts]:
     """One pass of `model` over `batches` (on the model's device; padding excluded, position 0 included): every
-    layer's costs, accumulated in float64; shares with references up to `reach` layers back."""
+    layer's costs, accumulated in float64; shares with references up to `reach` layers back. `cost` "kl" then
+    rescores every action end to end (see the module docstring) on the first `kl_tokens` tokens of `batches`."""
     if reach < 1:
         raise SharpError(f"the planner's reach must be at least 1 (the layer just before), got {reach}")
+    if cost not in COSTS:
+        raise SharpError(f"unknown planner cost '{cost}'; choose one of: {', '.join(COSTS)}")
+    batches = list(batches)
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     n = len(layers)
@@ -159,17 +171,113 @@ def measure_costs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
         model.train(was_training)
     if seen["tokens"] == 0:
         raise SharpError("the planner's calibration data gave no tokens; give more data")
-    out = []
+    out, fits = [], {}
     for t in range(n):
         norm = max(resid_e[t], 1e-30)
         share = {d: {} for d in range(1, min(reach, t) + 1)}
         for d in share:
-            for r, fit in fit_ranks(stats[t, d], ranks, gate=True, damping=damping).items():
+            fits[t, d] = fit_ranks(stats[t, d], ranks, gate=True, damping=damping)
+            for r, fit in fits[t, d].items():
                 share[d][r] = fit.rel_err**2 * float(stats[t, d].yy.sum()) / norm
         out.append(LayerCosts(t, mlp_e[t] / norm, block_e[t] / norm, share.pop(1, {}),
                               sum(p.numel() for p in adapter.mlp(model, t).parameters()),
                               sum(p.numel() for p in layers[t].parameters()), share))
+    if cost == "kl":
+        _rescore_by_kl(model, batches, out, fits, ranks[len(ranks) // 2], kl_tokens, progress)
     return out
+
+
+def _rescore_by_kl(model: nn.Module, batches: list[Mapping[str, torch.Tensor]], costs: list[LayerCosts],
+                   fits: dict, rank: int, kl_tokens: int, progress: bool) -> None:
+    """Replace each action's residual cost by the KL divergence of the final next-token distribution, the
+    action applied alone (shares at `rank`; a share's other ranks keep their residual cost's ratio to it)."""
+    adapter = get_adapter(model)
+    layers = adapter.layers(model)
+    device = next(model.parameters()).device
+    calib, seen = [], 0
+    for batch in batches:
+        if seen >= kl_tokens:
+            break
+        ids = batch["input_ids"].to(device)
+        mask = batch.get("attention_mask")
+        mask = torch.ones_like(ids) if mask is None else mask.to(device)
+        calib.append((ids, mask))
+        seen += int(mask.sum())
+    was_training = model.training
+    model.eval()
+    try:
+        teacher = [_log_probs(model, ids, mask) for ids, mask in calib]
+
+        def kl() -> float:
+            total = sum(float((t.exp() * (t - _log_probs(model, ids, mask))).sum())
+                        for t, (ids, mask) in zip(teacher, calib, strict=True))
+            return max(total / seen, 0.0)
+
+        jobs = []
+        for c in costs:
+            jobs.append((c, "drop-mlp", 0, adapter.mlp(model, c.layer), _zero_output))
+            jobs.append((c, "drop-block", 0, layers[c.layer], _skip_block))
+            for d in [1, *c.share_further] if c.share else []:
+                fit = fits[c.layer, d][rank]
+                jobs.append((c, "share", d, adapter.mlp(model, c.layer),
+                             _shared_output(adapter, adapter.mlp(model, c.layer - d), fit)))
+        if progress:
+            from rich.progress import track
+
+            jobs = track(jobs, description="planner: KL of each action")
+        for c, action, d, module, hook in jobs:
+            handle = module.register_forward_hook(hook, with_kwargs=action == "drop-block")
+            try:
+                value = kl()
+            finally:
+                handle.remove()
+            if action == "drop-mlp":
+                c.drop_mlp = value
+            elif action == "drop-block":
+                c.drop_block = value
+            else:
+                by_rank = c.share_at(d)
+                scale = value / max(by_rank[rank], 1e-30)
+                for r in by_rank:
+                    by_rank[r] = by_rank[r] * scale
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def _log_probs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+    return torch.log_softmax(logits[mask.bool()].float(), dim=-1)
+
+
+def _zero_output(module, args, output):
+    return torch.zeros_like(output)
+
+
+def _skip_block(module, args, kwargs, output):
+    h = args[0] if args else kwargs["hidden_states"]
+    return (h, *output[1:]) if isinstance(output, tuple) else h
+
+
+def _shared_output(adapter, ref: nn.Module, fit):
+    """A hook making a target's MLP return the closed-form share: g * down_ref(h_ref) + h_ref (B A)^T."""
+    *_, down_name = adapter.mlp_projs
+    down = getattr(ref, down_name)
+
+    def hook(module, args, output):
+        captured: list[torch.Tensor] = []
+        handle = down.register_forward_hook(lambda m, a, o: captured.append(a[0]))
+        try:
+            ref(args[0])
+        finally:
+            handle.remove()
+        h = captured[0]
+        like = {"dtype": h.dtype, "device": h.device}
+        y = fit.gate.to(**like) * down(h)
+        if fit.b is not None:
+            y = y + (h @ fit.a.T.to(**like)) @ fit.b.T.to(**like)
+        return y
+    return hook
 
 
 def _post(adapter, layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
@@ -314,7 +422,8 @@ def removal_needed(model: nn.Module, budget: str) -> int:
 
 def plan_strategy(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], recovery: RecoveryConfig,
                   budget: str, actions: Iterable[str] = ACTIONS, min_shared: float = 0.0,
-                  max_tokens: int | None = None, reach: int = 1) -> tuple[str, Plan, list[LayerCosts]]:
+                  max_tokens: int | None = None, reach: int = 1, cost: str = "residual",
+                  progress: bool = False) -> tuple[str, Plan, list[LayerCosts]]:
     """Measure, plan and spell the plan as a `map:` strategy (ranks R/4, R/2, R, 2R of `recovery`'s family;
     references up to `reach` layers back)."""
     need = removal_needed(model, budget)
@@ -326,7 +435,7 @@ def plan_strategy(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
                          f"'{recovery.text}'")
     ranks = sorted({r for r in (recovery.rank // 4, recovery.rank // 2, recovery.rank, 2 * recovery.rank)
                     if 1 <= r <= min(min(shape) for shape in shapes)})
-    costs = measure_costs(model, batches, ranks, max_tokens=max_tokens, reach=reach)
+    costs = measure_costs(model, batches, ranks, max_tokens=max_tokens, reach=reach, cost=cost, progress=progress)
     per_rank = {r: recovery_params(recovery, r, shapes) for r in ranks}
     unit = max(1000, need // 20000)
     plan = plan_layers(costs, need, per_rank, actions, min_shared, unit=unit)
