@@ -4,6 +4,7 @@ measured costs mean what they say."""
 from __future__ import annotations
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -164,8 +165,12 @@ def test_kl_cost_scores_each_action_end_to_end():
         assert c.drop_block > 0 and (c.drop_mlp > 0 or c.layer == 3)
         if r.share[4] > 1e-12:  # other ranks keep the residual cost's ratio to the measured (middle) rank
             assert c.share[0] / c.share[4] == pytest.approx(r.share[0] / r.share[4], rel=1e-6)
-    # drop-block, computed independently: the model without layer 2, KL of its next-token distributions
-    ids = torch.cat([b["input_ids"] for b in batches])
+    only_shares = measure_costs(model, batches, ranks=[0, 4, 16], cost="kl", actions=["share"])
+    assert all(c.drop_mlp == c.drop_block == math.inf for c in only_shares)  # not run: the plan cannot choose them
+    assert only_shares[0].share == {} and [c.share for c in only_shares[1:]] == [c.share for c in kl[1:]]
+    # drop-block on the first two sequences (40 tokens), computed independently: the model without layer 2
+    kl = measure_costs(model, batches, ranks=[4], cost="kl", kl_tokens=40)
+    ids = batches[0]["input_ids"][:2]
     with torch.no_grad():
         teacher = torch.log_softmax(model(input_ids=ids).logits, -1)
         model.model.layers = torch.nn.ModuleList([m for i, m in enumerate(model.model.layers) if i != 2])

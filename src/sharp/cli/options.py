@@ -54,8 +54,9 @@ PLAN_REACH = typer.Option(1, "--plan-reach", help="Planner: a shared MLP's refer
                           "before; 2-3 let a run of layers share one MLP, or share across a dropped block).")
 PLAN_COST = typer.Option("residual", "--plan-cost", help="Planner: how an action is scored: residual (the "
                          "closed-form perturbation of the residual stream at that layer, one pass) or kl (the KL "
-                         "divergence of the final next-token distribution with the action applied alone: one "
-                         "forward pass per layer and action, on 1,024 calibration tokens).")
+                         "divergence of the final next-token distribution with the action applied alone: after "
+                         "the residual pass, one forward pass per layer and action, on the first calibration "
+                         "sequences holding 1,024 tokens).")
 SFT_STEPS = typer.Option(200, "--sft-steps", help="SFT optimizer steps (0: use --epochs).")
 LOSS = typer.Option("ce", "--loss", help="SFT / healing loss: ce (labels), kd (distill the original model) or ce+kd.")
 KD_TEMPERATURE = typer.Option(1.0, "--kd-temperature", help="Softmax temperature of the kd loss.")

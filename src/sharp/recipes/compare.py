@@ -195,7 +195,8 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
               + (f"with the LoRA rank whose trainable count is nearest SHARP's ({sharp_trainable:,})"
                  if cfg.match_trainable else f"with LoRA r={cfg.full_lora_rank}") + " on the remaining linears",
               **({"planned row": "--strategy auto:BUDGET at SHARP's stored size (it may store fewer, never more), "
-                  f"actions {cfg.plan_actions}, shared MLPs ≥ {cfg.plan_min_shared:.0%} of the removal"}
+                  f"actions {cfg.plan_actions}, shared MLPs ≥ {cfg.plan_min_shared:.0%} of the removal, "
+                  f"references up to {cfg.plan_reach} layer(s) back, cost {cfg.plan_cost}"}
                  if cfg.planned else {}),
               "SLW": f"{cfg.slw_steps} steps per target on {cfg.slw_fraction:.0%} of the training examples, init "
               f"{cfg.slw_init}, inputs {cfg.slw_inputs}"}

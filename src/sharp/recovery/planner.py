@@ -10,22 +10,25 @@ h_t the residual stream entering it and what it adds to it measured in squared n
                                                         gate (`closed_form.fit_ranks`), reference t - d
 
 each divided by || h_{t+1} ||^2, so a cost is the relative perturbation of the residual stream at that layer
-(`cost="residual"`, the default). `cost="kl"` scores each action end to end instead: applied alone (a share as its
-closed-form fit), the KL divergence of the model's next-token distribution from the original's, averaged over the
-first `KL_TOKENS` calibration tokens; one forward pass per layer and action, shares at the middle rank only (a
-share's other ranks keep their residual costs' ratios to it). It sees what the residual cost cannot: how much a
-layer's perturbation moves the loss after the layers above have processed it. Measured once each at
-comparison_smollm2's budget (docs/results/comparison_smollm2_kl*.md; SmolLM2 on one core: 23 min to measure at reach
-1, 32 at reach 2): at reach 1 it shares far more (10 MLPs at ranks 32-64 and one block dropped; sharing 87% of the
-removal) and scored 10.96 / 19.89 / 82.34 (GPT4-Alpaca / DialogSum / WikiText-2) against the residual cost's
-11.04 / 21.82 / 73.17; at reach 2 (6 MLPs serving two targets each) 10.39 / 23.17 / 86.53. The plan follows its
-calibration tokens (the SLW data, instructions there): better on instruction-style text, worse on plain text. So
-the default stays "residual".
+(`cost="residual"`, the default).
 In SmolLM2 the attention sink's massive activation at position 0 dominates || h_{t+1} ||^2 from layer 11 on, so the
 deep layers' costs come out tiny (1e-4 against 0.02-0.4 for layers 1-10). Averaging each token's perturbation
 relative to its own residual instead was tried (one run, comparison_smollm2's budget): it moved the plan (7 shares,
 among them layers 3, 12 and 28; blocks 13, 14, 17) and scored 11.07 / 22.57 / 78.12 (GPT4-Alpaca / DialogSum /
 WikiText-2) against this cost's 11.04 / 21.82 / 73.17 — no better, so it is not offered.
+
+`cost="kl"` scores each action end to end instead: applied alone (a share as its closed-form fit), the KL divergence
+of the model's next-token distribution from the original's, averaged over the first calibration sequences holding
+`KL_TOKENS` tokens; after the residual pass (the shares' fits come from it), one forward pass per layer and action
+the plan may choose, shares at the middle rank only (a share's other ranks keep their residual costs' ratios to it).
+It sees what the residual cost cannot: how much a layer's perturbation moves the loss after the layers above have
+processed it. Measured once each at comparison_smollm2's budget (docs/results/comparison_smollm2_kl*.md, built at
+5c9c2c4, which scored on whole batches of 4 sequences until 1,024 tokens; SmolLM2 on one core: 23 min to measure at
+reach 1, 32 at reach 2): at reach 1 it shares far more (10 MLPs at ranks 32-64 and one block dropped; sharing 87% of
+the removal) and scored 10.96 / 19.89 / 82.34 (GPT4-Alpaca / DialogSum / WikiText-2) against the residual cost's
+11.04 / 21.82 / 73.17; at reach 2 (6 MLPs serving two targets each) 10.39 / 23.17 / 86.53. The plan follows its
+calibration tokens (the SLW data, instructions there): better on instruction-style text, worse on plain text. So the
+default stays "residual".
 
 The plan minimizes the sum of the chosen costs subject to the parameters it removes (net of recovery parameters)
 reaching the budget; a share's reference is the nearest earlier layer that keeps its own MLP and block, at most
@@ -65,7 +68,8 @@ KL_TOKENS = 1024  # calibration tokens the "kl" cost scores each action on (one 
 
 @dataclass
 class LayerCosts:
-    """Measured costs of one layer's options (relative residual perturbations) and their parameter counts."""
+    """Measured costs of one layer's options (relative residual perturbations, or KL divergences with
+    `cost="kl"`; inf where an action was not scored) and their parameter counts."""
 
     layer: int
     drop_mlp: float
@@ -105,15 +109,18 @@ class Plan:
 @torch.no_grad()
 def measure_costs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], ranks: Iterable[int],
                   damping: float = 1e-4, max_tokens: int | None = None, reach: int = 1, cost: str = "residual",
-                  kl_tokens: int = KL_TOKENS, progress: bool = False) -> list[LayerCosts]:
+                  kl_tokens: int = KL_TOKENS, actions: Iterable[str] = ACTIONS, protect: Iterable[int] = (0,),
+                  progress: bool = False) -> list[LayerCosts]:
     """One pass of `model` over `batches` (on the model's device; padding excluded, position 0 included): every
     layer's costs, accumulated in float64; shares with references up to `reach` layers back. `cost` "kl" then
-    rescores every action end to end (see the module docstring) on the first `kl_tokens` tokens of `batches`."""
+    rescores the `actions` of every layer not in `protect` end to end (see the module docstring; the others get an
+    infinite cost) on the first sequences of that pass holding `kl_tokens` tokens."""
     if reach < 1:
         raise SharpError(f"the planner's reach must be at least 1 (the layer just before), got {reach}")
     if cost not in COSTS:
         raise SharpError(f"unknown planner cost '{cost}'; choose one of: {', '.join(COSTS)}")
-    batches = list(batches)
+    if kl_tokens < 1:
+        raise SharpError(f"the planner's KL needs at least 1 calibration token, got {kl_tokens}")
     adapter = get_adapter(model)
     layers = adapter.layers(model)
     n = len(layers)
@@ -124,6 +131,7 @@ def measure_costs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
     mlp_e, block_e, resid_e = np.zeros(n), np.zeros(n), np.zeros(n)
     keep: dict[str, torch.Tensor] = {}
     seen = {"tokens": 0}
+    calib: list[tuple[torch.Tensor, torch.Tensor]] = []  # the sequences the "kl" cost scores on
 
     def layer_hook(t: int):
         def hook(module, args, kwargs, output):
@@ -168,6 +176,8 @@ def measure_costs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
             mask = torch.ones_like(ids) if mask is None else mask.to(device)
             keep["mask"] = mask.bool()
             model(input_ids=ids, attention_mask=mask, use_cache=False)
+            if cost == "kl":
+                _take(calib, ids, mask, kl_tokens)
             seen["tokens"] += int(mask.sum())
             if max_tokens is not None and seen["tokens"] >= max_tokens:
                 break
@@ -182,55 +192,74 @@ def measure_costs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
         norm = max(resid_e[t], 1e-30)
         share = {d: {} for d in range(1, min(reach, t) + 1)}
         for d in share:
-            fits[t, d] = fit_ranks(stats[t, d], ranks, gate=True, damping=damping)
-            for r, fit in fits[t, d].items():
+            by_rank = fit_ranks(stats[t, d], ranks, gate=True, damping=damping)
+            for r, fit in by_rank.items():
                 share[d][r] = fit.rel_err**2 * float(stats[t, d].yy.sum()) / norm
+            if cost == "kl":
+                fits[t, d] = by_rank[ranks[len(ranks) // 2]]
         out.append(LayerCosts(t, mlp_e[t] / norm, block_e[t] / norm, share.pop(1, {}),
                               sum(p.numel() for p in adapter.mlp(model, t).parameters()),
                               sum(p.numel() for p in layers[t].parameters()), share))
     if cost == "kl":
-        _rescore_by_kl(model, batches, out, fits, ranks[len(ranks) // 2], kl_tokens, progress)
+        _rescore_by_kl(model, calib, out, fits, ranks[len(ranks) // 2], set(actions), set(protect), progress)
     return out
 
 
-def _rescore_by_kl(model: nn.Module, batches: list[Mapping[str, torch.Tensor]], costs: list[LayerCosts],
-                   fits: dict, rank: int, kl_tokens: int, progress: bool) -> None:
+def _take(calib: list, ids: torch.Tensor, mask: torch.Tensor, quota: int) -> None:
+    """Append this batch's first sequences to `calib` until it holds `quota` tokens (bounds the teacher's
+    stored log-probabilities at about `quota` x vocabulary)."""
+    have = sum(int(m.sum()) for _, m in calib)
+    rows = 0
+    while rows < len(ids) and have < quota:
+        have += int(mask[rows].sum())
+        rows += 1
+    if rows:
+        calib.append((ids[:rows], mask[:rows]))
+
+
+def _rescore_by_kl(model: nn.Module, calib: list[tuple[torch.Tensor, torch.Tensor]], costs: list[LayerCosts],
+                   fits: dict, rank: int, actions: set[str], protect: set[int], progress: bool) -> None:
     """Replace each action's residual cost by the KL divergence of the final next-token distribution, the
-    action applied alone (shares at `rank`; a share's other ranks keep their residual cost's ratio to it)."""
+    action applied alone (shares at `rank`, as fitted in `fits`; a share's other ranks keep their residual cost's
+    ratio to it). Actions the plan cannot choose are not run and cost inf."""
     adapter = get_adapter(model)
     layers = adapter.layers(model)
-    device = next(model.parameters()).device
-    calib, seen = [], 0
-    for batch in batches:
-        if seen >= kl_tokens:
-            break
-        ids = batch["input_ids"].to(device)
-        mask = batch.get("attention_mask")
-        mask = torch.ones_like(ids) if mask is None else mask.to(device)
-        calib.append((ids, mask))
-        seen += int(mask.sum())
+    tokens = sum(int(mask.sum()) for _, mask in calib)
     was_training = model.training
     model.eval()
     try:
         teacher = [_log_probs(model, ids, mask) for ids, mask in calib]
 
         def kl() -> float:
-            total = sum(float((t.exp() * (t - _log_probs(model, ids, mask))).sum())
+            total = sum(float(nn.functional.kl_div(_log_probs(model, ids, mask), t, reduction="sum", log_target=True))
                         for t, (ids, mask) in zip(teacher, calib, strict=True))
-            return max(total / seen, 0.0)
+            return max(total / tokens, 0.0)
 
         jobs = []
         for c in costs:
-            jobs.append((c, "drop-mlp", 0, adapter.mlp(model, c.layer), _zero_output))
-            jobs.append((c, "drop-block", 0, layers[c.layer], _skip_block))
+            if c.layer in protect:
+                c.drop_mlp = c.drop_block = math.inf
+                for by_rank in (c.share, *c.share_further.values()):
+                    by_rank.update(dict.fromkeys(by_rank, math.inf))
+                continue
+            for action, module, hook in (("drop-mlp", adapter.mlp(model, c.layer), _zero_output),
+                                         ("drop-block", layers[c.layer], _skip_block)):
+                if action in actions:
+                    jobs.append((c, action, 0, module, hook))
+                else:
+                    setattr(c, action.replace("-", "_"), math.inf)
             for d in [1, *c.share_further] if c.share else []:
-                fit = fits[c.layer, d][rank]
-                jobs.append((c, "share", d, adapter.mlp(model, c.layer),
-                             _shared_output(adapter, adapter.mlp(model, c.layer - d), fit)))
+                if "share" in actions:
+                    jobs.append((c, "share", d, adapter.mlp(model, c.layer),
+                                 _shared_output(adapter, adapter.mlp(model, c.layer - d), fits[c.layer, d])))
+                else:
+                    c.share_at(d).update(dict.fromkeys(c.share_at(d), math.inf))
         if progress:
+            from rich.console import Console
             from rich.progress import track
 
-            jobs = track(jobs, description="planner: KL of each action")
+            jobs = track(jobs, description="planner: KL of each action", console=Console(stderr=True),
+                         transient=True)
         for c, action, d, module, hook in jobs:
             handle = module.register_forward_hook(hook, with_kwargs=action == "drop-block")
             try:
@@ -243,9 +272,9 @@ def _rescore_by_kl(model: nn.Module, batches: list[Mapping[str, torch.Tensor]], 
                 c.drop_block = value
             else:
                 by_rank = c.share_at(d)
-                scale = value / max(by_rank[rank], 1e-30)
-                for r in by_rank:
-                    by_rank[r] = by_rank[r] * scale
+                base = by_rank[rank]
+                for r in by_rank:  # a residual cost of 0 at the measured rank gives no ratio: all ranks get its KL
+                    by_rank[r] = by_rank[r] * value / base if base > 1e-30 else value
     finally:
         model.train(was_training)
 
@@ -441,7 +470,9 @@ def plan_strategy(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
                          f"'{recovery.text}'")
     ranks = sorted({r for r in (recovery.rank // 4, recovery.rank // 2, recovery.rank, 2 * recovery.rank)
                     if 1 <= r <= min(min(shape) for shape in shapes)})
-    costs = measure_costs(model, batches, ranks, max_tokens=max_tokens, reach=reach, cost=cost, progress=progress)
+    actions = list(actions)
+    costs = measure_costs(model, batches, ranks, max_tokens=max_tokens, reach=reach, cost=cost, actions=actions,
+                          progress=progress)
     per_rank = {r: recovery_params(recovery, r, shapes) for r in ranks}
     unit = max(1000, need // 20000)
     plan = plan_layers(costs, need, per_rank, actions, min_shared, unit=unit)
