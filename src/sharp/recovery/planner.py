@@ -27,8 +27,8 @@ processed it. Measured once each at comparison_smollm2's budget (docs/results/co
 reach 1, 32 at reach 2): at reach 1 it shares far more (10 MLPs at ranks 32-64 and one block dropped; sharing 87% of
 the removal) and scored 10.96 / 19.89 / 82.34 (GPT4-Alpaca / DialogSum / WikiText-2) against the residual cost's
 11.04 / 21.82 / 73.17; at reach 2 (6 MLPs serving two targets each) 10.39 / 23.17 / 86.53. The plan follows its
-calibration tokens (the SLW data, instructions there): better on instruction-style text, worse on plain text. So the
-default stays "residual".
+calibration tokens (the SLW data, instructions there): level or better within noise on the instruction-style tasks,
+worse beyond noise on plain text. So the default stays "residual".
 
 The plan minimizes the sum of the chosen costs subject to the parameters it removes (net of recovery parameters)
 reaching the budget; a share's reference is the nearest earlier layer that keeps its own MLP and block, at most
