@@ -24,11 +24,13 @@ the plan may choose, shares at the middle rank only (a share's other ranks keep 
 It sees what the residual cost cannot: how much a layer's perturbation moves the loss after the layers above have
 processed it. Measured once each at comparison_smollm2's budget (docs/results/comparison_smollm2_kl*.md, built at
 5c9c2c4, which scored on whole batches of 4 sequences until 1,024 tokens; SmolLM2 on one core: 23 min to measure at
-reach 1, 32 at reach 2): at reach 1 it shares far more (10 MLPs at ranks 32-64 and one block dropped; sharing 87% of
-the removal) and scored 10.96 / 19.89 / 82.34 (GPT4-Alpaca / DialogSum / WikiText-2) against the residual cost's
-11.04 / 21.82 / 73.17; at reach 2 (6 MLPs serving two targets each) 10.39 / 23.17 / 86.53. The plan follows its
-calibration tokens (the SLW data, instructions there): level or better within noise on the instruction-style tasks,
-worse beyond noise on plain text. So the default stays "residual".
+reach 1, 32 at reach 2, 42 at reach 3): at reach 1 it shares far more (10 MLPs at ranks 32-64 and one block dropped;
+sharing 87% of the removal) and scored 10.96 / 19.89 / 82.34 (GPT4-Alpaca / DialogSum / WikiText-2) against the
+residual cost's 11.04 / 21.82 / 73.17; at reach 2 (6 MLPs serving two targets each) 10.39 / 23.17 / 86.53; at reach
+3 (11 shares, 4 references) 9.83 / 26.09 / 77.17. The plan follows its calibration tokens (the SLW data,
+instructions there): level or better within noise on one instruction-style task at a time, worse beyond noise on
+plain text; calibrated on C4 web text instead, it shares about as little as the 50% floor allows (54%) (closed-form shares keep
+less there). So the default stays "residual".
 
 The plan minimizes the sum of the chosen costs subject to the parameters it removes (net of recovery parameters)
 reaching the budget; a share's reference is the nearest earlier layer that keeps its own MLP and block, at most
