@@ -29,8 +29,8 @@ sharing 87% of the removal) and scored 10.96 / 19.89 / 82.34 (GPT4-Alpaca / Dial
 residual cost's 11.04 / 21.82 / 73.17; at reach 2 (6 MLPs serving two targets each) 10.39 / 23.17 / 86.53; at reach
 3 (11 shares, 4 references) 9.83 / 26.09 / 77.17. The plan follows its calibration tokens (the SLW data,
 instructions there): level or better within noise on one instruction-style task at a time, worse beyond noise on
-plain text; calibrated on C4 web text instead, it shares about as little as the 50% floor allows (54%) (closed-form shares keep
-less there). So the default stays "residual".
+plain text; calibrated on C4 web text instead, it shares about as little as the 50% floor allows (54%; closed-form
+shares keep less there). So the default stays "residual".
 
 The plan minimizes the sum of the chosen costs subject to the parameters it removes (net of recovery parameters)
 reaching the budget; a share's reference is the nearest earlier layer that keeps its own MLP and block, at most
