@@ -151,19 +151,12 @@ def measure_costs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
             x, y = args[0][keep["mask"]], output[keep["mask"]]
             mlp_e[t] += float((float64(y) ** 2).sum())
             for d in range(1, min(reach, t) + 1):
-                ref = adapter.mlp(model, t - d)
-                *_, down_name = adapter.mlp_projs
-                down = getattr(ref, down_name)
-                captured: list[torch.Tensor] = []
-                handle = down.register_forward_hook(lambda m, a, o, out=captured: out.append(a[0]))
                 keep["inner"] = True
                 try:
-                    ref(x)
+                    h, p = _reference_features(adapter, adapter.mlp(model, t - d), x)
                 finally:
                     keep["inner"] = False
-                    handle.remove()
-                h = captured[0]
-                stats[t, d].add(h, down(h), _post(adapter, layers[t], y))
+                stats[t, d].add(h, p, _post(adapter, layers[t], y))
         return hook
 
     handles = [layers[t].register_forward_hook(layer_hook(t), with_kwargs=True) for t in range(n)]
@@ -296,21 +289,25 @@ def _skip_block(module, args, kwargs, output):
     return (h, *output[1:]) if isinstance(output, tuple) else h
 
 
+def _reference_features(adapter, ref: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the reference MLP on `x`: (h, D h), its down projection's input and output."""
+    *_, down_name = adapter.mlp_projs
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+    handle = getattr(ref, down_name).register_forward_hook(lambda m, a, o: captured.append((a[0], o)))
+    try:
+        ref(x)
+    finally:
+        handle.remove()
+    return captured[0]
+
+
 def _shared_output(adapter, ref: nn.Module, fit):
     """A hook making a target's MLP return the closed-form share: g * down_ref(h_ref) + h_ref (B A)^T."""
-    *_, down_name = adapter.mlp_projs
-    down = getattr(ref, down_name)
 
     def hook(module, args, output):
-        captured: list[torch.Tensor] = []
-        handle = down.register_forward_hook(lambda m, a, o: captured.append(a[0]))
-        try:
-            ref(args[0])
-        finally:
-            handle.remove()
-        h = captured[0]
+        h, p = _reference_features(adapter, ref, args[0])
         like = {"dtype": h.dtype, "device": h.device}
-        y = fit.gate.to(**like) * down(h)
+        y = fit.gate.to(**like) * p
         if fit.b is not None:
             y = y + (h @ fit.a.T.to(**like)) @ fit.b.T.to(**like)
         return y
