@@ -61,6 +61,7 @@ from torch import nn
 from sharp.arch import get_adapter
 from sharp.errors import SharpError
 from sharp.recovery.closed_form import ProjectionStats, fit_ranks, float64
+from sharp.recovery.distill import distillation_loss
 from sharp.sharing.recovery import RecoveryConfig
 
 ACTIONS = ("keep", "share", "drop-mlp", "drop-block")
@@ -202,7 +203,7 @@ def measure_costs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
 
 def _take(calib: list, ids: torch.Tensor, mask: torch.Tensor, quota: int) -> None:
     """Append this batch's first sequences to `calib` until it holds `quota` tokens (bounds the teacher's
-    stored log-probabilities at about `quota` x vocabulary)."""
+    stored logits at about `quota` x vocabulary)."""
     have = sum(int(m.sum()) for _, m in calib)
     rows = 0
     while rows < len(ids) and have < quota:
@@ -223,10 +224,10 @@ def _rescore_by_kl(model: nn.Module, calib: list[tuple[torch.Tensor, torch.Tenso
     was_training = model.training
     model.eval()
     try:
-        teacher = [_log_probs(model, ids, mask) for ids, mask in calib]
+        teacher = [_logits(model, ids, mask) for ids, mask in calib]
 
         def kl() -> float:
-            total = sum(float(nn.functional.kl_div(_log_probs(model, ids, mask), t, reduction="sum", log_target=True))
+            total = sum(float(distillation_loss(_logits(model, ids, mask), t))
                         for t, (ids, mask) in zip(teacher, calib, strict=True))
             return max(total / tokens, 0.0)
 
@@ -275,9 +276,9 @@ def _rescore_by_kl(model: nn.Module, calib: list[tuple[torch.Tensor, torch.Tenso
 
 
 @torch.no_grad()
-def _log_probs(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-    return torch.log_softmax(logits[mask.bool()].float(), dim=-1)
+def _logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Next-token logits at the real (unpadded) positions, float32: (tokens, vocab)."""
+    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits[mask.bool()].float()
 
 
 def _zero_output(module, args, output):
