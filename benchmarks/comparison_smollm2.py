@@ -54,6 +54,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--slw-sink-weight", type=float, default=0.1)
     p.add_argument("--sft-steps", type=int, default=60)
     p.add_argument("--loss", default="kd", help="SHARP SFT and every heal: ce, kd or ce+kd")
+    p.add_argument("--kd-hidden", type=float, default=0.0, help="SHARP SFT and every heal: weight of the kd "
+                   "losses' hidden-state term (compare --kd-hidden)")
     p.add_argument("--train", default="full-lora", help="what SHARP's SFT trains (compress --train)")
     p.add_argument("--methods", default="layer-drop,layer-drop-adapted,mlp-drop,width",
                    help="baselines (compare --methods)")
@@ -156,8 +158,8 @@ def main() -> None:
         model=args.model, strategy=args.strategy, recovery=args.recovery, data=f"alpaca:{ALPACA}[:899]", eval=tasks,
         out=str(work / "compare"), calib_samples=args.calib_samples, slw_steps=args.slw_steps,
         slw_fraction=args.slw_fraction, slw_tokens=args.slw_tokens, slw_init=args.slw_init, slw_inputs=args.slw_inputs,
-        slw_sink_weight=args.slw_sink_weight, sft_steps=args.sft_steps, loss=args.loss, train=args.train,
-        planned=args.planned, methods=args.methods,
+        slw_sink_weight=args.slw_sink_weight, sft_steps=args.sft_steps, loss=args.loss, kd_hidden=args.kd_hidden,
+        train=args.train, planned=args.planned, methods=args.methods,
         plan_min_shared=args.plan_min_shared, plan_reach=args.plan_reach, plan_cost=args.plan_cost,
         only=args.only, lr=args.lr,
         batch_size=args.batch_size,
@@ -224,7 +226,9 @@ def write_doc(path: Path, cfg, args, result: dict, ref: dict, compare_s: float, 
         f"records, never trained on; DialogSum dev = the first 100; WikiText-2 test = {args.eval_limit} windows of "
         "512 tokens); ± in the table is the standard error of the mean NLL per token;",
         f"- SHARP SFT and every baseline's healing: **{args.sft_steps} steps** × batch {args.batch_size}, lr "
-        f"{args.lr}, max {args.max_len} tokens, loss **{args.loss}** (kd: distillation from the original model), "
+        f"{args.lr}, max {args.max_len} tokens, loss **{args.loss}** (kd: distillation from the original model)"
+        + (f" plus {args.kd_hidden:g} × the hidden-state term (`--kd-hidden`: the residual stream after every "
+           "layer against the original's)" if args.kd_hidden else "") + ", "
         f"LoRA r={cfg.full_lora_rank} on the remaining linear layers; SHARP trains `{args.train}` (its recovery "
         "parameters on top); trained parameters and training tokens are in the table;",
         f"- SLW: init {args.slw_init}, inputs {args.slw_inputs}, sink weight {args.slw_sink_weight}, "

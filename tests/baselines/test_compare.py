@@ -131,3 +131,26 @@ def test_row_cache_reruns_only_what_a_setting_affects(tmp_path):
     (tmp_path / "rows.json").write_text(json.dumps({"settings": v1, "rows": {"width": {"key": "width"}}}))
     cache = _read_cache(tmp_path / "rows.json")
     assert cache["width"]["settings"] == _row_settings(cfg, "width") and cache["width"]["row"] == {"key": "width"}
+
+
+def test_hidden_state_distillation_heals_a_layer_drop_and_trains_sharp(stories_path, tmp_path, capsys):
+    """`--loss kd --kd-hidden W` reaches SHARP's SFT and the baselines' healing alike (a dropped block's model
+    pairs its layers with the original's by index after the drop; tests/recovery/test_kd.py checks the pairing)."""
+    out = tmp_path / "cmp"
+    code, _, err = run_cli([
+        "compare", stories_path, "--strategy", "next:1-4", "--recovery", "lora:4", "--data", f"text:{C4}[:8]",
+        "--eval", f"ppl:text={C4}[-3:]", "--eval-limit", "2", "--eval-max-len", "64", "--max-len", "64",
+        "--eval-fraction", "0.2", "--calib-samples", "2", "--slw-steps", "2", "--sft-steps", "2", "--lr", "1e-2",
+        "--batch-size", "2", "--methods", "layer-drop", "--loss", "kd", "--kd-hidden", "1", "--out", out], capsys)
+    assert code == 0, err
+    rows = {r["key"]: r for r in json.loads((out / "comparison.json").read_text())["rows"]}
+    heal = rows["layer-drop+heal"]["details"]["heal"]
+    assert heal["config"]["loss"] == "kd" and heal["config"]["kd_hidden"] == 1.0 and heal["steps"] == 2
+    assert rows["layer-drop"]["details"]["dropped_layers"]  # whole blocks went: the layer map was needed
+    ppl = {key: r["ppl"][f"ppl:text={C4}[-3:]"] for key, r in rows.items()}
+    assert ppl["layer-drop+heal"] < ppl["layer-drop"] and ppl["sharp"] < ppl["direct"]
+    sharp_run = json.loads((tmp_path / "cmp.work" / "sharp" / "summary.json").read_text())
+    assert sharp_run["config"]["kd_hidden"] == 1.0
+    code, _, err = run_cli(["compare", stories_path, "-s", "next:1-4", "--data", f"text:{C4}[:8]",
+                            "--eval", f"ppl:text={C4}[-3:]", "--kd-hidden", "1", "--out", tmp_path / "bad"], capsys)
+    assert code != 0 and "--loss kd" in err and "Traceback" not in err

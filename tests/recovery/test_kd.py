@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import sharp
-from sharp.recovery.distill import distillation_loss
+from sharp.errors import SharpError
+from sharp.recovery.distill import distillation_loss, hidden_state_loss
 from sharp.recovery.sft import SFTConfig, SharpTrainer, run_sft
 from sharp.recovery.trainable import mark_trainable, shared_reference_parameters
 from tests.conftest import tiny_model
@@ -44,11 +45,11 @@ def _batch(vocab: int, n: int = 2, t: int = 9) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def _trainer(model, teacher, kind: str, tmp_path) -> SharpTrainer:
+def _trainer(model, teacher, kind: str, tmp_path, **kd) -> SharpTrainer:
     from transformers import TrainingArguments
 
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
-    return SharpTrainer(model=model, args=args, loss_kind=kind, teacher=teacher)
+    return SharpTrainer(model=model, args=args, loss_kind=kind, teacher=teacher, **kd)
 
 
 def test_trainer_kd_loss_is_zero_when_student_is_teacher(tmp_path):
@@ -98,6 +99,84 @@ def test_kd_sft_moves_the_student_towards_the_teacher(tmp_path):
     run_sft(student, examples, [], SFTConfig(steps=15, lr=1e-2, batch_size=8, eval_steps=0, save_steps=100,
                                              loss="kd", progress=False), tmp_path, collate_examples, teacher=teacher)
     assert kl() < 0.7 * before
+
+
+def _layer_outputs(model, ids: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Each decoder layer's output and the final norm's, captured with hooks (not `output_hidden_states`)."""
+    outs: list[torch.Tensor] = []
+    hooks = [layer.register_forward_hook(lambda m, a, o: outs.append(o[0] if isinstance(o, tuple) else o))
+             for layer in model.model.layers]
+    hooks.append(model.model.norm.register_forward_hook(lambda m, a, o: outs.append(o)))
+    with torch.no_grad():
+        model(input_ids=ids)
+    for h in hooks:
+        h.remove()
+    return outs[:-1], outs[-1]
+
+
+def _relative_error(student: torch.Tensor, teacher: torch.Tensor, keep: torch.Tensor) -> float:
+    s, t = student[:, :-1][keep], teacher[:, :-1][keep]
+    return float(((s - t).pow(2).sum(-1) / t.pow(2).sum(-1)).sum())
+
+
+def test_hidden_state_term_pairs_each_layer_with_its_original_after_a_dropped_block(tmp_path):
+    """kd + w * hidden: the student (the 6-layer teacher with layer 2 deleted, other weights perturbed) is compared
+    after its layers 0-3 with the teacher's layers 0, 1, 3, 4, and at the final norm; computed here from hooks."""
+    teacher = tiny_model()
+    student = copy.deepcopy(teacher)
+    del student.model.layers[2]
+    student.config.num_hidden_layers -= 1
+    for i, layer in enumerate(student.model.layers):
+        layer.self_attn.layer_idx = i
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    batch = _batch(teacher.config.vocab_size)
+    keep = batch["labels"][:, 1:] != -100
+    layers = {0: 0, 1: 1, 2: 3, 3: 4, 4: 5}
+    plain = _trainer(student, teacher, "kd", tmp_path).compute_loss(student, dict(batch))
+    both = _trainer(student, teacher, "kd", tmp_path, kd_hidden=0.5, teacher_layers=layers).compute_loss(
+        student, dict(batch))
+    (s_out, s_norm), (t_out, t_norm) = _layer_outputs(student, batch["input_ids"]), _layer_outputs(
+        teacher, batch["input_ids"])
+    pairs = [(s_out[i], t_out[layers[i]]) for i in range(4)] + [(s_norm, t_norm)]
+    expected = sum(_relative_error(s, t, keep) for s, t in pairs) / len(pairs) / int(keep.sum())
+    assert expected > 1e-4  # the perturbation shows
+    assert float(both) - float(plain) == pytest.approx(0.5 * expected, rel=1e-4)
+    # without the map the student's layer 2 would be compared with the teacher's layer 2: a different number
+    unmapped = _trainer(student, teacher, "kd", tmp_path, kd_hidden=0.5).compute_loss(student, dict(batch))
+    assert abs(float(unmapped) - float(both)) > 1e-3 * float(both)
+
+
+def test_hidden_state_term_is_zero_for_the_teacher_and_differentiable():
+    teacher = tiny_model()
+    batch = _batch(teacher.config.vocab_size)
+    keep = batch["labels"][:, 1:] != -100
+    with torch.no_grad():
+        states = teacher(input_ids=batch["input_ids"], output_hidden_states=True).hidden_states
+    states = tuple(h[:, :-1] for h in states)
+    assert float(hidden_state_loss(states, states, keep)) == pytest.approx(0.0, abs=1e-10)
+    g = torch.Generator().manual_seed(3)
+    target = tuple(torch.randn(1, 4, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    mine = tuple(torch.randn(1, 4, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    mask = torch.tensor([[False, True, True, True]])
+    assert torch.autograd.gradcheck(lambda *s: hidden_state_loss(s, target, mask).double(), mine)
+
+
+def test_kd_hidden_needs_a_distillation_loss_and_a_sane_weight():
+    with pytest.raises(SharpError, match="--kd-hidden.*--loss kd"):
+        SFTConfig(loss="ce", kd_hidden=1.0)
+    with pytest.raises(SharpError, match="--kd-hidden must be"):
+        SFTConfig(loss="kd", kd_hidden=-1.0)
+    assert SFTConfig(loss="ce+kd", kd_hidden=0.3).kd_hidden == 0.3
+
+
+def test_a_prune_reports_base_layers_skip_its_dropped_blocks():
+    from sharp.baselines.methods import PruneReport
+
+    report = PruneReport(method="layer-drop", original_layers=6, dropped_layers=[2, 3])
+    assert report.base_layers() == {0: 0, 1: 1, 2: 4, 3: 5}
+    assert PruneReport(method="width", original_layers=3).base_layers() == {0: 0, 1: 1, 2: 2}
 
 
 def test_kd_without_a_teacher_is_refused(tmp_path):

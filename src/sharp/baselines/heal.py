@@ -72,10 +72,12 @@ def heal(
     log_file: str | Path | None = None,
     seed: int = 0,
     teacher: nn.Module | None = None,
+    teacher_layers: dict[int, int] | None = None,
 ) -> dict:
     """SFT a pruned model in place (LoRA on every remaining linear, merged at the end); returns run_sft's summary
     with the LoRA rank and the SFT settings used (so a comparison can show they are SHARP's). `teacher` (the
-    unpruned model) is needed when `sft_config.loss` distills."""
+    unpruned model) is needed when `sft_config.loss` distills; `teacher_layers` ({pruned layer: its original
+    index}, `PruneReport.base_layers()`) pairs the layers of the kd losses' hidden-state term."""
     from transformers import set_seed
 
     from sharp.data import collate_examples
@@ -86,7 +88,8 @@ def heal(
     add_lora(model, lora_rank)
     with tempfile.TemporaryDirectory(prefix="sharp-heal-") as tmp:
         summary = run_sft(model, train, eval_examples, sft_config, work_dir or tmp,
-                          partial(collate_examples, pad_id=pad_id), log_file=log_file, teacher=teacher)
+                          partial(collate_examples, pad_id=pad_id), log_file=log_file, teacher=teacher,
+                          teacher_layers=teacher_layers)
     merge_lora(model)
     for p in model.parameters():
         p.requires_grad_(False)

@@ -54,6 +54,10 @@ class PruneReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def base_layers(self) -> dict[int, int]:
+        """{layer of the pruned model: its index in the original} (they differ after dropped blocks)."""
+        return dict(enumerate(i for i in range(self.original_layers) if i not in set(self.dropped_layers)))
+
 
 def _targets(model: nn.Module, strategy: str | None, method: str) -> list[int]:
     from sharp.sharing.strategy import parse_strategy

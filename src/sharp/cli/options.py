@@ -60,6 +60,8 @@ PLAN_COST = typer.Option("residual", "--plan-cost", help="Planner: how an action
 SFT_STEPS = typer.Option(200, "--sft-steps", help="SFT optimizer steps (0: use --epochs).")
 LOSS = typer.Option("ce", "--loss", help="SFT / healing loss: ce (labels), kd (distill the original model) or ce+kd.")
 KD_TEMPERATURE = typer.Option(1.0, "--kd-temperature", help="Softmax temperature of the kd loss.")
+KD_HIDDEN = typer.Option(0.0, "--kd-hidden", help="Weight of a hidden-state term of the kd losses: the residual "
+                         "stream after every layer against the original's (relative squared error per token).")
 LR = typer.Option(1e-3, "--lr", help="SFT peak learning rate (AdamW, warmup + cosine).")
 SHARED_LR = typer.Option(None, "--shared-lr", help="SFT peak learning rate of the shared reference weights when "
                          "--train ...+shared trains them (default: --lr / 10).")
@@ -87,8 +89,8 @@ RECOVERY_OPTIONS = {  # the other RecoverySettings fields (data and out are the 
     "slw_sink_weight": SLW_SINK_WEIGHT, "slw_init": SLW_INIT, "slw_inputs": SLW_INPUTS,
     "plan_actions": PLAN_ACTIONS, "plan_min_shared": PLAN_MIN_SHARED, "plan_reach": PLAN_REACH,
     "plan_cost": PLAN_COST,
-    "sft_steps": SFT_STEPS, "loss": LOSS,
-    "kd_temperature": KD_TEMPERATURE, "lr": LR, "shared_lr": SHARED_LR, "batch_size": BATCH_SIZE,
+    "sft_steps": SFT_STEPS, "loss": LOSS, "kd_temperature": KD_TEMPERATURE, "kd_hidden": KD_HIDDEN,
+    "lr": LR, "shared_lr": SHARED_LR, "batch_size": BATCH_SIZE,
     "grad_accum": GRAD_ACCUM, "max_len": MAX_LEN, "eval_fraction": EVAL_FRACTION, "seed": SEED, "template": TEMPLATE,
     "full_lora_rank": FULL_LORA_RANK, "device": DEVICE, "dtype": DTYPE, "overwrite": OVERWRITE,
 }

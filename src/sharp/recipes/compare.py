@@ -158,14 +158,16 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
             if off > cfg.tolerance:
                 raise SharpError(f"{method} reaches {report.params_stored:,} stored parameters, {off:.2%} from "
                                  f"SHARP's {budget:,}; budgets must match within {cfg.tolerance:.0%}")
-            pruned["model"] = model
+            pruned.update(model=model, layers=report.base_layers())
             return model, report.to_dict()
 
         def build_healed(method=method, pruned=pruned):
-            model = pruned.pop("model", None) or build()[0]
+            if "model" not in pruned:
+                build()
+            model, layers = pruned.pop("model"), pruned.pop("layers")
             rank = lora_rank_for(model, sharp_trainable) if cfg.match_trainable else cfg.full_lora_rank
             summary = heal(model, train, held, _sft(cfg), rank, pad_id=pad, seed=cfg.seed,
-                           teacher=original if cfg.loss != "ce" else None)
+                           teacher=original if cfg.loss != "ce" else None, teacher_layers=layers)
             return model, {"heal": summary}
 
         row(method, ROW_NAMES[method], build)

@@ -208,7 +208,8 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
         with meter("sft"):
             sft_summary = run_sft(model, train, held if cfg.eval_steps else [], cfg.sft_config(progress),
                                   work / "sft", collate, log_file=log_path if dist.is_main() else None,
-                                  teacher=original if kd else None)
+                                  teacher=original if kd else None,
+                                  teacher_layers=sharp_config(model).base_layers(num_layers(model.config)))
         if cfg.train.startswith("full-lora"):
             merge_full_lora(model)
         model.requires_grad_(False)

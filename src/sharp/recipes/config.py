@@ -56,6 +56,7 @@ class RecoverySettings:
     sft_steps: int = 200  # optimizer steps; 0 = `epochs` instead
     loss: str = "ce"  # SFT (and healing) loss: ce | kd | ce+kd
     kd_temperature: float = 1.0
+    kd_hidden: float = 0.0  # weight of the kd losses' hidden-state term (after every layer; 0: logits only)
     lr: float = 1e-3
     shared_lr: float | None = None  # lr of trained shared reference weights (--train ...+shared); None: lr / 10
     batch_size: int = 4
@@ -104,7 +105,7 @@ class CompressConfig(RecoverySettings):
         return SFTConfig(steps=self.sft_steps, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
                          grad_accum=self.grad_accum, eval_steps=self.eval_steps, save_steps=self.save_steps,
                          seed=self.seed, progress=progress, loss=self.loss, kd_temperature=self.kd_temperature,
-                         shared_lr=self.shared_lr)
+                         kd_hidden=self.kd_hidden, shared_lr=self.shared_lr)
 
     def validate(self) -> None:
         """Every check that needs no weights: one `SharpError` line on the first problem."""
@@ -187,7 +188,7 @@ def run_identity(settings: dict) -> dict:
 
 
 # what runs recorded before a setting existed used
-SETTINGS_BEFORE_THEIR_FLAG = {"slw_sink_weight": 1.0, "plan_reach": 1, "plan_cost": "residual"}
+SETTINGS_BEFORE_THEIR_FLAG = {"slw_sink_weight": 1.0, "plan_reach": 1, "plan_cost": "residual", "kd_hidden": 0.0}
 
 
 def prepare_work_dir(cfg: CompressConfig) -> Path:

@@ -11,7 +11,8 @@ nothing next to the base weights (the recovery is ~1% of them). Measured on stor
 (`docs/results/dtype_cpu.md`).
 
 Loss (`loss`, over the response tokens): "ce" next-token cross-entropy on the data, or the distillation losses
-"kd" and "ce+kd" of `sharp.recovery.distill` (the original model as teacher).
+"kd" and "ce+kd" of `sharp.recovery.distill` (the original model as teacher), optionally with its hidden-state
+term (`kd_hidden`).
 
 Checkpoints hold the *trainable* tensors only (`trainable.safetensors`) plus the Trainer's optimizer, scheduler,
 RNG and state files. Saving the whole model the Hugging Face way would fail or duplicate data: a shared model
@@ -77,6 +78,7 @@ class SFTConfig:
     progress: bool = True  # show the Trainer's progress bar
     loss: str = "ce"  # "ce", "kd" or "ce+kd" (see the module docstring); kd needs a teacher
     kd_temperature: float = 1.0
+    kd_hidden: float = 0.0  # weight of the hidden-state term of the kd losses (0: logits only)
     shared_lr: float | None = None  # peak lr of trained shared reference weights (None: lr / 10; full weights take
     # smaller steps than adapters, and they serve two layers at once)
 
@@ -99,6 +101,10 @@ class SFTConfig:
             raise SharpError(f"--shared-lr must be a positive number, got {self.shared_lr}")
         if not (math.isfinite(self.kd_temperature) and self.kd_temperature > 0):
             raise SharpError(f"--kd-temperature must be a positive number, got {self.kd_temperature}")
+        if not (math.isfinite(self.kd_hidden) and self.kd_hidden >= 0):
+            raise SharpError(f"--kd-hidden must be a number >= 0, got {self.kd_hidden}")
+        if self.kd_hidden and self.loss == "ce":
+            raise SharpError("--kd-hidden weighs a term of the distillation loss; use it with --loss kd or ce+kd")
 
 
 def run_sft(
@@ -112,12 +118,14 @@ def run_sft(
     callbacks: Sequence = (),
     device: torch.device | str | None = None,
     teacher: nn.Module | None = None,
+    teacher_layers: dict[int, int] | None = None,
 ) -> dict:
     """Train `model`'s trainable parameters in place, on `device` (default: where the model is); resume from
     `work_dir` if it holds a checkpoint.
 
     `train`/`eval_examples` are tokenized examples ({"input_ids", "labels"}, labels -100 off the response);
-    `collate` pads a list of them into a batch; `teacher` (frozen, same tokenizer) is needed by the kd losses.
+    `collate` pads a list of them into a batch; `teacher` (frozen, same tokenizer) is needed by the kd losses;
+`teacher_layers` maps the model's layers to the teacher's for `config.kd_hidden` (default: the same index).
     Returns {"steps", "train_tokens" (non-padding input tokens seen), "trainable" (parameters), "train_loss",
     "eval_loss", "resumed_from"}.
     """
@@ -177,7 +185,8 @@ def run_sft(
     use_cache = getattr(model.config, "use_cache", None)  # Trainer turns it off; the saved config must not change
     masters = _float32_masters(model)
     try:
-        return _train(model, args, train, eval_examples, collate, [*cbs, *callbacks], resume, config, teacher)
+        return _train(model, args, train, eval_examples, collate, [*cbs, *callbacks], resume, config, teacher,
+                      teacher_layers)
     finally:
         for p, original in masters:
             p.data = p.data.to(original)
@@ -213,7 +222,7 @@ class _OneDeviceArguments(TrainingArguments):
         return device
 
 
-def _train(model, args, train, eval_examples, collate, callbacks, resume, config, teacher) -> dict:
+def _train(model, args, train, eval_examples, collate, callbacks, resume, config, teacher, teacher_layers) -> dict:
     if teacher is not None and config.loss != "ce":
         teacher.eval().requires_grad_(False)
     shared = [p for p in shared_reference_parameters(model) if p.requires_grad]
@@ -223,6 +232,8 @@ def _train(model, args, train, eval_examples, collate, callbacks, resume, config
         loss_kind=config.loss,
         teacher=teacher if config.loss != "ce" else None,
         kd_temperature=config.kd_temperature,
+        kd_hidden=config.kd_hidden,
+        teacher_layers=teacher_layers,
         model=model,
         args=args,
         train_dataset=list(train),
@@ -259,9 +270,11 @@ class SharpTrainer(Trainer):
     """`Trainer` that checkpoints only trainable tensors, stops on a non-finite loss and can distill."""
 
     def __init__(self, *args, loss_kind: str = "ce", teacher: nn.Module | None = None, kd_temperature: float = 1.0,
+                 kd_hidden: float = 0.0, teacher_layers: dict[int, int] | None = None,
                  slow_params: Sequence[nn.Parameter] = (), slow_lr: float = 0.0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.loss_kind, self.teacher, self.kd_temperature = loss_kind, teacher, kd_temperature
+        self.kd_hidden, self.teacher_layers = kd_hidden, teacher_layers
         self.slow_params, self.slow_lr = list(slow_params), slow_lr
         if loss_kind != "ce":
             self.loss_is_scaled_for_ga = True  # compute_loss divides by the tokens of the whole accumulated batch
@@ -282,7 +295,8 @@ class SharpTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if self.loss_kind == "ce":
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        loss, outputs = kd_loss(model, self.teacher, inputs, self.loss_kind, self.kd_temperature, num_items_in_batch)
+        loss, outputs = kd_loss(model, self.teacher, inputs, self.loss_kind, self.kd_temperature, num_items_in_batch,
+                                self.kd_hidden, self.teacher_layers)
         return (loss, outputs) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
