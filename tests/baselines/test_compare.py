@@ -111,6 +111,11 @@ def test_row_cache_reruns_only_what_a_setting_affects(tmp_path):
     assert _row_settings(more_calib, "sharp-slw") == _row_settings(cfg, "sharp-slw")
     assert _row_settings(more_calib, "width") != _row_settings(cfg, "width")
     assert _row_settings(more_sft, "width+heal") != _row_settings(cfg, "width+heal")
+    hidden = dataclasses.replace(cfg, loss="kd", kd_hidden=1.0)  # untrained rows keep their numbers
+    for key in ("original", "direct", "width", "sharp-slw", "reference"):
+        assert _row_settings(hidden, key) == _row_settings(cfg, key), key
+    for key in ("width+heal", "sharp", "sharp-plan"):
+        assert _row_settings(hidden, key) != _row_settings(cfg, key), key
     # the planner's settings matter to the planned row alone; where a run writes, to none
     reach = dataclasses.replace(cfg, plan_reach=2, out=str(tmp_path / "elsewhere"))
     assert _row_settings(reach, "sharp-plan") != _row_settings(cfg, "sharp-plan")

@@ -225,6 +225,9 @@ _NOT_ROW_SETTINGS = RUNTIME_ONLY + ("out", "methods", "heal", "reference_model",
 _SLW_SETTINGS = tuple(f.name for f in fields(RecoverySettings) if f.name.startswith(("slw_", "plan_")))
 _PLAN_SETTINGS = tuple(f.name for f in fields(RecoverySettings) if f.name.startswith("plan_"))
 _BASELINE_SETTINGS = ("allocation", "calib_samples")
+_SFT_SETTINGS = ("sft_steps", "loss", "kd_temperature", "kd_hidden", "lr", "shared_lr", "grad_accum", "full_lora_rank",
+                 "train", "match_trainable")  # what only training rows (SHARP's SFT, a heal) depend on
+_UNTRAINED = ("original", "direct", "sharp-slw", "reference")  # and every baseline without "+heal"
 
 
 def _row_settings(cfg: CompareConfig, key: str) -> dict:
@@ -233,10 +236,13 @@ def _row_settings(cfg: CompareConfig, key: str) -> dict:
 
 def _depends_on(settings: dict, key: str) -> dict:
     """The settings row `key` depends on: SLW settings only matter to SHARP rows, the planner's only to the planned
-    row, calibration only to baselines, so changing the SLW budget reruns the SHARP rows alone."""
+    row, calibration only to baselines, SFT settings only to rows that train, so changing the SLW budget reruns
+    the SHARP rows alone and changing the SFT loss leaves the untrained rows cached."""
     skip = _NOT_ROW_SETTINGS + (_BASELINE_SETTINGS if key.startswith("sharp") else _SLW_SETTINGS)
     if key != "sharp-plan":
         skip += _PLAN_SETTINGS
+    if key in _UNTRAINED or not (key.startswith("sharp") or key.endswith("+heal")):
+        skip += _SFT_SETTINGS
     return {k: v for k, v in settings.items() if k not in skip}
 
 
