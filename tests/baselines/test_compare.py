@@ -138,9 +138,19 @@ def test_row_cache_reruns_only_what_a_setting_affects(tmp_path):
     assert cache["width"]["settings"] == _row_settings(cfg, "width") and cache["width"]["row"] == {"key": "width"}
 
 
-def test_hidden_state_distillation_heals_a_layer_drop_and_trains_sharp(stories_path, tmp_path, capsys):
-    """`--loss kd --kd-hidden W` reaches SHARP's SFT and the baselines' healing alike (a dropped block's model
-    pairs its layers with the original's by index after the drop; tests/recovery/test_kd.py checks the pairing)."""
+def test_hidden_state_distillation_heals_a_layer_drop_and_trains_sharp(stories_path, tmp_path, capsys, monkeypatch):
+    """`--loss kd --kd-hidden W` reaches SHARP's SFT and the baselines' healing alike, each with the map of its
+    layers to the original's (tests/recovery/test_kd.py checks the pairing itself)."""
+    import sharp.recovery.distill as distill
+
+    maps = []
+    hidden_state_loss = distill.hidden_state_loss
+
+    def recording(student, teacher, keep, teacher_layers=None):
+        maps.append((len(student) - 1, teacher_layers))
+        return hidden_state_loss(student, teacher, keep, teacher_layers)
+
+    monkeypatch.setattr(distill, "hidden_state_loss", recording)
     out = tmp_path / "cmp"
     code, _, err = run_cli([
         "compare", stories_path, "--strategy", "next:1-4", "--recovery", "lora:4", "--data", f"text:{C4}[:8]",
@@ -151,7 +161,14 @@ def test_hidden_state_distillation_heals_a_layer_drop_and_trains_sharp(stories_p
     rows = {r["key"]: r for r in json.loads((out / "comparison.json").read_text())["rows"]}
     heal = rows["layer-drop+heal"]["details"]["heal"]
     assert heal["config"]["loss"] == "kd" and heal["config"]["kd_hidden"] == 1.0 and heal["steps"] == 2
-    assert rows["layer-drop"]["details"]["dropped_layers"]  # whole blocks went: the layer map was needed
+    dropped = rows["layer-drop"]["details"]["dropped_layers"]
+    assert dropped  # whole blocks went: the layer map was needed, and each run used its own
+    from transformers import AutoConfig
+
+    n = AutoConfig.from_pretrained(stories_path).num_hidden_layers
+    kept = [i for i in range(n) if i not in dropped]
+    assert {(layers, tuple(m.items())) for layers, m in maps} == {(len(kept), tuple(enumerate(kept))),
+                                                                   (n, tuple((i, i) for i in range(n)))}
     ppl = {key: r["ppl"][f"ppl:text={C4}[-3:]"] for key, r in rows.items()}
     assert ppl["layer-drop+heal"] < ppl["layer-drop"] and ppl["sharp"] < ppl["direct"]
     sharp_run = json.loads((tmp_path / "cmp.work" / "sharp" / "summary.json").read_text())

@@ -123,3 +123,24 @@ def test_killed_during_sft_resumes_to_the_same_result(finished, tmp_path):
     a, b = sharp.load(out), sharp.load(finished)
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5, msg=n)
+
+
+def test_hidden_state_distillation_pairs_a_plans_layers_with_the_original(tmp_path, monkeypatch):
+    """A plan that drops block 1: SFT's hidden-state term compares compressed layer i with the original's
+    `base_layers()[i]` (0, 2, 3, 4), and the run trains to a checkpoint."""
+    import sharp.recovery.distill as distill
+    from sharp.recipes.compress import compress
+
+    maps = []
+    hidden_state_loss = distill.hidden_state_loss
+
+    def recording(student, teacher, keep, teacher_layers=None):
+        maps.append(teacher_layers)
+        return hidden_state_loss(student, teacher, keep, teacher_layers)
+
+    monkeypatch.setattr(distill, "hidden_state_loss", recording)
+    cfg = _cfg(tmp_path, strategy="map:3=2,1=drop-block", recovery="lora:4", max_len=64, batch_size=4,
+               slw_steps=2, sft_steps=2, eval_steps=0, loss="kd", kd_hidden=1.0, data=f"text:{C4}[:12]")
+    summary = compress(cfg, progress=False)
+    assert summary["sft"]["steps"] == 2 and maps
+    assert all(m == {0: 0, 1: 2, 2: 3, 3: 4} for m in maps)

@@ -119,12 +119,14 @@ def _relative_error(student: torch.Tensor, teacher: torch.Tensor, keep: torch.Te
     return float(((s - t).pow(2).sum(-1) / t.pow(2).sum(-1)).sum())
 
 
-def test_hidden_state_term_pairs_each_layer_with_its_original_after_a_dropped_block(tmp_path):
-    """kd + w * hidden: the student (the 6-layer teacher with layer 2 deleted, other weights perturbed) is compared
-    after its layers 0-3 with the teacher's layers 0, 1, 3, 4, and at the final norm; computed here from hooks."""
+@pytest.mark.parametrize("dropped", [2, 5])
+def test_hidden_state_term_pairs_each_layer_with_its_original_after_a_dropped_block(tmp_path, dropped):
+    """kd + w * hidden: the student (the 6-layer teacher with one layer deleted, other weights perturbed) is compared
+    after its layers 0-3 with the teacher's layers they stand for, and at the final norm (also when the teacher's
+    last layer is the one deleted); computed here from hooks."""
     teacher = tiny_model()
     student = copy.deepcopy(teacher)
-    del student.model.layers[2]
+    del student.model.layers[dropped]
     student.config.num_hidden_layers -= 1
     for i, layer in enumerate(student.model.layers):
         layer.self_attn.layer_idx = i
@@ -133,7 +135,7 @@ def test_hidden_state_term_pairs_each_layer_with_its_original_after_a_dropped_bl
             p.add_(0.02 * torch.randn_like(p))
     batch = _batch(teacher.config.vocab_size)
     keep = batch["labels"][:, 1:] != -100
-    layers = {0: 0, 1: 1, 2: 3, 3: 4, 4: 5}
+    layers = {i: i + (i >= dropped) for i in range(5)}
     plain = _trainer(student, teacher, "kd", tmp_path).compute_loss(student, dict(batch))
     both = _trainer(student, teacher, "kd", tmp_path, kd_hidden=0.5, teacher_layers=layers).compute_loss(
         student, dict(batch))
@@ -143,9 +145,12 @@ def test_hidden_state_term_pairs_each_layer_with_its_original_after_a_dropped_bl
     expected = sum(_relative_error(s, t, keep) for s, t in pairs) / len(pairs) / int(keep.sum())
     assert expected > 1e-4  # the perturbation shows
     assert float(both) - float(plain) == pytest.approx(0.5 * expected, rel=1e-4)
-    # without the map the student's layer 2 would be compared with the teacher's layer 2: a different number
-    unmapped = _trainer(student, teacher, "kd", tmp_path, kd_hidden=0.5).compute_loss(student, dict(batch))
-    assert abs(float(unmapped) - float(both)) > 1e-3 * float(both)
+    # the map is required when the layer counts differ (a same-index pairing would be silently wrong)
+    with pytest.raises(ValueError, match="teacher_layers"):
+        _trainer(student, teacher, "kd", tmp_path, kd_hidden=0.5).compute_loss(student, dict(batch))
+    with pytest.raises(ValueError, match="teacher_layers"):
+        _trainer(student, teacher, "kd", tmp_path, kd_hidden=0.5, teacher_layers={0: 0}).compute_loss(
+            student, dict(batch))
 
 
 def test_hidden_state_term_is_zero_for_the_teacher_and_differentiable():
@@ -177,6 +182,8 @@ def test_a_prune_reports_base_layers_skip_its_dropped_blocks():
     report = PruneReport(method="layer-drop", original_layers=6, dropped_layers=[2, 3])
     assert report.base_layers() == {0: 0, 1: 1, 2: 4, 3: 5}
     assert PruneReport(method="width", original_layers=3).base_layers() == {0: 0, 1: 1, 2: 2}
+    with pytest.raises(ValueError, match="layer count"):
+        PruneReport(method="merge").base_layers()
 
 
 def test_kd_without_a_teacher_is_refused(tmp_path):

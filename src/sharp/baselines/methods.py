@@ -56,7 +56,10 @@ class PruneReport:
 
     def base_layers(self) -> dict[int, int]:
         """{layer of the pruned model: its index in the original} (they differ after dropped blocks)."""
-        return dict(enumerate(i for i in range(self.original_layers) if i not in set(self.dropped_layers)))
+        if not self.original_layers:
+            raise ValueError(f"this {self.method} report does not record the original model's layer count")
+        dropped = set(self.dropped_layers)
+        return dict(enumerate(i for i in range(self.original_layers) if i not in dropped))
 
 
 def _targets(model: nn.Module, strategy: str | None, method: str) -> list[int]:

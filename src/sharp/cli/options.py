@@ -60,8 +60,9 @@ PLAN_COST = typer.Option("residual", "--plan-cost", help="Planner: how an action
 SFT_STEPS = typer.Option(200, "--sft-steps", help="SFT optimizer steps (0: use --epochs).")
 LOSS = typer.Option("ce", "--loss", help="SFT / healing loss: ce (labels), kd (distill the original model) or ce+kd.")
 KD_TEMPERATURE = typer.Option(1.0, "--kd-temperature", help="Softmax temperature of the kd loss.")
-KD_HIDDEN = typer.Option(0.0, "--kd-hidden", help="Weight of a hidden-state term of the kd losses: the residual "
-                         "stream after every layer against the original's (relative squared error per token).")
+KD_HIDDEN = typer.Option(0.0, "--kd-hidden", help="Weight of a hidden-state term added to --loss kd / ce+kd: the "
+                         "residual stream after every layer against the original's (relative squared error per "
+                         "token, averaged over layers); 0 = off.")
 LR = typer.Option(1e-3, "--lr", help="SFT peak learning rate (AdamW, warmup + cosine).")
 SHARED_LR = typer.Option(None, "--shared-lr", help="SFT peak learning rate of the shared reference weights when "
                          "--train ...+shared trains them (default: --lr / 10).")

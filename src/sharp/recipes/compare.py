@@ -193,7 +193,9 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
     header = {"model": cfg.model, "strategy": cfg.strategy, "recovery": cfg.recovery, "data": cfg.data,
               "budget (stored parameters)": f"{budget:,}",
               "fine-tuning (SHARP SFT and every heal)": f"{cfg.sft_steps} steps × batch {cfg.batch_size} × "
-              f"{cfg.grad_accum} accum, lr {cfg.lr}, loss {cfg.loss}; SHARP trains {cfg.train}; baselines heal "
+              f"{cfg.grad_accum} accum, lr {cfg.lr}, loss {cfg.loss}"
+              + (f" + {cfg.kd_hidden:g} × hidden states" if cfg.kd_hidden else "")
+              + f"; SHARP trains {cfg.train}; baselines heal "
               + (f"with the LoRA rank whose trainable count is nearest SHARP's ({sharp_trainable:,})"
                  if cfg.match_trainable else f"with LoRA r={cfg.full_lora_rank}") + " on the remaining linears",
               **({"planned row": "--strategy auto:BUDGET at SHARP's stored size (it may store fewer, never more), "

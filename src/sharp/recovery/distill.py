@@ -40,14 +40,24 @@ def hidden_state_loss(
     """Sum over the kept positions of the per-token relative squared error ||s - t||^2 / ||t||^2 of the residual
     stream, averaged over the student's layers. `student` / `teacher`: the models' `hidden_states` (embeddings, then
     after each layer but the last, then the final normed state); `keep` (B, T) selects positions;
-    `teacher_layers[i]`: the teacher layer that student layer i stands for (default: the same index)."""
+    `teacher_layers[i]`: the teacher layer that student layer i stands for (required when the layer counts differ;
+    default: the same index). The last pair is the final normed states whichever layer came last in each model."""
     layers = len(student) - 1
-    pairs = [(i + 1, (teacher_layers or {}).get(i, i) + 1) for i in range(layers - 1)]
+    if teacher_layers is None:
+        if len(student) != len(teacher):
+            raise ValueError(f"hidden_state_loss: the student has {layers} layers, the teacher {len(teacher) - 1}; "
+                             "pass teacher_layers (which teacher layer each student layer stands for)")
+        teacher_layers = {i: i for i in range(layers)}
+    if any(not 0 <= teacher_layers.get(i, -1) < len(teacher) - 1 for i in range(layers - 1)):
+        raise ValueError(f"hidden_state_loss: teacher_layers must map each student layer 0..{layers - 2} to a teacher "
+                         f"layer below {len(teacher) - 1}, got {teacher_layers}")
+    index = keep.nonzero(as_tuple=True)  # the kept positions, found once for every layer
+    pairs = [(i + 1, teacher_layers[i] + 1) for i in range(layers - 1)]
     pairs.append((layers, len(teacher) - 1))  # the final normed states, read by both LM heads
     dtype = torch.promote_types(student[0].dtype, torch.float32)  # 16-bit states are summed in float32
     total = student[0].new_zeros((), dtype=dtype)
     for s, t in pairs:
-        mine, target = student[s][keep].to(dtype), teacher[t][keep].to(dtype)
+        mine, target = student[s][index].to(dtype), teacher[t][index].to(dtype)
         total = total + ((mine - target).pow(2).sum(-1) / target.pow(2).sum(-1).clamp_min(1e-12)).sum()
     return total / len(pairs)
 

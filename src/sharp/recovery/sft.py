@@ -125,7 +125,7 @@ def run_sft(
 
     `train`/`eval_examples` are tokenized examples ({"input_ids", "labels"}, labels -100 off the response);
     `collate` pads a list of them into a batch; `teacher` (frozen, same tokenizer) is needed by the kd losses;
-`teacher_layers` maps the model's layers to the teacher's for `config.kd_hidden` (default: the same index).
+    `teacher_layers` maps the model's layers to the teacher's for `config.kd_hidden` (needed after dropped blocks).
     Returns {"steps", "train_tokens" (non-padding input tokens seen), "trainable" (parameters), "train_loss",
     "eval_loss", "resumed_from"}.
     """
