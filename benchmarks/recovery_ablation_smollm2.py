@@ -143,10 +143,11 @@ def run_row(key: str, settings: dict, work: Path, args: argparse.Namespace, know
 
 
 def same_settings(cached: dict, settings: dict) -> bool:
-    """Whether a cached row was run with `settings` (rows cached before a flag existed ran at its value then)."""
+    """Whether a cached row was run with `settings` (rows cached before a flag existed ran at its value then; a flag
+    neither names ran at that value in both)."""
     from sharp.recipes.config import SETTINGS_BEFORE_THEIR_FLAG
 
-    return {**SETTINGS_BEFORE_THEIR_FLAG, **cached} == settings
+    return {**SETTINGS_BEFORE_THEIR_FLAG, **cached} == {**SETTINGS_BEFORE_THEIR_FLAG, **settings}
 
 
 def git_rev() -> str:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import recovery_ablation_smollm2 as ablation  # noqa: E402  (the rows, their budget and evaluation)
 
 ROOT = ablation.ROOT
-ROWS = [key for key, _, change in ablation.LEVERS if "strategy" not in change][:6]  # rows with a fixed strategy
+ROWS = [key for key, _, _ in ablation.LEVERS if key != "today"]  # "today" predates the sink weight (fixed 1.0)
 
 
 def main() -> None:
@@ -46,9 +46,11 @@ def main() -> None:
         os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: args.threads])
     results, known = {}, {}
     weights = parse_weights(args.weights, rows, p)
+    planned = any(ablation.row_settings(args, row)["strategy"].startswith("auto:") for row in rows)
+    stored = ablation.shared_stored(args) if planned else None  # a planned row's budget: the shared rows' size
     for row in rows:
         for weight in weights[row]:
-            hit = run_cached(row, weight, args, known)
+            hit = run_cached(row, weight, args, known, stored)
             known = {k: hit["summary"]["perplexity"][k] for k in ("original", "direct")}  # within the row
             results.setdefault(row, []).append((weight, hit))
         known.pop("direct", None)
@@ -68,9 +70,9 @@ def parse_weights(text: str, rows: list[str], p: argparse.ArgumentParser) -> dic
     return given
 
 
-def run_cached(row: str, weight: float, args: argparse.Namespace, known: dict) -> dict:
+def run_cached(row: str, weight: float, args: argparse.Namespace, known: dict, stored: int | None) -> dict:
     args.slw_sink_weight = weight
-    settings = ablation.row_settings(args, row)
+    settings = ablation.row_settings(args, row, stored)
     work = Path(args.work) / row / f"sink-{weight:g}"
     work.mkdir(parents=True, exist_ok=True)
     cache_path = work / "rows.json"
@@ -118,7 +120,9 @@ def write_doc(path: Path, args: argparse.Namespace, results: dict[str, list]) ->
             lines.append(f"| {weight:g} | {statistics.median(errs):.3f} ({min(errs):.2f}–{max(errs):.2f}) | "
                          f"{statistics.median(sinks):.3f} ({max(sinks):.3f}) | {s['perplexity']['slw']:.2f} | "
                          + " | ".join(cells) + f" | {s['timing']['slw']['seconds'] / 60:.1f} min |")
-        lines.append("")
+        plans = [f"- plan at sink weight {weight:g}: `{r['summary']['plan']['strategy']}`"
+                 for weight, r in runs if r["summary"].get("plan")]
+        lines += ["", *plans, ""] if plans else [""]
     lines += ["SLW rel. error: per target, on held-out ordinary tokens; sink rel. error: on held-out position-0 "
               "rows; both after SLW, 1.0 = the MLP deleted. Two runs differ beyond noise on a task where their "
               "log-perplexities differ by more than about twice the ± (the same examples in every run).", "",
