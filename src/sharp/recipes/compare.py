@@ -229,7 +229,6 @@ _PLAN_SETTINGS = tuple(f.name for f in fields(RecoverySettings) if f.name.starts
 _BASELINE_SETTINGS = ("allocation", "calib_samples")
 _SFT_SETTINGS = ("sft_steps", "loss", "kd_temperature", "kd_hidden", "lr", "shared_lr", "grad_accum", "full_lora_rank",
                  "train", "match_trainable")  # what only training rows (SHARP's SFT, a heal) depend on
-_UNTRAINED = ("original", "direct", "sharp-slw", "reference")  # and every baseline without "+heal"
 
 
 def _row_settings(cfg: CompareConfig, key: str) -> dict:
@@ -243,7 +242,7 @@ def _depends_on(settings: dict, key: str) -> dict:
     skip = _NOT_ROW_SETTINGS + (_BASELINE_SETTINGS if key.startswith("sharp") else _SLW_SETTINGS)
     if key != "sharp-plan":
         skip += _PLAN_SETTINGS
-    if key in _UNTRAINED or not (key.startswith("sharp") or key.endswith("+heal")):
+    if not (key in ("sharp", "sharp-plan") or key.endswith("+heal")):  # rows that do not train
         skip += _SFT_SETTINGS
     return {k: v for k, v in settings.items() if k not in skip}
 
