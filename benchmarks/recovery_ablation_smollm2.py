@@ -17,6 +17,8 @@ GPT4-Alpaca training records, with the same SLW and SFT budget; each row changes
                    must account for at least half of the removed parameters
     slw-budget     + SLW 300 steps per target at peak lr 3e-3 instead of 100 at 1e-2 (from the closed-form
                    init, 1e-2 for 100 steps left layer 15 at 0.76, 3e-3 for 300 at 0.72; measured on 2 targets)
+    slw-data       + SLW on a random 50% of the training records, at most 81,920 tokens per target (instead of
+                   15% and 24,576: the rank-16..128 corrections are fitted on ~3x the tokens)
 
 For each row: the per-target
 SLW relative error (median, range), held-out perplexity after SLW alone (GPT4-Alpaca) and after SFT (GPT4-Alpaca,
@@ -53,6 +55,8 @@ LEVERS = [  # (key, what the row adds, settings changed from the row above)
     ("planner", "+ planner (auto: at the stored size above, shared ≥ 50% of the removal)",
      {"strategy": "auto:{stored}", "plan_min_shared": 0.5}),
     ("slw-budget", "+ longer SLW (300 steps at lr 3e-3)", {"slw_steps": 300, "slw_lr": 3e-3}),
+    ("slw-data", "+ more SLW data (a random 50% of the records, ≤ 81,920 tokens per target)",
+     {"slw_fraction": 0.5, "slw_tokens": 81920}),
 ]
 
 
