@@ -27,7 +27,9 @@ processed it. Measured once each at comparison_smollm2's budget (docs/results/co
 reach 1, 32 at reach 2, 42 at reach 3): at reach 1 it shares far more (10 MLPs at ranks 32-64 and one block dropped;
 sharing 87% of the removal) and scored 10.96 / 19.89 / 82.34 (GPT4-Alpaca / DialogSum / WikiText-2) against the
 residual cost's 11.04 / 21.82 / 73.17; at reach 2 (6 MLPs serving two targets each) 10.39 / 23.17 / 86.53; at reach
-3 (11 shares, 4 references) 9.83 / 26.09 / 77.17. The plan follows its calibration tokens (the SLW data,
+3 (11 shares, 4 references) 9.83 / 26.09 / 77.17. Rerun at reach 1 with this code (whole sequences up to the quota)
+the plan moved its first three shares down one layer and scored 11.16 / 22.98 / 83.90: the earlier DialogSum lead
+was that plan's, not the cost's. The plan follows its calibration tokens (the SLW data,
 instructions there): level or better within noise on one instruction-style task at a time, worse beyond noise on
 plain text; calibrated on C4 web text instead, it shares about as little as the 50% floor allows (54%; closed-form
 shares keep less there). So the default stays "residual".
