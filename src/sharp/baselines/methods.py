@@ -26,6 +26,7 @@ from sharp.baselines import calibration
 from sharp.baselines.budget import Budget, stored_parameters, target_stored
 from sharp.errors import SharpError
 from sharp.sharing import surgery
+from sharp.sharing.config import kept_layers
 
 METHODS = ("layer-drop", "layer-drop-adapted", "mlp-drop", "width")
 ALLOCATIONS = ("even", "global")
@@ -58,8 +59,7 @@ class PruneReport:
         """{layer of the pruned model: its index in the original} (they differ after dropped blocks)."""
         if not self.original_layers:
             raise ValueError(f"this {self.method} report does not record the original model's layer count")
-        dropped = set(self.dropped_layers)
-        return dict(enumerate(i for i in range(self.original_layers) if i not in dropped))
+        return kept_layers(self.original_layers, self.dropped_layers)
 
 
 def _targets(model: nn.Module, strategy: str | None, method: str) -> list[int]:

@@ -14,6 +14,12 @@ from sharp.errors import SharpError
 FORMAT_VERSION = 1
 
 
+def kept_layers(original_layers: int, dropped: list[int]) -> dict[int, int]:
+    """{layer of a model with `dropped` blocks deleted: its index among the original's `original_layers`}."""
+    gone = set(dropped)
+    return dict(enumerate(i for i in range(original_layers) if i not in gone))
+
+
 @dataclass
 class BaseIdentity:
     """Which base model the recovery parameters belong to."""
@@ -45,8 +51,7 @@ class SharpConfig:
 
     def base_layers(self, num_layers: int) -> dict[int, int]:
         """{layer of this model: the same layer of the base model} (they differ after dropped blocks)."""
-        kept = [i for i in range(num_layers + len(self.dropped_blocks)) if i not in set(self.dropped_blocks)]
-        return dict(enumerate(kept))
+        return kept_layers(num_layers + len(self.dropped_blocks), self.dropped_blocks)
 
     def to_dict(self) -> dict:
         d = asdict(self)
