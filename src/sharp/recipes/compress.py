@@ -177,12 +177,12 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
     sharp.share(model, strategy, cfg.recovery, source=cfg.model)
     sharp_config(model).base = identity
     counts = sharp.count_parameters(model)
+    layer_map = sharp_config(model).base_layers(num_layers(model.config))  # this model's layer -> the original's
     perplexity("direct")
 
     # 3. SLW: fit each target's recovery to its original MLP on captured activations
     slw_summary, sft_summary = {}, {}
     if "slw" in stages:
-        layer_map = sharp_config(model).base_layers(num_layers(model.config))
         with meter("slw"):
             if not dist.is_main():  # rank 0 trains the layers; the others load its results
                 dist.wait_until(lambda: StageMeter(work / "stages.json").done("slw"), "rank 0's SLW stage")
@@ -209,7 +209,7 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
             sft_summary = run_sft(model, train, held if cfg.eval_steps else [], cfg.sft_config(progress),
                                   work / "sft", collate, log_file=log_path if dist.is_main() else None,
                                   teacher=original if kd else None,
-                                  teacher_layers=sharp_config(model).base_layers(num_layers(model.config)))
+                                  teacher_layers=layer_map)
         if cfg.train.startswith("full-lora"):
             merge_full_lora(model)
         model.requires_grad_(False)
