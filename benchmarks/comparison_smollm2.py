@@ -192,18 +192,18 @@ def write_doc(path: Path, cfg, args, result: dict, ref: dict, compare_s: float, 
     plan_row = next((r for r in rows if r["key"] == "sharp-plan"), None)
     plan = ((plan_row or {}).get("details") or {}).get("compress", {}).get("plan")
     family = {"sharp", "sharp-slw"} | ({"sharp-plan"} if plan and plan["shared_fraction"] >= 0.5 else set())
+    keys = {r["key"] for r in rows}
+    missing = [ROW_NAMES[m] + " + heal" for m in cfg.method_list if cfg.heal and f"{m}+heal" not in keys]
+    best_is = "best compressed row built here is" if missing else "best compressed row is"
     verdict, wins = [], 0
     for t in names if compressed else ():
         best = min(compressed, key=lambda r: r["ppl"][t])
         ours = min((r for r in compressed if r["key"] in family), key=lambda r: r["ppl"][t], default=None)
         wins += best["key"] in family
-        verdict.append(f"- {t.split('=')[0]}: best compressed row is **{best['name']}** ({best['ppl'][t]:.2f}); "
+        verdict.append(f"- {t.split('=')[0]}: {best_is} **{best['name']}** ({best['ppl'][t]:.2f}); "
                        "best of the SHARP family: "
                        + (f"{ours['name']} ({ours['ppl'][t]:.2f})." if ours else "none in this run (`--only`)."))
-    keys = {r["key"] for r in rows}
-    missing = [ROW_NAMES[m] + " + heal" for m in cfg.method_list if cfg.heal and f"{m}+heal" not in keys]
     if missing:  # a verdict without the healed baselines would be won against weaker rows
-        verdict = [line.replace("best compressed row is", "best compressed row built here is") for line in verdict]
         verdict.append(f"- No verdict: {', '.join(missing)} not built at these settings (`--only`); the SHARP family "
                        f"is best on {wins} of {len(names)} tasks among the rows above only.")
     else:
