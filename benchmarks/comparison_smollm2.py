@@ -66,6 +66,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--plan-cost", default="residual", help="the planned row's --plan-cost (residual or kl)")
     p.add_argument("--only", default="", help="build only these row keys (compare's `only`), e.g. to split the rows "
                    "over processes whose caches are pooled afterwards")
+    p.add_argument("--seed", type=int, default=0, help="compare --seed: the SFT split of the training records, "
+                   "the SLW sample, the recovery init and the data order (the evaluation tasks do not move)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--max-len", type=int, default=256)
@@ -161,7 +163,7 @@ def main() -> None:
         slw_sink_weight=args.slw_sink_weight, sft_steps=args.sft_steps, loss=args.loss, kd_hidden=args.kd_hidden,
         train=args.train, planned=args.planned, methods=args.methods,
         plan_min_shared=args.plan_min_shared, plan_reach=args.plan_reach, plan_cost=args.plan_cost,
-        only=args.only, lr=args.lr,
+        only=args.only, lr=args.lr, seed=args.seed,
         batch_size=args.batch_size,
         max_len=args.max_len, eval_fraction=0.01, eval_max_len=512, eval_limit=args.eval_limit, eval_batch_size=2,
         overwrite=True)
@@ -244,6 +246,7 @@ def write_doc(path: Path, cfg, args, result: dict, ref: dict, compare_s: float, 
         f"{args.slw_steps} AdamW steps per target layer on a "
         f"random {args.slw_fraction:.0%} of the 899 training records (≤ {args.slw_tokens:,} tokens per target);",
         f"- baselines' calibration (angular distances, Taylor importance): {args.calib_samples} training examples;",
+        f"- seed {args.seed} (`--seed`: the SFT split, the SLW sample, the recovery init and the data order);",
         f"- recovery `{args.recovery}` on `{args.strategy}`"
         + (f"; the planned row: `auto:` at SHARP's stored size, shared MLPs ≥ {args.plan_min_shared:.0%} of the "
            f"removal, references up to {args.plan_reach} layer(s) back (`--plan-reach`), actions scored by the "
