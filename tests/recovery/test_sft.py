@@ -217,3 +217,34 @@ def test_resume_refuses_a_checkpoint_of_other_trainable_parameters(tmp_path):
     mark_trainable(model, "recovery+shared")
     with pytest.raises(SharpError, match="other trainable parameters"):
         load_trainable(model, tmp_path / "c")
+
+
+@pytest.mark.parametrize("progress", [False, True])
+def test_sft_screen_is_one_bar_or_nothing(data, tmp_path, capsys, progress):
+    """No raw log dicts or tqdm bars: with progress, one bar that ends at the last step with its losses."""
+    train, held = data
+    model = _shared_model()
+    mark_trainable(model, "recovery")
+    capsys.readouterr()  # the model's loading bar
+    run_sft(model, train, held, _cfg(steps=4, progress=progress), tmp_path / "w", _collate)
+    out, err = capsys.readouterr()
+    screen = out + err
+    assert "{'" not in screen and "it/s" not in screen
+    if progress:
+        assert "SFT" in out and "4/4" in out and "eval" in out and "loss -" not in out
+    else:
+        assert out.strip() == ""
+
+
+def test_sft_bar_stops_when_the_run_fails(data, tmp_path):
+    from sharp.recovery import sft
+
+    stopped = []
+    real = sft.SFTProgress.close
+    model = _shared_model()
+    mark_trainable(model, "recovery")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sft.SFTProgress, "close", lambda self: (stopped.append(self.bar is not None), real(self)))
+        with pytest.raises(NonFiniteLossError):
+            run_sft(model, *data, _cfg(progress=True), tmp_path / "w", _collate, callbacks=[_Poison()])
+    assert stopped and stopped[0]  # closed while its bar was still live

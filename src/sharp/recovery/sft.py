@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import Trainer, TrainingArguments
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
 
 from sharp.errors import SharpError
 from sharp.recovery.distill import kd_loss
@@ -178,7 +178,7 @@ def run_sft(
         dataloader_num_workers=0,
         dataloader_pin_memory=False,
         remove_unused_columns=False,
-        disable_tqdm=not config.progress,
+        disable_tqdm=True,  # SFTProgress shows the run instead (see _train)
         include_num_input_tokens_seen="non_padding",  # reported: the training tokens behind a result
     )
     cbs = [JsonlLogCallback(log_file)] if log_file is not None else []
@@ -202,6 +202,45 @@ def _float32_masters(model: nn.Module) -> list[tuple[nn.Parameter, torch.dtype]]
             changed.append((p, p.dtype))
             p.data = p.data.float()
     return changed
+
+
+class SFTProgress(TrainerCallback):
+    """One rich progress bar for an SFT run: optimizer steps, the latest training and eval loss, elapsed time."""
+
+    def __init__(self) -> None:
+        self.bar = None
+        self.losses = {"loss": "-", "eval": "-"}
+
+    def on_train_begin(self, args, state, control, **kwargs) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        if not state.is_world_process_zero:
+            return
+        self.bar = Progress(TextColumn("SFT"), BarColumn(), MofNCompleteColumn(),
+                            TextColumn("loss {task.fields[loss]} eval {task.fields[eval]}"), TimeElapsedColumn())
+        self.task = self.bar.add_task("sft", total=state.max_steps, completed=state.global_step, **self.losses)
+        self.bar.start()
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        if self.bar is not None and logs:
+            for key, name in (("loss", "loss"), ("eval_loss", "eval")):
+                if isinstance(logs.get(key), (int, float)):
+                    self.losses[name] = f"{logs[key]:.3f}"
+            self.bar.update(self.task, **self.losses)
+
+    def on_train_end(self, args, state, control, **kwargs) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, completed=state.global_step)
+        self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
 
 
 @dataclass
@@ -241,13 +280,24 @@ def _train(model, args, train, eval_examples, collate, callbacks, resume, config
         data_collator=collate,
         callbacks=list(callbacks),
     )
+    # The Trainer prints each log as a raw dict (PrinterCallback) or beside tqdm bars (ProgressCallback); the
+    # numbers go to train_log.jsonl, and the screen gets one rich bar like SLW's.
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    progress = SFTProgress() if config.progress else None
+    if progress is not None:
+        trainer.add_callback(progress)
     if trainer.is_fsdp_enabled:
         raise SharpError(
             "SFT cannot run under FSDP: FSDP gathers each wrapped layer's weights only around that layer's own "
             "forward, but a SHARP target runs its reference layer's weights; use DeepSpeed ZeRO-3 "
             "(configs/accelerate/zero3-8gpu.yaml) for a model that does not fit one device, or DDP"
         )
-    out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    try:
+        out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    finally:  # a failed run (a non-finite loss, Ctrl-C) must not leave the live bar drawing
+        if progress is not None:
+            progress.close()
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     if evals and evals[-1].get("step") == trainer.state.global_step:
         eval_loss = evals[-1]["eval_loss"]  # the periodic eval already ran at the last step
