@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 PIP_CONSTRAINT := constraints.txt
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test test-gpu lint clean
 
 $(BIN)/sharp: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,11 @@ demo: setup
 # -rs lists every skip with its reason; tests/skip_guard.py fails the run on any skip not declared optional.
 test: setup
 	$(BIN)/python -m pytest -x -q -rs -m "not gpu"
+
+# The `gpu`-marked tests (CUDA against CPU numbers, bf16 compress with a KD teacher on the GPU); they skip without a
+# CUDA device, so install a CUDA build of torch into .venv first (setup installs the CPU wheel).
+test-gpu: setup
+	$(BIN)/python -m pytest -q -rs -m gpu
 
 # ruff, and the import-linter contracts in pyproject.toml (data flows one way through sharp's layers, no circles)
 lint: setup
