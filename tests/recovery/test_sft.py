@@ -248,3 +248,65 @@ def test_sft_bar_stops_when_the_run_fails(data, tmp_path):
         with pytest.raises(NonFiniteLossError):
             run_sft(model, *data, _cfg(progress=True), tmp_path / "w", _collate, callbacks=[_Poison()])
     assert stopped and stopped[0]  # closed while its bar was still live
+
+
+def test_leaving_zero3_gives_back_whole_weights_that_stay(monkeypatch):
+    """After ZeRO-3 SFT (faked here: deepspeed is not installed in CI; the real run is the GPU check in
+    configs/README.md) every parameter is whole again, and a weight changed afterwards (a full-lora merge) is not
+    overwritten by a gather from its stale shard when the model runs."""
+    import enum
+    import sys
+    import types
+
+    from sharp.recovery import sft
+
+    Status = enum.Enum("Status", "AVAILABLE NOT_AVAILABLE")
+
+    class RegatheringDict(dict):  # what ZeRO-3 puts in `module._parameters` (while a forward is under way)
+        def __getitem__(self, key):
+            p = super().__getitem__(key)
+            if p is not None and p.ds_status is Status.NOT_AVAILABLE:
+                p.data = p.ds_tensor.clone()
+            return p
+
+    class Gathered:  # deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+        def __init__(self, params, modifier_rank=None):
+            self.params = params
+
+        def __enter__(self):
+            for p in self.params:
+                p.data = p.ds_tensor.clone()
+
+        def __exit__(self, *exc):
+            for p in self.params:
+                p.data = torch.empty(0)
+                p.ds_status = Status.NOT_AVAILABLE
+
+    fake = types.ModuleType("deepspeed")
+    fake.zero = types.SimpleNamespace(GatheredParameters=Gathered)
+    status_module = types.ModuleType("deepspeed.runtime.zero.partition_parameters")
+    status_module.ZeroParamStatus = Status
+    monkeypatch.setitem(sys.modules, "deepspeed", fake)
+    monkeypatch.setitem(sys.modules, "deepspeed.runtime.zero.partition_parameters", status_module)
+
+    model = sharp.share(tiny_model(), "next:1-4", "lora:4")
+    trained = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for i, p in enumerate(model.parameters()):  # partition: the values live in the shard only
+        p.ds_id, p.ds_tensor, p.ds_status = i, p.detach().clone(), Status.NOT_AVAILABLE
+        p.data = torch.empty(0)
+    for m in model.modules():
+        m._original_parameters = m._parameters
+        m._parameters = RegatheringDict(m._parameters)
+    engine = types.SimpleNamespace(destroyed=False)
+    engine.destroy = lambda: setattr(engine, "destroyed", True)
+
+    sft._leave_zero3(model, engine)
+    assert engine.destroyed
+    assert all(torch.equal(p, trained[n]) for n, p in model.named_parameters())
+    assert all(type(m._parameters) is dict and "_original_parameters" not in vars(m) for m in model.modules())
+    first = next(model.parameters())
+    with torch.no_grad():
+        first.add_(1.0)  # a merge after training
+    ids = torch.tensor([[1, 2, 3]])
+    model(ids)
+    assert torch.equal(next(model.parameters()), trained[next(iter(trained))] + 1.0)

@@ -75,7 +75,7 @@ class SFTConfig:
     logging_steps: int = 10
     save_total_limit: int = 2
     seed: int = 0
-    progress: bool = True  # show the Trainer's progress bar
+    progress: bool = True  # show a progress bar (SFTProgress)
     loss: str = "ce"  # "ce", "kd" or "ce+kd" (see the module docstring); kd needs a teacher
     kd_temperature: float = 1.0
     kd_hidden: float = 0.0  # weight of the hidden-state term of the kd losses (0: logits only)
@@ -303,6 +303,8 @@ def _train(model, args, train, eval_examples, collate, callbacks, resume, config
         eval_loss = evals[-1]["eval_loss"]  # the periodic eval already ran at the last step
     else:
         eval_loss = trainer.evaluate()["eval_loss"] if eval_examples else None
+    if any(hasattr(p, "ds_id") for p in model.parameters()):
+        _leave_zero3(model, trainer.deepspeed)
     model.eval()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
@@ -314,6 +316,33 @@ def _train(model, args, train, eval_examples, collate, callbacks, resume, config
         "resumed_from": str(resume) if resume else None,
         "config": asdict(config),
     }
+
+
+def _leave_zero3(model: nn.Module, engine) -> None:
+    """Make a model that DeepSpeed ZeRO-3 trained a plain module again, on every rank.
+
+    ZeRO-3 leaves each parameter as this rank's shard (an empty `data`) behind module hooks that gather it for each
+    call, and swaps each module's parameter dict for one whose lookup gathers a parameter again from its shard
+    while its status says "not available". Everything after SFT that reads or writes weights directly (merging
+    full-lora, saving) then sees empty tensors, or has a merge undone at the next forward by a gather from the
+    stale shard. Found by running configs/README.md's ZeRO-3 line on a GPU: the checkpoint held 0-element weights;
+    with only the gather below, `--train full-lora` lost its merged LoRA. The model was whole on every rank before
+    training (the configs load it whole: `zero3_init_flag: false`), so gathering it back fits. Collective: every
+    rank calls this."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    params = list({id(p): p for p in model.parameters()}.values())  # a shared weight once
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        whole = [p.data.clone() for p in params]
+    engine.destroy()  # removes the gather / release hooks
+    for p, data in zip(params, whole, strict=True):
+        p.data = data
+        p.ds_status = ZeroParamStatus.AVAILABLE  # nothing may gather it again
+    for module in model.modules():  # plain parameter dicts again (torch's own type)
+        if type(module._parameters) is not dict:
+            module._parameters = {name: module._parameters[name] for name in list(module._parameters.keys())}
+        module.__dict__.pop("_original_parameters", None)
 
 
 class SharpTrainer(Trainer):
