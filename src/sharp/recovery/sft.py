@@ -24,6 +24,7 @@ so the newest checkpoint on disk stays the last good one.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -34,11 +35,19 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback, TrainingArguments
+from transformers import (
+    PrinterCallback,
+    ProgressCallback,
+    Trainer,
+    TrainerCallback,
+    TrainerState,
+    TrainingArguments,
+)
 
 from sharp.errors import SharpError
 from sharp.recovery.distill import kd_loss
 from sharp.recovery.sft_workdir import (
+    STATE,
     JsonlLogCallback,
     drop_incomplete,
     last_checkpoint,
@@ -214,6 +223,7 @@ class SFTProgress(TrainerCallback):
     def on_train_begin(self, args, state, control, **kwargs) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+        self.close()  # a Trainer that restarts training (auto_find_batch_size) begins again
         if not state.is_world_process_zero:
             return
         self.bar = Progress(TextColumn("SFT"), BarColumn(), MofNCompleteColumn(),
@@ -293,8 +303,13 @@ def _train(model, args, train, eval_examples, collate, callbacks, resume, config
             "forward, but a SHARP target runs its reference layer's weights; use DeepSpeed ZeRO-3 "
             "(configs/accelerate/zero3-8gpu.yaml) for a model that does not fit one device, or DDP"
         )
+    finished = resume is not None and _reached_the_end(resume)
     try:
-        out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        if finished:  # a rerun after the last checkpoint (`train` would take one more step): load it, train nothing
+            trainer._load_from_checkpoint(str(resume))
+            trainer.state = TrainerState.load_from_json(str(resume / STATE))
+        else:
+            out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     finally:  # a failed run (a non-finite loss, Ctrl-C) must not leave the live bar drawing
         if progress is not None:
             progress.close()
@@ -311,37 +326,52 @@ def _train(model, args, train, eval_examples, collate, callbacks, resume, config
         "steps": trainer.state.global_step,
         "train_tokens": int(trainer.state.num_input_tokens_seen),
         "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),  # each shared tensor once
-        "train_loss": losses[-1] if losses else out.training_loss,
+        "train_loss": losses[-1] if losses else (None if finished else out.training_loss),
         "eval_loss": eval_loss,
         "resumed_from": str(resume) if resume else None,
         "config": asdict(config),
     }
 
 
+def _reached_the_end(checkpoint: Path) -> bool:
+    state = json.loads((checkpoint / STATE).read_text())
+    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
+
+
+# What DeepSpeed ZeRO-3 sets on each parameter it partitions (deepspeed/runtime/zero/partition_parameters.py)
+_ZERO3_METHODS = ("all_gather", "all_gather_coalesced", "partition", "reduce_gradients_at_owner",
+                  "partition_gradients", "aligned_size", "padding_size", "partition_numel",
+                  "convert_to_zero_parameters", "is_external_param", "nvme_swapper")
+
+
 def _leave_zero3(model: nn.Module, engine) -> None:
     """Make a model that DeepSpeed ZeRO-3 trained a plain module again, on every rank.
 
-    ZeRO-3 leaves each parameter as this rank's shard (an empty `data`) behind module hooks that gather it for each
-    call, and swaps each module's parameter dict for one whose lookup gathers a parameter again from its shard
-    while its status says "not available". Everything after SFT that reads or writes weights directly (merging
-    full-lora, saving) then sees empty tensors, or has a merge undone at the next forward by a gather from the
-    stale shard. Found by running configs/README.md's ZeRO-3 line on a GPU: the checkpoint held 0-element weights;
-    with only the gather below, `--train full-lora` lost its merged LoRA. The model was whole on every rank before
-    training (the configs load it whole: `zero3_init_flag: false`), so gathering it back fits. Collective: every
-    rank calls this."""
+    ZeRO-3 leaves each parameter as this rank's shard (an empty `data`, the values in `ds_tensor`), marked "not
+    available", and swaps each module's parameter dict for its own. Everything after SFT that reads or writes
+    weights directly then goes wrong: found by running configs/README.md's ZeRO-3 line on a GPU, compress saved
+    0-element weights, and with the weights gathered back but still marked "not available", a `--train full-lora`
+    merge was undone at the next forward (DeepSpeed's module hooks and parameter dicts gather such a parameter
+    from its shard, which holds the unmerged values). So: gather each parameter (one at a time: the model whole
+    once, as before training, plus one parameter), remove the engine's hooks, give each parameter its whole data
+    and strip DeepSpeed's state from it (a later ZeRO-3 run then partitions it afresh), and put plain parameter
+    dicts back. Every rank must hold the whole model, as it did before training (the configs load it whole:
+    `zero3_init_flag: false`). Collective: every rank calls this, in the same parameter order."""
     import deepspeed
-    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
 
     params = list({id(p): p for p in model.parameters()}.values())  # a shared weight once
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        whole = [p.data.clone() for p in params]
+    whole = []
+    for p in params:
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+            whole.append(p.data.clone())
     engine.destroy()  # removes the gather / release hooks
     for p, data in zip(params, whole, strict=True):
         p.data = data
-        p.ds_status = ZeroParamStatus.AVAILABLE  # nothing may gather it again
-    for module in model.modules():  # plain parameter dicts again (torch's own type)
+        for attr in [a for a in vars(p) if a.startswith(("ds_", "_ds_")) or a in _ZERO3_METHODS]:
+            delattr(p, attr)
+    for module in model.modules():  # torch's own dict type again
         if type(module._parameters) is not dict:
-            module._parameters = {name: module._parameters[name] for name in list(module._parameters.keys())}
+            module._parameters = dict(module._parameters.items())
         module.__dict__.pop("_original_parameters", None)
 
 
