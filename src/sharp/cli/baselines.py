@@ -73,7 +73,9 @@ def prune(
         table.add_row("fill: channels removed per MLP", str(report.fill_channels))
     table.add_row("MLP widths", ", ".join(map(str, report.intermediate_sizes)))
     if report.healed:
-        table.add_row("healed", f"{report.heal['steps']} steps, eval loss {report.heal['eval_loss']}")
+        loss = report.heal["eval_loss"]
+        table.add_row("healed", f"{report.heal['steps']} steps, eval loss "
+                      + (f"{loss:.4f}" if loss is not None else "– (no held-out examples)"))
     console.print(table)
 
 
