@@ -301,7 +301,7 @@ def _train(model, args, train, eval_examples, collate, callbacks, resume, config
         raise SharpError(
             "SFT cannot run under FSDP: FSDP gathers each wrapped layer's weights only around that layer's own "
             "forward, but a SHARP target runs its reference layer's weights; use DeepSpeed ZeRO-3 "
-            "(configs/accelerate/zero3-8gpu.yaml) for a model that does not fit one device, or DDP"
+            "(configs/accelerate/zero3-8gpu.yaml) or DDP"
         )
     finished = resume is not None and _reached_the_end(resume)
     try:
@@ -319,7 +319,7 @@ def _train(model, args, train, eval_examples, collate, callbacks, resume, config
     else:
         eval_loss = trainer.evaluate()["eval_loss"] if eval_examples else None
     if any(hasattr(p, "ds_id") for p in model.parameters()):
-        _leave_zero3(model, trainer.deepspeed)
+        _leave_zero3(model, trainer.deepspeed or trainer.model_wrapped)
     model.eval()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return {
@@ -364,7 +364,8 @@ def _leave_zero3(model: nn.Module, engine) -> None:
     for p in params:
         with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
             whole.append(p.data.clone())
-    engine.destroy()  # removes the gather / release hooks
+    if hasattr(engine, "destroy"):  # the DeepSpeed engine: removes its gather / release hooks
+        engine.destroy()
     for p, data in zip(params, whole, strict=True):
         p.data = data
         for attr in [a for a in vars(p) if a.startswith(("ds_", "_ds_")) or a in _ZERO3_METHODS]:
