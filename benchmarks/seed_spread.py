@@ -32,7 +32,7 @@ def parse_args() -> argparse.Namespace:
 
 def collect(files: list[str], keys: list[str]) -> dict[str, dict[int, dict]]:
     """{key: {seed: row}}; a row whose settings (but the seed) differ from the first one of its key is refused."""
-    from sharp.recipes.config import SETTINGS_BEFORE_THEIR_FLAG
+    from sharp.recipes.config import run_identity
 
     out: dict[str, dict[int, dict]] = {k: {} for k in keys}
     reference: dict[str, dict] = {}
@@ -40,8 +40,7 @@ def collect(files: list[str], keys: list[str]) -> dict[str, dict[int, dict]]:
         for key, entry in json.loads(Path(f).read_text())["rows"].items():
             if key not in out:
                 continue
-            padded = {**SETTINGS_BEFORE_THEIR_FLAG, **entry["settings"]}  # rows built before a flag existed
-            settings = {k: v for k, v in padded.items() if k not in ("seed", "out")}
+            settings = {k: v for k, v in run_identity(entry["settings"]).items() if k not in ("seed", "out")}
             if reference.setdefault(key, settings) != settings:
                 changed = sorted(k for k in settings.keys() | reference[key].keys()
                                  if settings.get(k) != reference[key].get(k))

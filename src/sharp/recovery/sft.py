@@ -24,7 +24,6 @@ so the newest checkpoint on disk stays the last good one.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -303,11 +302,12 @@ def _train(model, args, train, eval_examples, collate, callbacks, resume, config
             "forward, but a SHARP target runs its reference layer's weights; use DeepSpeed ZeRO-3 "
             "(configs/accelerate/zero3-8gpu.yaml) or DDP"
         )
-    finished = resume is not None and _reached_the_end(resume)
+    saved = TrainerState.load_from_json(str(resume / STATE)) if resume is not None else None
+    finished = saved is not None and 0 < saved.max_steps <= saved.global_step
     try:
         if finished:  # a rerun after the last checkpoint (`train` would take one more step): load it, train nothing
             trainer._load_from_checkpoint(str(resume))
-            trainer.state = TrainerState.load_from_json(str(resume / STATE))
+            trainer.state = saved
         else:
             out = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     finally:  # a failed run (a non-finite loss, Ctrl-C) must not leave the live bar drawing
@@ -333,11 +333,6 @@ def _train(model, args, train, eval_examples, collate, callbacks, resume, config
     }
 
 
-def _reached_the_end(checkpoint: Path) -> bool:
-    state = json.loads((checkpoint / STATE).read_text())
-    return state.get("max_steps", 0) > 0 and state.get("global_step", 0) >= state["max_steps"]
-
-
 # What DeepSpeed ZeRO-3 sets on each parameter it partitions (deepspeed/runtime/zero/partition_parameters.py)
 _ZERO3_METHODS = ("all_gather", "all_gather_coalesced", "partition", "reduce_gradients_at_owner",
                   "partition_gradients", "aligned_size", "padding_size", "partition_numel",
@@ -359,7 +354,7 @@ def _leave_zero3(model: nn.Module, engine) -> None:
     `zero3_init_flag: false`). Collective: every rank calls this, in the same parameter order."""
     import deepspeed
 
-    params = list({id(p): p for p in model.parameters()}.values())  # a shared weight once
+    params = list(model.parameters())  # a shared weight once (`parameters` skips repeats)
     whole = []
     for p in params:
         with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
