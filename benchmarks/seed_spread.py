@@ -30,23 +30,23 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-def collect(files: list[str], keys: list[str]) -> dict[str, dict[int, dict]]:
-    """{key: {seed: row}}; a row whose settings (but the seed) differ from the first one of its key is refused."""
+def collect(files: list[str], keys: list[str], over: str = "seed") -> dict[str, dict]:
+    """{key: {value of `over`: row}}; a row whose settings (but `over`) differ from the first one of its key is
+    refused. benchmarks/lr_sweep.py collects over "lr"."""
     from sharp.recipes.config import run_identity
 
-    out: dict[str, dict[int, dict]] = {k: {} for k in keys}
+    out: dict[str, dict] = {k: {} for k in keys}
     reference: dict[str, dict] = {}
     for f in files:
         for key, entry in json.loads(Path(f).read_text())["rows"].items():
             if key not in out:
                 continue
-            settings = {k: v for k, v in run_identity(entry["settings"]).items() if k not in ("seed", "out")}
+            settings = {k: v for k, v in run_identity(entry["settings"]).items() if k not in (over, "out")}
             if reference.setdefault(key, settings) != settings:
                 changed = sorted(k for k in settings.keys() | reference[key].keys()
                                  if settings.get(k) != reference[key].get(k))
                 raise SystemExit(f"{f}: row {key} has other settings than the first file's ({', '.join(changed)})")
-            seed = int(entry["settings"].get("seed", 0))
-            out[key].setdefault(seed, entry["row"])
+            out[key].setdefault(entry["settings"].get(over, 0), entry["row"])
     return out
 
 
