@@ -65,6 +65,19 @@ def test_missing_or_corrupt_model_folder(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+@pytest.mark.parametrize("keep", [0, 1000])  # an empty file, a header cut short
+def test_damaged_weights_of_a_plain_model_folder_are_one_line(stories_path, tmp_path, capsys, keep):
+    import shutil
+
+    bad = tmp_path / "bad"
+    shutil.copytree(stories_path, bad)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:keep])
+    code, _, err = run_cli(["info", bad], capsys)
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"cannot load model '{bad}'" in err
+
+
 def test_existing_output_is_not_overwritten_without_flag(stories_path, tmp_path, capsys):
     out = tmp_path / "out"
     out.mkdir()

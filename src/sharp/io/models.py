@@ -168,7 +168,7 @@ def _load(spec: str, path: str, dtype, mode: str, verify: bool, base) -> nn.Modu
                     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except SharpError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:  # a damaged weights file too
         raise SharpError(f"cannot load model '{spec}': {first_line(e)}") from None
     model.eval()
     ensure_state(model).source = spec
