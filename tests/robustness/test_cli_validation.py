@@ -45,6 +45,7 @@ def _cases(tmp: Path, ckpt: Path, bad_alpaca: Path) -> dict[str, tuple[list, str
         "share/out-under-a-file": (["share", M, "-s", "next:1-4", "--out", a_file / "x"], "is a file"),
         "share/unwritable-out": (["share", M, "-s", "next:1-4", "--out", "/proc/sharp-out"], "cannot write"),
         "share/missing-model": (["share", tmp / "nope", "-s", "next:1-4", "--out", out], "not found"),
+        "share/from-checkpoint": (["share", ckpt, "-s", "next:1-4", "--out", out], "already a sharp checkpoint"),
         # merge / verify
         "merge/not-a-checkpoint": (["merge", M, "--out", out], "not a sharp checkpoint"),
         "merge/non-empty-out": (["merge", ckpt, "--out", full], "--overwrite"),
