@@ -157,6 +157,13 @@ def test_verify_damaged_checkpoint_exits_1_naming_the_file(checkpoint, tmp_path,
     assert code == 0 and "OK" in out, err
 
 
+def test_verify_failure_is_one_line_however_long(checkpoint, capsys):
+    code, _, err = run_cli(["verify", checkpoint, "--base", M], capsys)  # --base of a full checkpoint
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1, err  # not wrapped at the console's width
+    assert lines[0].startswith("FAIL") and "load it without base=" in lines[0]
+
+
 def test_compress_refuses_a_second_run_on_the_same_output(tmp_path, capsys):
     from sharp.io.lock import output_lock
     from sharp.recipes import CompressConfig

@@ -167,7 +167,9 @@ def verify(
         except Exception as e:  # noqa: BLE001 - any failure to load is a verification failure
             problems.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
     if problems:
-        for p in problems:
-            err_console.print(f"[bold red]FAIL[/] {checkpoint}: {p}", highlight=False)
+        from rich.markup import escape
+
+        for p in problems:  # one line each, as `fail` prints errors
+            err_console.print(f"[bold red]FAIL[/] {escape(f'{checkpoint}: {p}')}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=1)
     console.print(f"[bold green]OK[/] {checkpoint}: every file matches its manifest" + (" and loads" if load else ""))
