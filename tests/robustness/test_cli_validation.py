@@ -85,6 +85,10 @@ def _cases(tmp: Path, ckpt: Path, bad_alpaca: Path) -> dict[str, tuple[list, str
         "eval/lm-eval-without-dir": (["eval", M, "--lm-eval", "arc_easy"], "--data-dir"),
         "eval/json-is-folder": (["eval", M, "--tasks", f"ppl:{TEXT.replace(':', '=', 1)}", "--json", tmp], "folder"),
         "eval/missing-model": (["eval", tmp / "nope", "--tasks", f"ppl:{TEXT.replace(':', '=', 1)}"], "not found"),
+        "eval/json-under-a-file": (["eval", M, "--tasks", f"ppl:{TEXT.replace(':', '=', 1)}", "--json",
+                                    a_file / "r.json"], "is a file"),
+        "eval/json-unwritable": (["eval", M, "--tasks", f"ppl:{TEXT.replace(':', '=', 1)}", "--json",
+                                  "/proc/sharp.json"], "cannot write"),
         # analyze / report
         "analyze/budget": (["analyze", M, "--data", TEXT, "--out", out, "--budget", "140%"], "budget"),
         "analyze/max-len-above-model": (["analyze", M, "--data", TEXT, "--out", out, "--max-len", "4096"], "512"),
@@ -92,6 +96,8 @@ def _cases(tmp: Path, ckpt: Path, bad_alpaca: Path) -> dict[str, tuple[list, str
         "analyze/missing-field": (["analyze", M, "--data", f"alpaca:{bad_alpaca}", "--out", out], "no 'output'"),
         "analyze/bad-data": (["analyze", M, "--data", "nope:x", "--out", out], "unknown data"),
         "report/missing-run": (["report", tmp / "nope", "--out", tmp / "r.md"], "nope"),
+        "report/out-under-a-file": (["report", ckpt, "--out", a_file / "r.md"], "is a file"),
+        "report/out-unwritable": (["report", ckpt, "--out", "/proc/sharp-report.md"], "cannot write"),
         # prune / compare
         "prune/unknown-method": (["prune", M, "--method", "magic", "--budget", "40%", "--out", out], "magic"),
         "prune/bad-budget": (["prune", M, "--method", "mlp-drop", "--budget", "40 percent", "--out", out],
@@ -114,6 +120,8 @@ def _cases(tmp: Path, ckpt: Path, bad_alpaca: Path) -> dict[str, tuple[list, str
         "quantize/non-empty-out": (["quantize", ckpt, "--out", full], "--overwrite"),
         "bench/missing-model": (["bench", tmp / "nope"], "not found"),
         "bench/repeats": (["bench", M, "--repeats", "0"], "--repeats"),
+        "bench/json-unwritable": (["bench", M, "--json", "/proc/sharp.json"], "cannot write"),
+        "bench/plot-under-a-file": (["bench", M, "--plot", a_file / "p.png"], "is a file"),
         "export/format": (["export", ckpt, "--format", "onnx", "--out", out], "onnx"),
         "export/outtype": (["export", ckpt, "--outtype", "q9", "--out", out], "q9"),
         "export/non-empty-out": (["export", ckpt, "--out", full], "--overwrite"),

@@ -66,7 +66,11 @@ def bench(
 
     from sharp.bench.report import plot, rich_table
     from sharp.bench.runner import bench as run_bench
+    from sharp.io.atomic import check_output_file
 
+    for flag, path in (("--json", json_out), ("--plot", plot_out)):
+        if path is not None:  # before the benchmark, not after it
+            check_output_file(path, flag)
     with Progress(console=err_console, transient=True) as progress:
         task = progress.add_task("benchmarking", total=(len(models) + (1 if paired else 0)) * rounds)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import typer
@@ -12,16 +11,6 @@ from rich.table import Table
 from sharp.cli import options as opt
 from sharp.cli.app import app, console
 from sharp.errors import SharpError
-
-
-def _check_json_out(path: Path) -> None:
-    if path.is_dir():
-        raise SharpError(f"--json '{path}' is a folder; give a file name")
-    probe = path.absolute().parent
-    while not probe.exists():
-        probe = probe.parent
-    if not os.access(probe, os.W_OK):
-        raise SharpError(f"cannot write --json '{path}'; choose a place you can write to")
 
 
 def _write_json(path: Path, data: dict) -> None:
@@ -112,7 +101,9 @@ def evaluate(
         if task.spec.kind != "hub":
             load_records(task.spec)  # a record missing a field fails here, before the model loads
     if json_out is not None:
-        _check_json_out(json_out)
+        from sharp.io.atomic import check_output_file
+
+        check_output_file(json_out, "--json")
     loaded_tasks = None
     if bench:  # names, files and the tasks' data: a missing dataset fails before the model loads
         from sharp.evaluation.downstream import load_tasks

@@ -354,6 +354,8 @@ def report_plots(runs: list[Run], out_md: Path) -> list[str]:
 
 def write_report(run_paths: list[str | os.PathLike], out: str | os.PathLike) -> list[Run]:
     """Collect the runs and write `out` (markdown) with its PNGs beside it; each file replaced atomically."""
+    from sharp.io.atomic import check_output_file
+
     out = Path(out)
     if not run_paths:
         raise SharpError("no runs given; pass one or more run folders or eval JSON files")
@@ -361,11 +363,10 @@ def write_report(run_paths: list[str | os.PathLike], out: str | os.PathLike) -> 
         raise SharpError(f"--out '{out}' must be a markdown file name ending in .md")
     if out.is_dir():
         raise SharpError(f"--out '{out}' is a folder; give a file name such as report.md")
+    check_output_file(out, "--out")
     runs = [collect_run(p) for p in run_paths]
     _unique_names(runs)
     out.absolute().parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(out.absolute().parent, os.W_OK):
-        raise SharpError(f"cannot write to '{out.absolute().parent}'; choose another --out")
     with tempfile.TemporaryDirectory(dir=out.absolute().parent, prefix=f".{out.name}.tmp-") as tmp:
         tmp_md = Path(tmp) / out.name
         images = report_plots(runs, tmp_md)

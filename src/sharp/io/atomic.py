@@ -31,13 +31,36 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
         probe = probe.parent
     if not probe.is_dir():
         raise SharpError(f"cannot create '{out}': '{probe}' is a file, not a folder; choose another --out")
-    try:  # a real write, not os.access: root, read-only mounts and pseudo file systems all answer truly
-        fd, name = tempfile.mkstemp(prefix=".sharp-write-test-", dir=probe)
+    if (reason := _write_error(probe)) is not None:
+        raise SharpError(f"cannot write to '{probe}' ({reason}); choose an --out you can write to")
+    return out
+
+
+def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """`check_output_dir` for a single output file (a report, a JSON): fail before the work, not after it."""
+    path = Path(path)
+    if path.is_dir():
+        raise SharpError(f"{flag} '{path}' is a folder; give a file name")
+    probe = path.absolute().parent
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise SharpError(f"cannot create {flag} '{path}': '{probe}' is a file, not a folder; choose another {flag}")
+    if (reason := _write_error(probe)) is not None:
+        raise SharpError(f"cannot write {flag} '{path}' ({reason}); choose a place you can write to")
+    return path
+
+
+def _write_error(folder: Path) -> str | None:
+    """Why a file cannot be created in `folder` (None: it can). A real write, not os.access: root, read-only
+    mounts and pseudo file systems all answer truly."""
+    try:
+        fd, name = tempfile.mkstemp(prefix=".sharp-write-test-", dir=folder)
         os.close(fd)
         os.unlink(name)
     except OSError as e:
-        raise SharpError(f"cannot write to '{probe}' ({e.strerror}); choose an --out you can write to") from None
-    return out
+        return e.strerror or type(e).__name__
+    return None
 
 
 @contextlib.contextmanager
