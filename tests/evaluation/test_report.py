@@ -119,6 +119,12 @@ def test_collect_run_rejects_folders_without_results(tmp_path):
         collect_run(tmp_path / "nope")
 
 
+def test_collect_run_skips_the_malformed_parts_of_an_eval_json(tmp_path):
+    path = tmp_path / "e.json"
+    path.write_text(json.dumps({"tasks": {"t": {"ppl": 2.0}, "u": 3}, "downstream": [1, 2]}))
+    assert collect_run(path).ppl == {"t": 2.0}
+
+
 def test_report_cli(tmp_path, capsys):
     runs = _runs(tmp_path)
     code, out, err = run_cli(["report", *runs, "--out", tmp_path / "r.md"], capsys)
@@ -129,6 +135,8 @@ def test_report_cli(tmp_path, capsys):
 @pytest.mark.parametrize(("make", "fragment"), [
     (lambda p: [p / "missing"], "does not exist"),
     (lambda p: [(p / "e").mkdir() or p / "e"], "holds no summary.json"),
+    (lambda p: [(p / "e.json").write_text('{"tasks": 5}') and p / "e.json"], "holds no summary.json"),
+    (lambda p: [(p / "e.json").write_text('{"downstream": ["acc"]}') and p / "e.json"], "holds no summary.json"),
 ])
 def test_report_cli_bad_runs_exit_2_with_one_line(tmp_path, capsys, make, fragment):
     code, _, err = run_cli(["report", *make(tmp_path), "--out", tmp_path / "r.md"], capsys)

@@ -210,11 +210,22 @@ def _summary_info(name: str, data: dict) -> dict:
     return {f"prune.{k}": v for k, v in _flatten(data).items() if k != "format_version"}  # sharp_prune.json
 
 
+def _is_eval(data: dict) -> bool:
+    """An eval JSON (`sharp eval --json`): its tasks or downstream scores are objects (a file that only shares
+    the key names is not one)."""
+    return any(isinstance(data.get(key), dict) for key in ("tasks", "downstream"))
+
+
+def _section(data: dict, key: str) -> dict:
+    value = data.get(key)
+    return value if isinstance(value, dict) else {}
+
+
 def _add_eval(run: Run, data: dict) -> None:
-    for task, r in (data.get("tasks") or {}).items():
+    for task, r in _section(data, "tasks").items():
         if isinstance(r, dict) and isinstance(r.get("ppl"), (int, float)):
             run.ppl.setdefault(task, float(r["ppl"]))
-    for task, r in (data.get("downstream") or {}).items():
+    for task, r in _section(data, "downstream").items():
         if task != "mean" and isinstance(r, dict):
             run.downstream.setdefault(task, {k: r.get(k) for k in ("acc", "acc_norm")})
 
@@ -231,7 +242,7 @@ def collect_run(path: str | os.PathLike) -> Run:
         data = _read_json(f)
         if data is None:
             continue
-        if "tasks" in data or "downstream" in data:
+        if _is_eval(data):
             _add_eval(run, data)
             if "summary" not in f.name:
                 run.sources.append(f.name)
