@@ -52,6 +52,14 @@ def test_bad_specs_fail_in_one_line(text, fragment):
     assert "\n" not in str(e.value)
 
 
+@pytest.mark.parametrize("bad", ["[:abc]", "[abc]", "[::2]", "[1:2:3]", "[3]", "[1.5:]"])
+def test_a_malformed_slice_of_a_real_file_is_called_a_slice(tmp_path, bad):
+    f = _jsonl(tmp_path / "d.jsonl", [{"text": "a"}])
+    with pytest.raises(SharpError, match=r"malformed slice") as e:
+        parse_data_spec(f"text:{f}{bad}")
+    assert bad in str(e.value) and "does not exist" not in str(e.value)
+
+
 def test_unsupported_extension(tmp_path):
     f = tmp_path / "d.xml"
     f.write_text("<x/>")

@@ -76,6 +76,7 @@ INSTRUCTION_FORMATS = tuple(name for name in FORMATS if name != "text")
 _LOCAL_EXTS = (".json", ".jsonl", ".txt", ".csv", ".parquet")
 _SLICE = re.compile(r"^(.*)\[(-?\d+)?:(-?\d+)?\]$", re.S)
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w.-]+)?$")
+_BRACKETS = re.compile(r"^(.+)(\[[^\[\]]*\])$", re.S)  # what a source with a slice that `_SLICE` refused looks like
 _ALIAS = re.compile(r"^[A-Za-z0-9][\w.-]*$")
 
 
@@ -145,6 +146,10 @@ def parse_data_spec(text: str) -> DataSpec:
     hit = _alias(source)
     if hit is not None:
         return _from_alias(source, hit, fmt, start, stop)
+    if (m := _BRACKETS.match(source)) and (os.path.exists(m.group(1)) or _HUB_ID.match(m.group(1))
+                                           or _alias(m.group(1))):
+        raise SharpError(f"malformed slice '{m.group(2)}' in '{text}'; write [START:STOP] with whole numbers, "
+                         "either may be left out (e.g. [-100:] or [:500]); steps are not supported")
     looks_local = source.startswith((".", "/", "~")) or source.lower().endswith(_LOCAL_EXTS)
     if looks_local or not _HUB_ID.match(source):
         raise SharpError(f"data file '{source}' does not exist (and it is not an alias or a Hub id "
