@@ -139,6 +139,7 @@ def test_missing_field_names_record_and_field(tmp_path):
         ('{"text": "a"}\n{bad\n', ".jsonl", "line 2 is not valid JSON"),
         ('[{"text": [5]}]', ".json", "field 'text' is a list"),
         ("[]", ".json", "holds no records"),
+        ("not parquet", ".parquet", "cannot read"),
     ],
 )
 def test_bad_files_fail_in_one_line(tmp_path, content, suffix, fragment):

@@ -12,9 +12,12 @@ records and checks that each one has the fields its format needs.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -167,6 +170,24 @@ def _from_alias(name: str, hit: tuple[str, Path], fmt: str, start, stop) -> Data
     return DataSpec(alias_fmt, str(path), "file", start=start, stop=stop)
 
 
+@contextlib.contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No progress bar and no log line from `datasets` while it reads a local file: a damaged file is reported
+    once, in our own error line."""
+    import datasets
+
+    logger = logging.getLogger("datasets")
+    level, bars_off = logger.level, datasets.are_progress_bars_disabled()
+    logger.setLevel(logging.CRITICAL)
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+        if not bars_off:
+            datasets.enable_progress_bars()
+
+
 def _read_local(path: Path, fmt: str):
     ext = path.suffix.lower()
     if ext == ".txt":
@@ -193,7 +214,12 @@ def _read_local(path: Path, fmt: str):
         return data
     import datasets  # .csv / .parquet
 
-    return datasets.load_dataset(ext[1:], data_files=str(path), split="train")
+    try:
+        with _quiet_datasets():
+            return datasets.load_dataset(ext[1:], data_files=str(path), split="train")
+    except Exception as e:  # noqa: BLE001 - pyarrow's and datasets' errors for a damaged file: all user-facing here
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise SharpError(f"cannot read '{path}' as {ext[1:]}: {type(e).__name__}: {first[:200]}") from None
 
 
 def load_records(spec: DataSpec | str) -> list[dict]:
