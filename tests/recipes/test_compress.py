@@ -74,6 +74,20 @@ def test_existing_output_needs_overwrite(tmp_path):
     _cfg(tmp_path, overwrite=True).validate()
 
 
+@pytest.mark.parametrize("make", [lambda w: (w.mkdir(), (w / "notes.txt").write_text("mine")),
+                                  lambda w: w.write_text("x")])
+def test_a_work_folder_sharp_did_not_make_is_never_removed(tmp_path, make):
+    from sharp.recipes.config import prepare_work_dir
+
+    cfg = _cfg(tmp_path)
+    make(cfg.work_dir)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    for check in (cfg.validate, lambda: prepare_work_dir(cfg)):
+        with pytest.raises(SharpError, match="not a sharp work folder"):
+            check()
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before
+
+
 def test_cli_reports_a_bad_argument_in_one_line(tmp_path):
     code, out = _run([ARGS[0], "--strategy", "next:3-3", *ARGS[3:], "--out", str(tmp_path / "o")])
     assert code == 2 and "Traceback" not in out and "next:3-3" in out

@@ -147,6 +147,7 @@ class CompressConfig(RecoverySettings):
         if self.eval_data:
             parse_data_spec(self.eval_data)
         check_output_dir(self.out, self.overwrite)
+        check_work_dir(self.work_dir)
         if is_sharp_checkpoint(resolve_model_path(self.model)):
             raise SharpError(f"'{self.model}' is already a sharp checkpoint; compress its base model instead")
         _validate_model(self.model, self.strategy, self.recovery, self.max_len)
@@ -191,9 +192,18 @@ def run_identity(settings: dict) -> dict:
 SETTINGS_BEFORE_THEIR_FLAG = {"slw_sink_weight": 1.0, "plan_reach": 1, "plan_cost": "residual", "kd_hidden": 0.0}
 
 
+def check_work_dir(work: Path) -> None:
+    """Refuse an `OUT.work` that sharp did not make (no run.json, not empty): a run with other settings would
+    remove it."""
+    if work.exists() and (not work.is_dir() or (not (work / "run.json").is_file() and any(work.iterdir()))):
+        raise SharpError(f"'{work}' exists and is not a sharp work folder (no run.json); move it away or choose "
+                         "another --out")
+
+
 def prepare_work_dir(cfg: CompressConfig) -> Path:
     """`OUT.work/`, kept from an earlier run with the same settings (to resume), else started afresh."""
     work = cfg.work_dir
+    check_work_dir(work)
     settings = run_identity(asdict(cfg))
     run_file = work / "run.json"
     if work.exists():
