@@ -59,11 +59,13 @@ def analyze(
     # a share is all a layer-by-layer suggestion can meet: counts and match:DIR fail here, in one line
     fraction = parse_budget(budget, forms=(SHARE,)).value if budget is not None else None
     if plan is not None:
+        from sharp.recovery.planner import check_plan_settings
         from sharp.sharing.recovery import parse_recovery
 
         if budget is None:
             raise SharpError("--plan needs --budget (the share of MLP parameters the plan removes)")
         recovery = parse_recovery(plan)
+        check_plan_settings(plan_actions, plan_min_shared, plan_reach, plan_cost)
     if template not in TEMPLATES:
         raise SharpError(f"unknown --template '{template}'; choose one of {', '.join(TEMPLATES)}")
     for flag, value, least in (("--max-tokens", max_tokens, 1), ("--ppl-examples", ppl_examples, 0),

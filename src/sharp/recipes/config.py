@@ -115,7 +115,7 @@ class CompressConfig(RecoverySettings):
         from sharp.io.dtypes import parse_dtype
         from sharp.io.formats import is_sharp_checkpoint
         from sharp.io.models import resolve_model_path
-        from sharp.recovery.planner import COSTS
+        from sharp.recovery.planner import check_plan_settings
         from sharp.recovery.trainable import TRAIN_CHOICES
 
         stages = self.stage_list
@@ -135,10 +135,7 @@ class CompressConfig(RecoverySettings):
             raise SharpError(f"--eval-fraction must be in (0, 1) (or 0 with --eval-data), got {self.eval_fraction}")
         if self.full_lora_rank < 1:
             raise SharpError(f"--full-lora-rank must be at least 1, got {self.full_lora_rank}")
-        if self.plan_reach < 1:
-            raise SharpError(f"--plan-reach must be at least 1 (the layer just before), got {self.plan_reach}")
-        if self.plan_cost not in COSTS:
-            raise SharpError(f"unknown --plan-cost '{self.plan_cost}'; choose one of: {', '.join(COSTS)}")
+        check_plan_settings(self.plan_actions, self.plan_min_shared, self.plan_reach, self.plan_cost)
         resolve_device(self.device)
         parse_dtype(self.dtype)
         self.slw_config()

@@ -71,6 +71,22 @@ COSTS = ("residual", "kl")
 KL_TOKENS = 1024  # calibration tokens the "kl" cost scores each action on (one forward pass per action)
 
 
+def check_plan_settings(actions: str, min_shared: float, reach: int, cost: str) -> None:
+    """The planner's flags (--plan-actions, --plan-min-shared, --plan-reach, --plan-cost) checked before any weights
+    load: the planner itself would only refuse them after the model loaded and its costs were measured."""
+    names = {a.strip() for a in actions.split(",") if a.strip()}
+    if not names or names - set(ACTIONS):
+        raise SharpError(f"unknown --plan-actions '{actions}'; choose from {', '.join(ACTIONS[1:])} (comma-separated)")
+    if not (math.isfinite(min_shared) and 0 <= min_shared <= 1):
+        raise SharpError(f"--plan-min-shared is a share of the removed parameters in [0, 1], got {min_shared}")
+    if min_shared > 0 and "share" not in names:
+        raise SharpError("--plan-min-shared needs the share action in --plan-actions")
+    if reach < 1:
+        raise SharpError(f"--plan-reach must be at least 1 (the layer just before), got {reach}")
+    if cost not in COSTS:
+        raise SharpError(f"unknown --plan-cost '{cost}'; choose one of: {', '.join(COSTS)}")
+
+
 @dataclass
 class LayerCosts:
     """Measured costs of one layer's options (relative residual perturbations, or KL divergences with
