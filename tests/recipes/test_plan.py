@@ -127,3 +127,17 @@ def test_cli_plan_json_and_errors(capsys):
     code, _, err = run_cli(["plan", LLAMA2, "-s", "next:2-31", "--data-size", "1000", "--sft-parallel", "tp"],
                            capsys)
     assert code == 2 and "unknown --sft-parallel 'tp'" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(("flag", "fragment"), [
+    (["--stages", "warmup"], "--stages"), (["--stages", "sft,sft"], "--stages"), (["--batch-size", "0"], "batch_size"),
+    (["--max-len", "0"], "--max-len"), (["--max-len", "100000"], "--max-len"), (["--slw-workers", "0"], "workers"),
+    (["--eval-fraction", "1"], "--eval-fraction"), (["--slw-fraction", "5"], "--slw-fraction"),
+    (["--sft-steps", "-5"], "steps"), (["--grad-accum", "0"], "grad_accum"),
+    (["--probe-device", "gpu"], "--probe-device 'gpu'"),
+])
+def test_cli_plan_refuses_what_compress_refuses(stories_path, capsys, flag, fragment):
+    probe = [] if flag[0] == "--probe-device" else ["--no-probe"]
+    code, out, err = run_cli(["plan", stories_path, "-s", "next:1-4", "--data-size", "100", *probe, *flag], capsys)
+    assert code == 2 and fragment in err, (code, err)
+    assert len(err.strip().splitlines()) == 1 and not out

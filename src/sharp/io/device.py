@@ -24,11 +24,11 @@ from sharp.io.models import load_model, resolve_model_path, source_dtype
 DEVICE_FORMS = "auto, cpu, cuda, cuda:N or mps"
 
 
-def resolve_device(text: str | torch.device = "auto") -> torch.device:
+def resolve_device(text: str | torch.device = "auto", flag: str = "--device") -> torch.device:
     """`auto` (a CUDA GPU, else MPS, else the CPU), `cpu`, `cuda`, `cuda:N` or `mps` → a torch.device.
 
     `cuda` keeps no index (the current GPU; SLW workers spread over every visible GPU); `cuda:N` pins one.
-    An unavailable device or unknown text is one `SharpError` line."""
+    An unavailable device or unknown text is one `SharpError` line, naming `flag`."""
     raw = str(text).strip()
     name = raw.lower()
     if name == "auto":
@@ -39,20 +39,20 @@ def resolve_device(text: str | torch.device = "auto") -> torch.device:
         return torch.device("cpu")
     if name == "mps":
         if not _mps_available():
-            raise SharpError("--device mps: Apple's Metal (MPS) backend is not available here; use --device cpu "
+            raise SharpError(f"{flag} mps: Apple's Metal (MPS) backend is not available here; use {flag} cpu "
                              "or auto")
         return torch.device("mps")
     match = re.fullmatch(r"cuda(?::(\d+))?", name)
     if match is None:
-        raise SharpError(f"unknown --device '{raw}'; use {DEVICE_FORMS}")
+        raise SharpError(f"unknown {flag} '{raw}'; use {DEVICE_FORMS}")
     if not torch.cuda.is_available():
         build = "this PyTorch is a CPU-only build" if torch.version.cuda is None else "no CUDA GPU is visible"
-        raise SharpError(f"--device {raw}: CUDA is not available ({build}); use --device cpu or auto")
+        raise SharpError(f"{flag} {raw}: CUDA is not available ({build}); use {flag} cpu or auto")
     if match.group(1) is None:
         return torch.device("cuda")
     index, count = int(match.group(1)), torch.cuda.device_count()
     if index >= count:
-        raise SharpError(f"--device {raw}: only {count} CUDA device(s) are visible (cuda:0 to cuda:{count - 1}); "
+        raise SharpError(f"{flag} {raw}: only {count} CUDA device(s) are visible (cuda:0 to cuda:{count - 1}); "
                          "pick one of them")
     return torch.device("cuda", index)
 

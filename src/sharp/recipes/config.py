@@ -109,12 +109,27 @@ class CompressConfig(RecoverySettings):
 
     def validate(self) -> None:
         """Every check that needs no weights: one `SharpError` line on the first problem."""
-        from sharp.data import TEMPLATES, parse_data_spec
+        from sharp.data import parse_data_spec
         from sharp.io.atomic import check_output_dir
-        from sharp.io.device import resolve_device
-        from sharp.io.dtypes import parse_dtype
         from sharp.io.formats import is_sharp_checkpoint
         from sharp.io.models import resolve_model_path
+
+        self.check_flags()
+        parse_data_spec(self.data)
+        if self.eval_data:
+            parse_data_spec(self.eval_data)
+        check_output_dir(self.out, self.overwrite)
+        check_work_dir(self.work_dir)
+        if is_sharp_checkpoint(resolve_model_path(self.model)):
+            raise SharpError(f"'{self.model}' is already a sharp checkpoint; compress its base model instead")
+        _validate_model(self.model, self.strategy, self.recovery, self.max_len)
+
+    def check_flags(self) -> None:
+        """The checks of `validate` that need neither the model, the data nor the output folder (`sharp plan`
+        runs them too, so it refuses what compress would)."""
+        from sharp.data import TEMPLATES
+        from sharp.io.device import resolve_device
+        from sharp.io.dtypes import parse_dtype
         from sharp.recovery.planner import check_plan_settings
         from sharp.recovery.trainable import TRAIN_CHOICES
 
@@ -140,14 +155,6 @@ class CompressConfig(RecoverySettings):
         parse_dtype(self.dtype)
         self.slw_config()
         self.sft_config()
-        parse_data_spec(self.data)
-        if self.eval_data:
-            parse_data_spec(self.eval_data)
-        check_output_dir(self.out, self.overwrite)
-        check_work_dir(self.work_dir)
-        if is_sharp_checkpoint(resolve_model_path(self.model)):
-            raise SharpError(f"'{self.model}' is already a sharp checkpoint; compress its base model instead")
-        _validate_model(self.model, self.strategy, self.recovery, self.max_len)
 
 
 def _validate_model(model: str, strategy: str, recovery: str, max_len: int) -> None:

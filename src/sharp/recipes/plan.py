@@ -16,6 +16,7 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
 
 from sharp.errors import SharpError
+from sharp.io.models import check_max_len
 from sharp.recipes.config import CompressConfig
 from sharp.recipes.plan_model import ModelShape, model_shape, read_config
 from sharp.recovery.slw_config import BACKENDS
@@ -77,6 +78,15 @@ class PlanSettings:
             raise SharpError(f"--tflops must be positive, got {self.tflops}")
         if self.example_tokens is not None and self.example_tokens < 1:
             raise SharpError(f"--example-tokens must be at least 1, got {self.example_tokens}")
+        if self.probe and self.tflops is None:
+            from sharp.io.device import resolve_device
+
+            resolve_device(self.probe_device, flag="--probe-device")
+        # the flags a compress run takes as well: refused as compress refuses them
+        same = {name: getattr(self, name) for name in _DEFAULTS.keys() & {f.name for f in fields(self)}
+                if name not in ("dtype", "slw_backend")}  # plan's dtype and backend are checked above
+        CompressConfig(model=self.model, strategy=self.strategy, recovery=self.recovery, data="", out="",
+                       **same).check_flags()
 
 
 def plan(s: PlanSettings) -> dict:
@@ -84,6 +94,7 @@ def plan(s: PlanSettings) -> dict:
     from sharp.recovery.slw_config import SLWConfig
 
     config = read_config(s.model)
+    check_max_len(config, s.max_len)
     shape = model_shape(config, s.strategy, s.recovery, s.modules, s.train, s.full_lora_rank)
     slw = SLWConfig()
     stages = [] if s.stages.strip() == "none" else [x.strip() for x in s.stages.split(",")]
@@ -224,8 +235,10 @@ def _throughput(s: PlanSettings, config) -> tuple[dict[str, float | None], str]:
     if not s.probe:
         return {"forward": None, "train": None, "slw": None}, "none (pass --tflops or allow the probe)"
     from sharp.bench.probe import PROBE_STRATEGY, probe_throughput
+    from sharp.io.device import resolve_device
 
-    measured = probe_throughput(config, s.recovery, s.dtype, s.probe_device, s.probe_tokens)
+    device = str(resolve_device(s.probe_device, flag="--probe-device"))  # `auto` as a device the probe can use
+    measured = probe_throughput(config, s.recovery, s.dtype, device, s.probe_tokens)
     probe = model_shape(measured["config"], PROBE_STRATEGY, s.recovery)
     n, rows = measured["tokens"], measured["slw_rows"]
     flops = {"forward": probe.forward_flops(n, n, shared=True), "train": 2 * probe.forward_flops(n, n, shared=True),
