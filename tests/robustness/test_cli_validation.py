@@ -129,6 +129,8 @@ def _cases(tmp: Path, ckpt: Path, bad_alpaca: Path) -> dict[str, tuple[list, str
         "quantize/non-empty-out": (["quantize", ckpt, "--out", full], "--overwrite"),
         "bench/missing-model": (["bench", tmp / "nope"], "not found"),
         "bench/repeats": (["bench", M, "--repeats", "0"], "--repeats"),
+        "bench/threads": (["bench", M, "--threads", "-1"], "--threads"),
+        "bench/load-repeats": (["bench", M, "--load-repeats", "-1"], "--load-repeats"),
         "bench/json-unwritable": (["bench", M, "--json", "/proc/sharp.json"], "cannot write"),
         "bench/plot-under-a-file": (["bench", M, "--plot", a_file / "p.png"], "is a file"),
         "export/format": (["export", ckpt, "--format", "onnx", "--out", out], "onnx"),

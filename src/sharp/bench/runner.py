@@ -183,8 +183,11 @@ def bench(
     cannot fake), and each process's median (what a fresh load changes)."""
     if not specs:
         raise SharpError("give at least one model to benchmark")
-    if repeats < 1 or tokens < 1 or prompt_tokens < 1 or load_repeats < 0 or rounds < 1 or paired < 0:
-        raise SharpError("--repeats, --tokens, --prompt-tokens and --rounds must be at least 1 (--paired 0 or more)")
+    for flag, value, least in (("--repeats", repeats, 1), ("--tokens", tokens, 1),
+                               ("--prompt-tokens", prompt_tokens, 1), ("--rounds", rounds, 1),
+                               ("--load-repeats", load_repeats, 0), ("--paired", paired, 0), ("--threads", threads, 0)):
+        if value < least:
+            raise SharpError(f"{flag} must be at least {least}, got {value}")
     load_repeats = load_repeats or repeats
     from sharp.io.device import resolve_device
     from sharp.io.formats import is_sharp_checkpoint
