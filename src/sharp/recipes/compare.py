@@ -78,6 +78,8 @@ class CompareConfig(RecoverySettings):
             raise SharpError(f"unknown --allocation '{self.allocation}'; choose one of: {', '.join(ALLOCATIONS)}")
         if self.calib_samples < 1 or not 0 < self.tolerance < 1:
             raise SharpError("--calib-samples must be >= 1 and --tolerance in (0, 1)")
+        if self.eval_limit is not None and self.eval_limit < 1:
+            raise SharpError(f"--eval-limit must be at least 1, got {self.eval_limit}")
         parse_tasks(self.eval)
         if self.reference_model:
             resolve_model_path(self.reference_model)
