@@ -88,6 +88,7 @@ def _cases(tmp: Path, ckpt: Path, bad_alpaca: Path) -> dict[str, tuple[list, str
                                       "4096"], "512"),
         "eval/missing-field": (["eval", M, "--tasks", f"ppl:alpaca={bad_alpaca}"], "no 'output' field"),
         "eval/lm-eval-without-dir": (["eval", M, "--lm-eval", "arc_easy"], "--data-dir"),
+        "eval/data-dir-is-a-file": (["eval", M, "--lm-eval", "arc_easy", "--data-dir", a_file], "is a file"),
         "eval/json-is-folder": (["eval", M, "--tasks", f"ppl:{TEXT.replace(':', '=', 1)}", "--json", tmp], "folder"),
         "eval/missing-model": (["eval", tmp / "nope", "--tasks", f"ppl:{TEXT.replace(':', '=', 1)}"], "not found"),
         "eval/json-under-a-file": (["eval", M, "--tasks", f"ppl:{TEXT.replace(':', '=', 1)}", "--json",

@@ -154,7 +154,8 @@ def plan_tasks(
         )
     dirs = _include_dirs(include_path)
     if data_dir is not None and not Path(data_dir).is_dir():
-        raise SharpError(f"downstream data dir {data_dir} does not exist; pass --data-dir DIR with the task files")
+        what = "is a file, not a folder" if Path(data_dir).exists() else "does not exist"
+        raise SharpError(f"downstream data dir {data_dir} {what}; pass --data-dir DIR with the task files")
     user = set(_local_manager(dirs).all_tasks) if dirs else set()
     sources = {}
     for name in names:
