@@ -30,3 +30,15 @@ def test_python_m_sharp_cli_reports_user_errors_like_sharp() -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: malformed --budget 'forty'"), proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "Traceback" not in proc.stderr
+
+
+def test_warnings_print_as_one_line_each_through_main() -> None:
+    """A warning raised while a command runs is one `warning:` line, not Python's file / line / source lines."""
+    code = ("import sys, warnings; from sharp.cli.app import app, main; "
+            "app.command('warn-twice')(lambda: [warnings.warn('first\\nsecond line', UserWarning), "
+            "warnings.warn('another', DeprecationWarning)]); sys.argv = ['sharp', 'warn-twice']; main()")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [SRC, os.environ.get("PYTHONPATH")])),
+           "PYTHONWARNINGS": "always"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.splitlines() == ["warning: first", "warning: another"], proc.stderr
