@@ -85,10 +85,11 @@ def randomize_recovery(model, seed: int = 1) -> None:
 def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     """Run the `sharp` console script in-process: (exit code, stdout, stderr)."""
     import sys
+    import warnings
 
     from sharp.cli import main
 
-    old = sys.argv
+    old, formatwarning = sys.argv, warnings.formatwarning
     sys.argv = ["sharp", *map(str, args)]
     try:
         main()
@@ -96,6 +97,6 @@ def run_cli(args: list[str], capsys) -> tuple[int, str, str]:
     except SystemExit as e:
         code = int(e.code or 0)
     finally:
-        sys.argv = old
+        sys.argv, warnings.formatwarning = old, formatwarning  # main() sets the command line's one-line format
     out, err = capsys.readouterr()
     return code, out, err

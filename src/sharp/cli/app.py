@@ -47,21 +47,20 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(code=2)
 
 
-def show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: object = None,
-                 line: str | None = None) -> None:
-    """`warnings.showwarning` for the command line: one line per warning, like `fail`'s errors, not Python's two
-    (file, line number and the source line mean nothing to a user of the command)."""
-    from rich.markup import escape
-
+def format_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                   line: str | None = None) -> str:
+    """`warnings.formatwarning` for the command line: one line per warning, like `fail`'s errors, not Python's two
+    (file, line number and the source line mean nothing to a user of the command). Formatting, not showing, is
+    replaced, so that code recording warnings (pytest.warns, catch_warnings) still records them."""
     text = str(message).strip().splitlines()[0] if str(message).strip() else category.__name__
-    err_console.print(f"[yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
+    return f"warning: {text}\n"
 
 
 def main() -> None:
     """Console-script entry point: user errors become one line and exit code 2; warnings one line each."""
     import warnings
 
-    warnings.showwarning = show_warning
+    warnings.formatwarning = format_warning
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # our own rich status lines say what is loading; the variable spares `sharp --help` importing transformers
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
