@@ -159,8 +159,8 @@ def test_bad_argument_is_one_line_exit_2_before_loading(name, tmp_path, checkpoi
     argv, fragment = _cases(tmp_path, checkpoint, bad_alpaca)[name]
     code, out, err = run_cli(argv, capsys)
     assert code == 2, f"exit {code}; stdout={out!r} stderr={err!r}"
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1, err  # one line, no traceback
+    lines = err.splitlines()
+    assert len(lines) == 1, err  # one line (no blank line before it either), no traceback
     assert "Traceback" not in err and lines[0].startswith("error:")
     assert fragment in lines[0], lines[0]
     assert not (tmp_path / "out").exists()  # nothing written

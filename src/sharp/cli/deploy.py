@@ -71,17 +71,22 @@ def bench(
     for flag, path in (("--json", json_out), ("--plot", plot_out)):
         if path is not None:  # before the benchmark, not after it
             check_output_file(path, flag)
-    with Progress(console=err_console, transient=True) as progress:
-        task = progress.add_task("benchmarking", total=(len(models) + (1 if paired else 0)) * rounds)
+    # started by the first measurement: a bad flag refused before it leaves its one error line, no blank line
+    progress = Progress(console=err_console, transient=True)
+    task = progress.add_task("benchmarking", total=(len(models) + (1 if paired else 0)) * rounds)
+    done = [0]
 
-        done = [0]
+    def step(spec: str) -> None:
+        progress.start()
+        progress.update(task, completed=done[0], description=f"measuring {spec}")
+        done[0] += 1
 
-        def step(spec: str) -> None:
-            progress.update(task, completed=done[0], description=f"measuring {spec}")
-            done[0] += 1
-
+    try:
         report = run_bench(models, tokens, repeats, prompt_tokens, threads, compile, progress=step,
                            load_repeats=load_repeats, rounds=rounds, device=device, paired=paired)
+    finally:
+        if progress.live.is_started:  # stopping prints a newline on a non-terminal even when never started
+            progress.stop()
     console.print(rich_table(report))
     if json_out:
         from sharp.io.atomic import write_text_atomic
