@@ -10,20 +10,10 @@ a seed), never on the evaluation tasks. Then, with every method at its picked ra
 
 from __future__ import annotations
 
-import argparse
 import datetime
 from pathlib import Path
 
-from seed_spread import FAMILY, collect, plan_of
-
-
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rows", nargs="+", required=True, help="rows files (comparison_smollm2.py --rows)")
-    p.add_argument("--keys", default="layer-drop+heal,width+heal,sharp-plan", help="rows to compare")
-    p.add_argument("--doc", required=True)
-    p.add_argument("--note", default="", help="a paragraph for the document (which code built which file)")
-    return p.parse_args()
+from seed_spread import FAMILY, collect, parse_args, plan_of
 
 
 def validation_loss(row: dict) -> float:
@@ -94,7 +84,7 @@ def render(rows: dict[str, dict[float, dict]], note: str) -> str:
 
 
 def main() -> None:
-    args = parse_args()
+    args = parse_args(__doc__)
     rows = collect(args.rows, [k.strip() for k in args.keys.split(",") if k.strip()], over="lr")
     Path(args.doc).write_text(render(rows, args.note))
     print(Path(args.doc).read_text())

@@ -21,8 +21,9 @@ from pathlib import Path
 FAMILY = ("sharp", "sharp-slw", "sharp-plan")
 
 
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(doc: str = __doc__) -> argparse.Namespace:
+    """The flags of this script and of benchmarks/lr_sweep.py (whose docstring `doc` is)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
     p.add_argument("--rows", nargs="+", required=True, help="rows files (comparison_smollm2.py --rows)")
     p.add_argument("--keys", default="layer-drop+heal,width+heal,sharp-plan", help="rows to compare")
     p.add_argument("--doc", required=True)

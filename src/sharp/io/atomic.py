@@ -25,14 +25,7 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
         raise SharpError(f"output '{out}' exists and is not a folder; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise SharpError(f"output folder '{out}' exists and is not empty; pass --overwrite or choose another --out")
-    parent = out.absolute().parent
-    probe = parent
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise SharpError(f"cannot create '{out}': '{probe}' is a file, not a folder; choose another --out")
-    if (reason := _write_error(probe)) is not None:
-        raise SharpError(f"cannot write to '{probe}' ({reason}); choose an --out you can write to")
+    _check_place(out, "--out")
     return out
 
 
@@ -41,14 +34,19 @@ def check_output_file(path: str | os.PathLike, flag: str = "--out") -> Path:
     path = Path(path)
     if path.is_dir():
         raise SharpError(f"{flag} '{path}' is a folder; give a file name")
+    _check_place(path, flag)
+    return path
+
+
+def _check_place(path: Path, flag: str) -> None:
+    """The nearest existing folder above `path` is a folder that files can be created in."""
     probe = path.absolute().parent
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
         raise SharpError(f"cannot create {flag} '{path}': '{probe}' is a file, not a folder; choose another {flag}")
     if (reason := _write_error(probe)) is not None:
-        raise SharpError(f"cannot write {flag} '{path}' ({reason}); choose a place you can write to")
-    return path
+        raise SharpError(f"cannot write {flag} '{path}' in '{probe}' ({reason}); choose a place you can write to")
 
 
 def _write_error(folder: Path) -> str | None:
