@@ -46,6 +46,8 @@ def _cases(tmp: Path, ckpt: Path, bad_alpaca: Path) -> dict[str, tuple[list, str
         "share/unwritable-out": (["share", M, "-s", "next:1-4", "--out", "/proc/sharp-out"], "cannot write"),
         "share/missing-model": (["share", tmp / "nope", "-s", "next:1-4", "--out", out], "not found"),
         "share/from-checkpoint": (["share", ckpt, "-s", "next:1-4", "--out", out], "already a sharp checkpoint"),
+        "plan/from-checkpoint": (["plan", ckpt, "-s", "next:1-4", "--data-size", "100", "--no-probe"],
+                                 "already a sharp checkpoint"),
         # merge / verify
         "merge/not-a-checkpoint": (["merge", M, "--out", out], "not a sharp checkpoint"),
         "merge/non-empty-out": (["merge", ckpt, "--out", full], "--overwrite"),
