@@ -17,16 +17,13 @@ def _validate_share(model: str, strategy: str, recovery: str, modules: str) -> N
     from transformers import AutoModelForCausalLM
 
     from sharp.arch import get_adapter, num_layers
-    from sharp.errors import SharpError
-    from sharp.io.formats import is_sharp_checkpoint
-    from sharp.io.models import load_config, resolve_model_path
+    from sharp.io.models import load_config, refuse_sharp_checkpoint
     from sharp.sharing.recovery import parse_recovery
     from sharp.sharing.shared import apply_sharing
     from sharp.sharing.strategy import parse_strategy
 
     strat, rec = parse_strategy(strategy), parse_recovery(recovery)
-    if is_sharp_checkpoint(resolve_model_path(model)):
-        raise SharpError(f"'{model}' is already a sharp checkpoint; share its base model instead")
+    refuse_sharp_checkpoint(model, "share")
     config = load_config(model)
     get_adapter(config)
     sharing = strat.resolve(num_layers(config))

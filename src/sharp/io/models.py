@@ -62,6 +62,12 @@ def resolve_model_path(spec: str) -> str:
     )
 
 
+def refuse_sharp_checkpoint(spec: str, verb: str) -> None:
+    """Refuse a sharp checkpoint where a base model is needed (`verb`: compress, share, plan for), before loading."""
+    if is_sharp_checkpoint(Path(spec).expanduser()):  # an alias or hub id is never one
+        raise SharpError(f"'{spec}' is already a sharp checkpoint; {verb} its base model instead")
+
+
 def load_config(spec: str):
     """The model's transformers config (no weights), for early validation."""
     from transformers import AutoConfig

@@ -111,8 +111,7 @@ class CompressConfig(RecoverySettings):
         """Every check that needs no weights: one `SharpError` line on the first problem."""
         from sharp.data import parse_data_spec
         from sharp.io.atomic import check_output_dir
-        from sharp.io.formats import is_sharp_checkpoint
-        from sharp.io.models import resolve_model_path
+        from sharp.io.models import refuse_sharp_checkpoint
 
         self.check_flags()
         parse_data_spec(self.data)
@@ -120,8 +119,7 @@ class CompressConfig(RecoverySettings):
             parse_data_spec(self.eval_data)
         check_output_dir(self.out, self.overwrite)
         check_work_dir(self.work_dir)
-        if is_sharp_checkpoint(resolve_model_path(self.model)):
-            raise SharpError(f"'{self.model}' is already a sharp checkpoint; compress its base model instead")
+        refuse_sharp_checkpoint(self.model, "compress")
         _validate_model(self.model, self.strategy, self.recovery, self.max_len)
 
     def check_flags(self) -> None:

@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from pathlib import Path
 
 from sharp.errors import SharpError
-from sharp.io.formats import is_sharp_checkpoint
-from sharp.io.models import check_max_len
+from sharp.io.models import check_max_len, refuse_sharp_checkpoint
 from sharp.recipes.config import CompressConfig
 from sharp.recipes.plan_model import ModelShape, model_shape, read_config
 from sharp.recovery.slw_config import BACKENDS
@@ -95,8 +93,7 @@ def plan(s: PlanSettings) -> dict:
     """The plan as a JSON-able dict: counts, per-stage memory / FLOPs / time, SLW disk, assumptions."""
     from sharp.recovery.slw_config import SLWConfig
 
-    if Path(s.model).expanduser().is_dir() and is_sharp_checkpoint(Path(s.model).expanduser()):
-        raise SharpError(f"'{s.model}' is already a sharp checkpoint; plan for its base model instead")  # as compress
+    refuse_sharp_checkpoint(s.model, "plan for")
     config = read_config(s.model)
     check_max_len(config, s.max_len)
     shape = model_shape(config, s.strategy, s.recovery, s.modules, s.train, s.full_lora_rank)
