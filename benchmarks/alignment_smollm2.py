@@ -50,8 +50,14 @@ def capture(model, tok, texts: list[str], layers: list[int]) -> tuple[dict, dict
     """MLP inputs and outputs of `layers` on every token, and each token's position."""
     xs = {i: [] for i in layers}
     ys = {i: [] for i in layers}
-    hooks = [model.model.layers[i].mlp.register_forward_hook(
-        lambda m, a, o, i=i: (xs[i].append(a[0][0].detach()), ys[i].append(o[0].detach()))) for i in layers]
+
+    def keep(i: int):
+        def hook(module, args, out) -> None:  # returns None: the output is left as it is
+            xs[i].append(args[0][0].detach())
+            ys[i].append(out[0].detach())
+        return hook
+
+    hooks = [model.model.layers[i].mlp.register_forward_hook(keep(i)) for i in layers]
     pos = []
     with torch.no_grad():
         for text in texts:
