@@ -130,10 +130,11 @@ def test_cli_plan_json_and_errors(capsys):
 
 
 @pytest.mark.parametrize(("flag", "fragment"), [
-    (["--stages", "warmup"], "--stages"), (["--stages", "sft,sft"], "--stages"), (["--batch-size", "0"], "batch_size"),
+    (["--stages", "warmup"], "--stages"), (["--stages", "sft,sft"], "--stages"),
+    (["--batch-size", "0"], "--batch-size"),
     (["--max-len", "0"], "--max-len"), (["--max-len", "100000"], "--max-len"), (["--slw-workers", "0"], "workers"),
     (["--eval-fraction", "1"], "--eval-fraction"), (["--slw-fraction", "5"], "--slw-fraction"),
-    (["--sft-steps", "-5"], "steps"), (["--grad-accum", "0"], "grad_accum"),
+    (["--sft-steps", "-5"], "steps"), (["--grad-accum", "0"], "--grad-accum"),
     (["--probe-device", "gpu"], "--probe-device 'gpu'"),
 ])
 def test_cli_plan_refuses_what_compress_refuses(stories_path, capsys, flag, fragment):

@@ -199,7 +199,7 @@ def test_bad_settings_are_user_errors(original, store, tmp_path):
         SLWConfig(steps=0)
     with pytest.raises(SharpError, match="loss"):
         SLWConfig(loss="l1")
-    with pytest.raises(SharpError, match="sink weight"):
+    with pytest.raises(SharpError, match="sink_weight"):
         SLWConfig(sink_weight=-0.5)
     with pytest.raises(SharpError, match="does not share"):
         train_slw(shared_copy(original), store, tiny_config(), tmp_path, targets=[3], progress=False,

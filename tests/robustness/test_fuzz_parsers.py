@@ -207,3 +207,17 @@ def test_strategy_examples_are_user_errors(text):
 
     with pytest.raises(SharpError):
         parse_strategy(text)
+
+
+def test_config_errors_name_the_field_for_the_api_and_the_flag_for_the_cli():
+    from sharp.errors import SettingError, flag_names
+    from sharp.recovery.slw_config import SLWConfig
+
+    with pytest.raises(SettingError, match="^SLW max_tokens must be at least 2"):
+        SLWConfig(max_tokens=1)
+    with pytest.raises(SharpError, match="^--slw-tokens must be at least 2 \\(got 1\\)$"):
+        with flag_names({"max_tokens": "--slw-tokens"}):
+            SLWConfig(max_tokens=1)
+    with pytest.raises(SettingError, match="^SLW steps must"):  # a setting the mapping does not name: unchanged
+        with flag_names({"max_tokens": "--slw-tokens"}):
+            SLWConfig(steps=0)

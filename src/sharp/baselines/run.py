@@ -14,7 +14,7 @@ from torch import nn
 
 from sharp.baselines.budget import Budget, parse_budget
 from sharp.baselines.methods import METHODS, PruneReport, prune
-from sharp.errors import SharpError
+from sharp.errors import SharpError, flag_names
 from sharp.sharing.state import sharp_config
 
 
@@ -40,13 +40,14 @@ class PruneOptions:
 
     def validate(self) -> Budget | None:
         """Check every option before a model is loaded; returns the parsed budget."""
-        from sharp.data import parse_data_spec
+        from sharp.data import check_template, parse_data_spec
         from sharp.io.device import resolve_device
         from sharp.io.dtypes import parse_dtype
         from sharp.sharing.strategy import parse_strategy
 
         resolve_device(self.device)
         parse_dtype(self.dtype)
+        check_template(self.template)
         if self.method not in METHODS:
             raise SharpError(f"unknown --method '{self.method}'; choose one of: {', '.join(METHODS)}")
         budget = parse_budget(self.budget) if self.budget else None
@@ -65,7 +66,9 @@ class PruneOptions:
         if self.heal:
             from sharp.recovery.sft import SFTConfig
 
-            SFTConfig(**self.sft)
+            flags = {"steps": "--steps", "lr": "--lr", "batch_size": "--batch-size", "grad_accum": "--grad-accum"}
+            with flag_names(flags):
+                SFTConfig(**self.sft)
         return budget
 
 

@@ -43,14 +43,14 @@ def analyze(
     """How alike adjacent layers are (MLP outputs, residual stream) and what sharing each single layer costs."""
     from sharp.arch import get_adapter, num_layers
     from sharp.budget import SHARE, parse_budget
-    from sharp.data import TEMPLATES, load_records, parse_data_spec
+    from sharp.data import check_chat_template, check_template, load_records, parse_data_spec
     from sharp.evaluation.report import write_analysis
     from sharp.evaluation.similarity import analyze_model, parse_layer_range
     from sharp.evaluation.suggest import check_budget, cost_table, suggest_strategy
     from sharp.io.atomic import atomic_dir, check_output_dir
     from sharp.io.device import load_on_device, resolve_device
     from sharp.io.dtypes import parse_dtype
-    from sharp.io.models import check_max_len, load_config
+    from sharp.io.models import check_max_len, load_config, load_tokenizer
 
     # Everything the user typed is checked before the (slow) model load.
     check_output_dir(out, overwrite)
@@ -66,14 +66,14 @@ def analyze(
             raise SharpError("--plan needs --budget (the share of MLP parameters the plan removes)")
         recovery = parse_recovery(plan)
         check_plan_settings(plan_actions, plan_min_shared, plan_reach, plan_cost)
-    if template not in TEMPLATES:
-        raise SharpError(f"unknown --template '{template}'; choose one of {', '.join(TEMPLATES)}")
+    check_template(template)
     for flag, value, least in (("--max-tokens", max_tokens, 1), ("--ppl-examples", ppl_examples, 0),
                                ("--batch-size", batch_size, 1), ("--max-len", max_len, 2)):
         if value < least:
             raise SharpError(f"{flag} must be at least {least}, got {value}")
     if (spec := parse_data_spec(data)).kind != "hub":
         load_records(spec)  # a record missing a field fails here, before the model loads
+    check_chat_template(template, [spec], lambda: load_tokenizer(model))
     config = load_config(model)
     get_adapter(config)
     check_max_len(config, max_len)

@@ -53,9 +53,11 @@ def prune(
                            sft=dict(_sft(steps, lr, batch_size, grad_accum), seed=seed), device=device, dtype=dtype)
     options.validate()
     if data:
-        from sharp.io.models import check_max_len, load_config
+        from sharp.data import check_chat_template, parse_data_spec
+        from sharp.io.models import check_max_len, load_config, load_tokenizer
 
         check_max_len(load_config(model), max_len)
+        check_chat_template(template, [parse_data_spec(data)], lambda: load_tokenizer(model))
     with err_console.status(f"pruning {model} ({method})"):
         report = prune_model(model, out, options, overwrite=overwrite)
     table = facts_table(str(out))

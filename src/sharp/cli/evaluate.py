@@ -73,10 +73,11 @@ def evaluate(
     dtype: str = opt.DTYPE,
 ) -> None:
     """Perplexity (response-only for instruction data, sliding windows for text) and lm-eval task scores."""
-    from sharp.data import TEMPLATES, load_records, split_examples, text_windows
+    from sharp.data import check_chat_template, check_template, load_records, split_examples, text_windows
     from sharp.evaluation.perplexity import evaluate_tasks, parse_tasks
     from sharp.io.device import load_on_device, resolve_device
     from sharp.io.dtypes import parse_dtype
+    from sharp.io.models import load_tokenizer
 
     # Everything the user typed is checked before the (slow) model load.
     if not tasks and not lm_eval:
@@ -88,8 +89,7 @@ def evaluate(
         raise SharpError("--lm-eval needs a task name, e.g. --lm-eval mmlu or --lm-eval arc_easy,piqa")
     if (data_dir is not None or include_path) and not bench:
         raise SharpError("--data-dir and --include-path only apply to --lm-eval TASK,...")
-    if template not in TEMPLATES:
-        raise SharpError(f"unknown --template '{template}'; choose one of {', '.join(TEMPLATES)}")
+    check_template(template)
     for flag, value in (("--batch-size", batch_size), ("--limit", limit)):
         if value is not None and value < 1:
             raise SharpError(f"{flag} must be at least 1, got {value}")
@@ -100,6 +100,7 @@ def evaluate(
     for task in ppl_tasks:
         if task.spec.kind != "hub":
             load_records(task.spec)  # a record missing a field fails here, before the model loads
+    check_chat_template(template, [task.spec for task in ppl_tasks], lambda: load_tokenizer(model))
     if json_out is not None:
         from sharp.io.atomic import check_output_file
 

@@ -3,6 +3,8 @@
 from sharp.data.instruct import (
     IGNORE,
     TEMPLATES,
+    check_chat_template,
+    check_template,
     collate_examples,
     render,
     split_examples,
@@ -18,6 +20,8 @@ __all__ = [
     "TEMPLATES",
     "DataSpec",
     "Format",
+    "check_chat_template",
+    "check_template",
     "collate_examples",
     "load_records",
     "parse_data_spec",

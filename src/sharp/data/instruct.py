@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import random
 import warnings
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -38,6 +39,22 @@ def render(parts: tuple[str, str, str, str], tokenizer=None, template: str = "pl
     prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": output}], tokenize=False)
     return prompt, full
+
+
+def check_template(template: str, tokenizer=None) -> None:
+    """A known `template`, and with a tokenizer given, `chat` only where the tokenizer has a chat template (the
+    tokenizer loads in a fraction of a second: commands check this before the model loads)."""
+    if template not in TEMPLATES:
+        raise SharpError(f"unknown --template '{template}'; choose one of: {', '.join(TEMPLATES)}")
+    if tokenizer is not None and template == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise SharpError("this tokenizer has no chat template; use --template plain")
+
+
+def check_chat_template(template: str, specs: Iterable, load_tokenizer: Callable[[], object]) -> None:
+    """`--template chat` with instruction data (`specs`: DataSpecs): the tokenizer (`load_tokenizer()`, called only
+    then) must have a chat template. Commands call this before the model loads."""
+    if template == "chat" and any(spec.format != "text" for spec in specs):
+        check_template(template, load_tokenizer())
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -65,10 +82,7 @@ def tokenize_examples(
     fmt = FORMATS[fmt] if isinstance(fmt, str) else fmt
     if fmt.name == "text":
         raise SharpError("text data has no responses; use text_token_stream / ppl:text for plain text")
-    if template not in TEMPLATES:
-        raise SharpError(f"unknown template '{template}'; choose one of {', '.join(TEMPLATES)}")
-    if template == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise SharpError("this tokenizer has no chat template; use --template plain")
+    check_template(template, tokenizer)
     if max_len < 2:
         raise SharpError(f"--max-len {max_len} is too small; use at least 2 tokens")
     texts = [render(fmt.parts(r, i), tokenizer, template) for i, r in enumerate(records)]

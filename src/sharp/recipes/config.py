@@ -17,10 +17,24 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from sharp.errors import SharpError
+from sharp.errors import SharpError, flag_names
 from sharp.io.atomic import write_text_atomic
 
 STAGES = ("slw", "sft")
+# {SLWConfig / SFTConfig field: the setting (and flag) of compress that sets it}
+SLW_FLAGS = {"steps": "slw_steps", "lr": "slw_lr", "batch_tokens": "slw_batch_tokens", "patience": "slw_patience",
+             "sink_weight": "slw_sink_weight", "init": "slw_init", "inputs": "slw_inputs", "max_tokens": "slw_tokens",
+             "workers": "slw_workers", "seed": "seed", "backend": "slw_backend", "ray_address": "ray_address",
+             "task_gpus": "slw_task_gpus"}
+SFT_FLAGS = {"steps": "sft_steps", "epochs": "epochs", "lr": "lr", "batch_size": "batch_size",
+             "grad_accum": "grad_accum", "eval_steps": "eval_steps", "save_steps": "save_steps", "seed": "seed",
+             "loss": "loss", "kd_temperature": "kd_temperature", "kd_hidden": "kd_hidden", "shared_lr": "shared_lr"}
+
+
+def as_flag(setting: str) -> str:
+    return "--" + setting.replace("_", "-")
+
+
 # settings that do not change the result, so a resumed run may differ in them (Ray reproduces the local SLW
 # bit for bit: tests/recovery/test_slw_ray.py)
 RUNTIME_ONLY = ("overwrite", "device", "slw_backend", "ray_address", "slw_task_gpus")
@@ -78,10 +92,7 @@ class RecoverySettings:
     def slw_config(self):
         from sharp.recovery.slw_config import SLWConfig
 
-        return SLWConfig(steps=self.slw_steps, lr=self.slw_lr, batch_tokens=self.slw_batch_tokens,
-                         patience=self.slw_patience, sink_weight=self.slw_sink_weight, init=self.slw_init,
-                         inputs=self.slw_inputs, max_tokens=self.slw_tokens, workers=self.slw_workers, seed=self.seed,
-                         backend=self.slw_backend, ray_address=self.ray_address, task_gpus=self.slw_task_gpus)
+        return SLWConfig(**{field: getattr(self, flag) for field, flag in SLW_FLAGS.items()})
 
 
 @dataclass(kw_only=True)
@@ -102,30 +113,26 @@ class CompressConfig(RecoverySettings):
     def sft_config(self, progress: bool = True):
         from sharp.recovery.sft import SFTConfig
 
-        return SFTConfig(steps=self.sft_steps, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
-                         grad_accum=self.grad_accum, eval_steps=self.eval_steps, save_steps=self.save_steps,
-                         seed=self.seed, progress=progress, loss=self.loss, kd_temperature=self.kd_temperature,
-                         kd_hidden=self.kd_hidden, shared_lr=self.shared_lr)
+        return SFTConfig(**{field: getattr(self, flag) for field, flag in SFT_FLAGS.items()}, progress=progress)
 
     def validate(self) -> None:
         """Every check that needs no weights: one `SharpError` line on the first problem."""
-        from sharp.data import parse_data_spec
+        from sharp.data import check_chat_template, parse_data_spec
         from sharp.io.atomic import check_output_dir
-        from sharp.io.models import refuse_sharp_checkpoint
+        from sharp.io.models import load_tokenizer, refuse_sharp_checkpoint
 
         self.check_flags()
-        parse_data_spec(self.data)
-        if self.eval_data:
-            parse_data_spec(self.eval_data)
+        specs = [parse_data_spec(d) for d in (self.data, self.eval_data) if d]
         check_output_dir(self.out, self.overwrite)
         check_work_dir(self.work_dir)
         refuse_sharp_checkpoint(self.model, "compress")
         _validate_model(self.model, self.strategy, self.recovery, self.max_len)
+        check_chat_template(self.template, specs, lambda: load_tokenizer(self.model))
 
     def check_flags(self) -> None:
         """The checks of `validate` that need neither the model, the data nor the output folder (`sharp plan`
         runs them too, so it refuses what compress would)."""
-        from sharp.data import TEMPLATES
+        from sharp.data import check_template
         from sharp.io.device import resolve_device
         from sharp.io.dtypes import parse_dtype
         from sharp.recovery.planner import check_plan_settings
@@ -139,8 +146,7 @@ class CompressConfig(RecoverySettings):
             raise SharpError("--recovery none has nothing to train; pick e.g. lora:32 or use --stages none")
         if self.train not in TRAIN_CHOICES or self.train == "none":
             raise SharpError(f"unknown --train '{self.train}'; choose one of: {', '.join(TRAIN_CHOICES[:-1])}")
-        if self.template not in TEMPLATES:
-            raise SharpError(f"unknown --template '{self.template}'; choose one of: {', '.join(TEMPLATES)}")
+        check_template(self.template)
         if not 0 < self.slw_fraction <= 1:
             raise SharpError(f"--slw-fraction must be in (0, 1], got {self.slw_fraction}")
         low = 0.0 if self.eval_data else 1e-9
@@ -151,8 +157,10 @@ class CompressConfig(RecoverySettings):
         check_plan_settings(self.plan_actions, self.plan_min_shared, self.plan_reach, self.plan_cost)
         resolve_device(self.device)
         parse_dtype(self.dtype)
-        self.slw_config()
-        self.sft_config()
+        with flag_names({field: as_flag(flag) for field, flag in SLW_FLAGS.items()}):
+            self.slw_config()
+        with flag_names({field: as_flag(flag) for field, flag in SFT_FLAGS.items()}):
+            self.sft_config()
 
 
 def _validate_model(model: str, strategy: str, recovery: str, max_len: int) -> None:

@@ -43,7 +43,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from sharp.errors import SharpError
+from sharp.errors import SettingError, SharpError
 from sharp.recovery.distill import kd_loss
 from sharp.recovery.sft_workdir import (
     STATE,
@@ -93,24 +93,20 @@ class SFTConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "eval_steps"):
             if getattr(self, name) < 0:
-                raise SharpError(f"SFT {name} must be >= 0, got {getattr(self, name)}")
+                raise SettingError("SFT", name, f"must be >= 0, got {getattr(self, name)}")
         for name in ("batch_size", "grad_accum", "save_steps", "logging_steps", "save_total_limit"):
             if getattr(self, name) < 1:
-                raise SharpError(f"SFT {name} must be >= 1, got {getattr(self, name)}")
-        if self.steps == 0 and not self.epochs > 0:
-            raise SharpError(f"SFT needs steps > 0 or epochs > 0 (got steps=0, epochs={self.epochs})")
-        if not (math.isfinite(self.lr) and self.lr > 0):
-            raise SharpError(f"--lr must be a positive number, got {self.lr}")
+                raise SettingError("SFT", name, f"must be >= 1, got {getattr(self, name)}")
+        positive = ("epochs", "lr", "kd_temperature") + (("shared_lr",) if self.shared_lr is not None else ())
+        for name in positive:
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise SettingError("SFT", name, f"must be a positive number, got {getattr(self, name)}")
         if not 0 <= self.warmup < 1:
-            raise SharpError(f"SFT warmup is a fraction of the steps in [0, 1), got {self.warmup}")
+            raise SettingError("SFT", "warmup", f"is a fraction of the steps in [0, 1), got {self.warmup}")
         if self.loss not in LOSSES:
-            raise SharpError(f"unknown --loss '{self.loss}'; choose one of: {', '.join(LOSSES)}")
-        if self.shared_lr is not None and not (math.isfinite(self.shared_lr) and self.shared_lr > 0):
-            raise SharpError(f"--shared-lr must be a positive number, got {self.shared_lr}")
-        if not (math.isfinite(self.kd_temperature) and self.kd_temperature > 0):
-            raise SharpError(f"--kd-temperature must be a positive number, got {self.kd_temperature}")
+            raise SettingError("SFT", "loss", f"'{self.loss}' is unknown; choose one of: {', '.join(LOSSES)}")
         if not (math.isfinite(self.kd_hidden) and self.kd_hidden >= 0):
-            raise SharpError(f"--kd-hidden must be a number >= 0, got {self.kd_hidden}")
+            raise SettingError("SFT", "kd_hidden", f"must be a number >= 0, got {self.kd_hidden}")
         if self.kd_hidden and self.loss == "ce":
             raise SharpError("--kd-hidden weighs a term of the distillation loss; use it with --loss kd or ce+kd")
 

@@ -6,7 +6,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 
-from sharp.errors import SharpError
+from sharp.errors import SettingError, SharpError
 from sharp.recovery.activations import DTYPES
 
 LOSSES = ("relative", "token")
@@ -55,22 +55,22 @@ class SLWConfig:
                     "fit_iters")
         for name in positive:
             if getattr(self, name) < 1:
-                raise SharpError(f"SLW {name} must be at least 1 (got {getattr(self, name)})")
+                raise SettingError("SLW", name, f"must be at least 1 (got {getattr(self, name)})")
         if not self.lr > 0:
-            raise SharpError(f"SLW learning rate must be positive (got {self.lr})")
+            raise SettingError("SLW", "lr", f"must be positive (got {self.lr})")
         if not self.damping > 0:
-            raise SharpError(f"SLW damping must be positive (got {self.damping})")
-        for name, value, choices in (("loss", self.loss, LOSSES), ("init", self.init, INITS),
-                                     ("inputs", self.inputs, INPUTS), ("activation dtype", self.dtype, DTYPES),
-                                     ("backend", self.backend, BACKENDS)):
-            if value not in choices:
-                raise SharpError(f"unknown SLW {name} '{value}'; choose one of: {', '.join(choices)}")
+            raise SettingError("SLW", "damping", f"must be positive (got {self.damping})")
+        for name, choices in (("loss", LOSSES), ("init", INITS), ("inputs", INPUTS), ("dtype", DTYPES),
+                              ("backend", BACKENDS)):
+            if getattr(self, name) not in choices:
+                raise SettingError("SLW", name, f"'{getattr(self, name)}' is unknown; choose one of: "
+                                   f"{', '.join(choices)}")
         if not (math.isfinite(self.sink_weight) and self.sink_weight >= 0):
-            raise SharpError(f"SLW sink weight must be a finite number >= 0 (got {self.sink_weight})")
+            raise SettingError("SLW", "sink_weight", f"must be a finite number >= 0 (got {self.sink_weight})")
         if self.max_tokens is not None and self.max_tokens < 2:
-            raise SharpError(f"SLW max_tokens must be at least 2 (got {self.max_tokens})")
+            raise SettingError("SLW", "max_tokens", f"must be at least 2 (got {self.max_tokens})")
         if self.task_gpus < 0:
-            raise SharpError(f"SLW GPUs per task must be >= 0 (got {self.task_gpus})")
+            raise SettingError("SLW", "task_gpus", f"must be >= 0 (got {self.task_gpus})")
 
     @classmethod
     def from_dict(cls, d: Mapping) -> SLWConfig:
