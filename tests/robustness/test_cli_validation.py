@@ -215,3 +215,20 @@ def test_compress_refuses_a_second_run_on_the_same_output(tmp_path, capsys):
     with output_lock(cfg.work_dir):  # as if another `sharp compress` were running
         code, _, err = run_cli(["compress", M, *OK_COMPRESS, "--out", tmp_path / "o"], capsys)
     assert code == 2 and "being written by pid" in err
+
+
+def test_compress_keeps_an_unfinished_run_with_other_settings(tmp_path, capsys, no_model_load):
+    """A rerun that changes a setting is refused in one line naming the change: starting over would discard the
+    unfinished run's work. --overwrite discards it."""
+    from sharp.recipes import CompressConfig, prepare_work_dir
+
+    out = tmp_path / "o"
+    work = prepare_work_dir(CompressConfig(model=M, strategy="next:1-4", recovery="lora:4", data=TEXT, out=str(out)))
+    (work / "slw").mkdir()
+    (work / "slw" / "layer_002").write_text("an hour of SLW")
+    code, _, err = run_cli(["compress", M, *OK_COMPRESS, "--lr", "0.003", "--out", out], capsys)
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "--lr 0.001 -> 0.003" in err and "--overwrite" in err
+    assert (work / "slw" / "layer_002").read_text() == "an hour of SLW"
+    CompressConfig(model=M, strategy="next:1-4", recovery="lora:4", data=TEXT, out=str(out), lr=0.003,
+                   overwrite=True).validate()  # --overwrite passes the check (the run would then start over)

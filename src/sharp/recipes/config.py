@@ -124,7 +124,7 @@ class CompressConfig(RecoverySettings):
         self.check_flags()
         specs = [parse_data_spec(d) for d in (self.data, self.eval_data) if d]
         check_output_dir(self.out, self.overwrite)
-        check_work_dir(self.work_dir)
+        check_work_dir(self.work_dir, asdict(self), self.overwrite)
         refuse_sharp_checkpoint(self.model, "compress")
         _validate_model(self.model, self.strategy, self.recovery, self.max_len)
         check_chat_template(self.template, specs, lambda: load_tokenizer(self.model))
@@ -202,28 +202,43 @@ def run_identity(settings: dict) -> dict:
 SETTINGS_BEFORE_THEIR_FLAG = {"slw_sink_weight": 1.0, "plan_reach": 1, "plan_cost": "residual", "kd_hidden": 0.0}
 
 
-def check_work_dir(work: Path) -> None:
-    """Refuse an `OUT.work` that sharp did not make (no run.json, not empty): a run with other settings would
-    remove it."""
+def check_work_dir(work: Path, settings: dict | None = None, overwrite: bool = False) -> None:
+    """Refuse an `OUT.work` that sharp did not make (no run.json, not empty), and, given this run's `settings`, one
+    holding an unfinished run with other settings unless `overwrite`: starting over would discard its work."""
     if work.exists() and (not work.is_dir() or (not (work / "run.json").is_file() and any(work.iterdir()))):
         raise SharpError(f"'{work}' exists and is not a sharp work folder (no run.json); move it away or choose "
                          "another --out")
+    if settings is not None and not overwrite and (changed := _changed_settings(work, run_identity(settings))):
+        raise SharpError(f"'{work}' holds an unfinished run with other settings ({changed}); rerun with those to "
+                         "resume it, or add --overwrite to discard it")
+
+
+def _changed_settings(work: Path, settings: dict) -> str:
+    """What differs between `settings` and the run recorded in `work` ("" when they match or nothing is there)."""
+    run_file = work / "run.json"
+    if not run_file.is_file():
+        return ""
+    try:
+        recorded = run_identity(json.loads(run_file.read_text()))
+    except (OSError, json.JSONDecodeError, TypeError):
+        return "its run.json cannot be read"
+    changed = [f"{'MODEL' if k == 'model' else as_flag(k)} {recorded.get(k)} -> {settings.get(k)}"
+               for k in sorted(recorded.keys() | settings.keys()) if recorded.get(k) != settings.get(k)]
+    return ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
 
 
 def prepare_work_dir(cfg: CompressConfig) -> Path:
-    """`OUT.work/`, kept from an earlier run with the same settings (to resume), else started afresh."""
+    """`OUT.work/`, kept from an earlier run with the same settings (to resume), else started afresh (`validate`
+    refuses to discard an unfinished run with other settings without --overwrite)."""
     work = cfg.work_dir
     check_work_dir(work)
     settings = run_identity(asdict(cfg))
     run_file = work / "run.json"
     if work.exists():
-        try:
-            same = run_identity(json.loads(run_file.read_text())) == settings
-        except (OSError, json.JSONDecodeError):
-            same = False
-        if same:
+        if not _changed_settings(work, settings) and run_file.is_file():
             return work
-        warnings.warn(f"'{work}' holds a run with other settings; starting over", stacklevel=2)
+        if run_file.is_file():
+            warnings.warn(f"'{work}' holds a run with other settings; starting over", stacklevel=2)
         shutil.rmtree(work)
     work.mkdir(parents=True)
     run_file.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
