@@ -171,7 +171,7 @@ def test_hidden_state_term_is_zero_for_the_teacher_and_differentiable():
 def test_kd_hidden_needs_a_distillation_loss_and_a_sane_weight():
     with pytest.raises(SharpError, match="--kd-hidden.*--loss kd"):
         SFTConfig(loss="ce", kd_hidden=1.0)
-    with pytest.raises(SharpError, match="--kd-hidden must be"):
+    with pytest.raises(SharpError, match="kd_hidden must be"):
         SFTConfig(loss="kd", kd_hidden=-1.0)
     assert SFTConfig(loss="ce+kd", kd_hidden=0.3).kd_hidden == 0.3
 

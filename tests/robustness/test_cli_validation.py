@@ -136,6 +136,9 @@ def _cases(tmp: Path, ckpt: Path, bad_alpaca: Path) -> dict[str, tuple[list, str
         "compare/chat-without-template": (["compare", M, "-s", "next:1-4", "-r", "lora:4", "--data", f"alpaca:{ALPACA}",
                                            "--eval", f"ppl:{TEXT.replace(':', '=', 1)}", "--template", "chat",
                                            "--out", out], "no chat template"),
+        "compare/chat-eval-without-template": (["compare", M, "-s", "next:1-4", "-r", "lora:4", "--data", TEXT,
+                                                "--eval", f"ppl:alpaca={ALPACA}", "--template", "chat", "--out", out],
+                                               "no chat template"),
         "compare/bad-strategy": (["compare", M, "-s", "next:1-9", "-r", "lora:4", "--data", TEXT, "--eval",
                                   f"ppl:{TEXT.replace(':', '=', 1)}", "--out", out], "out of range"),
         "compare/eval-max-len-above-model": (["compare", M, "-s", "next:1-4", "-r", "lora:4", "--data", TEXT,
@@ -232,3 +235,25 @@ def test_compress_keeps_an_unfinished_run_with_other_settings(tmp_path, capsys, 
     assert (work / "slw" / "layer_002").read_text() == "an hour of SLW"
     CompressConfig(model=M, strategy="next:1-4", recovery="lora:4", data=TEXT, out=str(out), lr=0.003,
                    overwrite=True).validate()  # --overwrite passes the check (the run would then start over)
+
+
+def test_compress_work_folder_with_a_damaged_run_json_is_kept(tmp_path, capsys, no_model_load):
+    from sharp.recipes import CompressConfig, prepare_work_dir
+
+    out = tmp_path / "o"
+    work = prepare_work_dir(CompressConfig(model=M, strategy="next:1-4", recovery="lora:4", data=TEXT, out=str(out)))
+    (work / "run.json").write_bytes(b"\xff\xfe")  # not UTF-8
+    code, _, err = run_cli(["compress", M, *OK_COMPRESS, "--out", out], capsys)
+    assert code == 2 and len(err.splitlines()) == 1 and "cannot be read" in err and "--overwrite" in err, err
+    assert (work / "run.json").read_bytes() == b"\xff\xfe"
+
+
+def test_compress_resumes_whatever_the_spelling_of_out(tmp_path, monkeypatch):
+    from sharp.recipes import CompressConfig, prepare_work_dir
+
+    monkeypatch.chdir(tmp_path)
+    settings = dict(model=M, strategy="next:1-4", recovery="lora:4", data=TEXT)
+    work = prepare_work_dir(CompressConfig(**settings, out=str(tmp_path / "o")))
+    (work / "marker").write_text("kept")
+    CompressConfig(**settings, out="o").validate()  # the same run, spelled relative: no refusal
+    assert (prepare_work_dir(CompressConfig(**settings, out="o")) / "marker").is_file()

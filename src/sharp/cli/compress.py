@@ -73,7 +73,7 @@ def compress(
     out: Path = typer.Option(..., "--out", "-o", help="Output checkpoint folder (written atomically)."),
     eval_data: str = typer.Option(None, "--eval-data", help="Held-out data (default: part of --data)."),
     stages: str = typer.Option("slw,sft", "--stages", help="slw,sft | slw | sft | none (Direct Sharing)."),
-    epochs: float = typer.Option(1.0, "--epochs", help="SFT epochs, used when --sft-steps is 0."),
+    epochs: float = typer.Option(1.0, "--epochs", help="SFT epochs (> 0), used when --sft-steps is 0."),
     train: str = typer.Option("recovery", "--train", help="recovery, full-lora (+ LoRA on every other linear), "
                               "recovery+shared or full-lora+shared (+ the shared reference weights: no storage cost)."),
     eval_steps: int = typer.Option(50, "--eval-steps", help="SFT eval loss every N steps (0: at the end)."),

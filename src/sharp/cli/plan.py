@@ -78,7 +78,7 @@ def plan(
     slw_tokens: int = opt.SLW_TOKENS,
     slw_steps: int = opt.SLW_STEPS,
     sft_steps: int = opt.SFT_STEPS,
-    epochs: float = typer.Option(1.0, "--epochs", help="SFT epochs, used when --sft-steps is 0."),
+    epochs: float = typer.Option(1.0, "--epochs", help="SFT epochs (> 0), used when --sft-steps is 0."),
     batch_size: int = opt.BATCH_SIZE,
     grad_accum: int = opt.GRAD_ACCUM,
     max_len: int = opt.MAX_LEN,

@@ -61,9 +61,10 @@ class CompareConfig(RecoverySettings):
     def validate(self) -> None:
         """Everything checkable without weights (compress's own checks included)."""
         from sharp.baselines.methods import ALLOCATIONS, METHODS
+        from sharp.data import check_chat_template
         from sharp.evaluation.perplexity import parse_tasks
         from sharp.io.atomic import check_output_dir
-        from sharp.io.models import check_max_len, load_config, resolve_model_path
+        from sharp.io.models import check_max_len, load_config, load_tokenizer, resolve_model_path
 
         check_output_dir(self.out, self.overwrite)
         unknown = [m for m in self.method_list if m not in METHODS]
@@ -80,10 +81,11 @@ class CompareConfig(RecoverySettings):
             raise SharpError("--calib-samples must be >= 1 and --tolerance in (0, 1)")
         if self.eval_limit is not None and self.eval_limit < 1:
             raise SharpError(f"--eval-limit must be at least 1, got {self.eval_limit}")
-        parse_tasks(self.eval)
+        tasks = parse_tasks(self.eval)
         if self.reference_model:
             resolve_model_path(self.reference_model)
         self.compress_config("sharp", "slw,sft").validate()
+        check_chat_template(self.template, [task.spec for task in tasks], lambda: load_tokenizer(self.model))
         check_max_len(load_config(self.model), self.eval_max_len, "--eval-max-len")
 
 

@@ -37,7 +37,7 @@ def as_flag(setting: str) -> str:
 
 # settings that do not change the result, so a resumed run may differ in them (Ray reproduces the local SLW
 # bit for bit: tests/recovery/test_slw_ray.py)
-RUNTIME_ONLY = ("overwrite", "device", "slw_backend", "ray_address", "slw_task_gpus")
+RUNTIME_ONLY = ("overwrite", "out", "device", "slw_backend", "ray_address", "slw_task_gpus")
 
 
 @dataclass(kw_only=True)
@@ -208,20 +208,26 @@ def check_work_dir(work: Path, settings: dict | None = None, overwrite: bool = F
     if work.exists() and (not work.is_dir() or (not (work / "run.json").is_file() and any(work.iterdir()))):
         raise SharpError(f"'{work}' exists and is not a sharp work folder (no run.json); move it away or choose "
                          "another --out")
-    if settings is not None and not overwrite and (changed := _changed_settings(work, run_identity(settings))):
+    if settings is None or overwrite:
+        return
+    if (changed := _changed_settings(work, run_identity(settings))) is None:
+        raise SharpError(f"'{work}' holds a run whose run.json cannot be read, so it cannot be resumed; add "
+                         "--overwrite to discard it and start over")
+    if changed:
         raise SharpError(f"'{work}' holds an unfinished run with other settings ({changed}); rerun with those to "
                          "resume it, or add --overwrite to discard it")
 
 
-def _changed_settings(work: Path, settings: dict) -> str:
-    """What differs between `settings` and the run recorded in `work` ("" when they match or nothing is there)."""
+def _changed_settings(work: Path, settings: dict) -> str | None:
+    """What differs between `settings` and the run recorded in `work`: "" when they match or nothing is there,
+    None when its run.json cannot be read."""
     run_file = work / "run.json"
     if not run_file.is_file():
         return ""
     try:
         recorded = run_identity(json.loads(run_file.read_text()))
-    except (OSError, json.JSONDecodeError, TypeError):
-        return "its run.json cannot be read"
+    except (OSError, ValueError, TypeError):  # ValueError: bad JSON, bytes that are not UTF-8
+        return None
     changed = [f"{'MODEL' if k == 'model' else as_flag(k)} {recorded.get(k)} -> {settings.get(k)}"
                for k in sorted(recorded.keys() | settings.keys()) if recorded.get(k) != settings.get(k)]
     return ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
@@ -235,13 +241,13 @@ def prepare_work_dir(cfg: CompressConfig) -> Path:
     settings = run_identity(asdict(cfg))
     run_file = work / "run.json"
     if work.exists():
-        if not _changed_settings(work, settings) and run_file.is_file():
+        if _changed_settings(work, settings) == "" and run_file.is_file():
             return work
         if run_file.is_file():
             warnings.warn(f"'{work}' holds a run with other settings; starting over", stacklevel=2)
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    run_file.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(run_file, json.dumps(settings, indent=2, sort_keys=True) + "\n")  # other ranks read it
     return work
 
 
