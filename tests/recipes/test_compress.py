@@ -158,3 +158,42 @@ def test_hidden_state_distillation_pairs_a_plans_layers_with_the_original(tmp_pa
     summary = compress(cfg, progress=False)
     assert summary["sft"]["steps"] == 2 and maps
     assert all(m == {0: 0, 1: 2, 2: 3, 3: 4} for m in maps)
+
+
+def test_a_rerun_that_changes_only_sft_settings_keeps_the_finished_slw(tmp_path, monkeypatch):
+    """SFT killed (here: raising) after SLW; the rerun with another --lr / --sft-steps loads SLW's layers instead
+    of capturing and training them again, and its SLW results and perplexities before SFT are the first run's."""
+    import importlib
+
+    import sharp.recovery.slw as slw
+
+    recipe = importlib.import_module("sharp.recipes.compress")  # the module (sharp.recipes.compress is the function)
+    compress = recipe.compress
+
+    small = dict(max_len=64, batch_size=4, slw_steps=6, sft_steps=2, eval_steps=0, save_steps=1, eval_fraction=0.15,
+                 data=f"text:{C4}[:8]")
+    run_sft = recipe.run_sft
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed during SFT")
+
+    monkeypatch.setattr(recipe, "run_sft", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        compress(_cfg(tmp_path, **small), progress=False)
+    work = tmp_path / "o.work"
+    first = {line for line in (work / "train_log.jsonl").read_text().splitlines() if '"slw"' in line}
+    assert first and json.loads((work / "stages.json").read_text()).get("slw")
+
+    monkeypatch.setattr(recipe, "run_sft", run_sft)
+
+    def no_capture(*args, **kwargs):
+        raise AssertionError("SLW captured activations again")
+
+    monkeypatch.setattr(slw, "capture_activations", no_capture)
+    changed = _cfg(tmp_path, **{**small, "lr": 2e-3, "sft_steps": 3})
+    changed.validate()  # an SFT-only change is not refused
+    with pytest.warns(UserWarning, match="only SFT settings changed.*--lr"):
+        summary = compress(changed, progress=False)
+    assert summary["sft"]["steps"] == 3 and summary["perplexity"]["sft"] > 0
+    log = (tmp_path / "o" / "train_log.jsonl").read_text().splitlines()
+    assert {line for line in log if '"slw"' in line} == first  # SLW's own log lines, once each

@@ -229,12 +229,13 @@ def test_compress_keeps_an_unfinished_run_with_other_settings(tmp_path, capsys, 
     work = prepare_work_dir(CompressConfig(model=M, strategy="next:1-4", recovery="lora:4", data=TEXT, out=str(out)))
     (work / "slw").mkdir()
     (work / "slw" / "layer_002").write_text("an hour of SLW")
-    code, _, err = run_cli(["compress", M, *OK_COMPRESS, "--lr", "0.003", "--out", out], capsys)
+    code, _, err = run_cli(["compress", M, *OK_COMPRESS, "--slw-steps", "7", "--out", out], capsys)
     assert code == 2 and len(err.splitlines()) == 1, err
-    assert "--lr 0.001 -> 0.003" in err and "--overwrite" in err
+    assert "--slw-steps 300 -> 7" in err and "--overwrite" in err
     assert (work / "slw" / "layer_002").read_text() == "an hour of SLW"
-    CompressConfig(model=M, strategy="next:1-4", recovery="lora:4", data=TEXT, out=str(out), lr=0.003,
-                   overwrite=True).validate()  # --overwrite passes the check (the run would then start over)
+    settings = dict(model=M, strategy="next:1-4", recovery="lora:4", data=TEXT, out=str(out))
+    CompressConfig(**settings, slw_steps=7, overwrite=True).validate()  # --overwrite passes (the run starts over)
+    CompressConfig(**settings, lr=0.003, sft_steps=7).validate()  # SFT-only changes keep SLW: tests/recipes
 
 
 def test_compress_work_folder_with_a_damaged_run_json_is_kept(tmp_path, capsys, no_model_load):

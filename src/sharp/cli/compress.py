@@ -80,7 +80,8 @@ def compress(
     save_steps: int = typer.Option(50, "--save-steps", help="SFT checkpoint every N steps."),
     **settings: Any,
 ) -> None:
-    """Share layers, train the recovery (SLW then SFT), evaluate, save. Rerun the same command to resume."""
+    """Share layers, train the recovery (SLW then SFT), evaluate, save. Rerun the same command to resume; a rerun
+    that changes only SFT settings (--lr, --sft-steps, --loss, ...) keeps the finished SLW and starts SFT over."""
     from sharp.recipes import CompressConfig
     from sharp.recipes.compress import compress as run
 

@@ -202,46 +202,71 @@ def run_identity(settings: dict) -> dict:
 SETTINGS_BEFORE_THEIR_FLAG = {"slw_sink_weight": 1.0, "plan_reach": 1, "plan_cost": "residual", "kd_hidden": 0.0}
 
 
+# what only SFT (and the evaluation after it) depends on: a rerun that changes only these keeps the stages before
+# SFT (the plan, SLW's layers, the evaluations so far) and starts SFT over
+SFT_ONLY = frozenset({"sft_steps", "epochs", "lr", "shared_lr", "grad_accum", "loss", "kd_temperature", "kd_hidden",
+                      "train", "full_lora_rank", "eval_steps", "save_steps"})
+
+
 def check_work_dir(work: Path, settings: dict | None = None, overwrite: bool = False) -> None:
     """Refuse an `OUT.work` that sharp did not make (no run.json, not empty), and, given this run's `settings`, one
-    holding an unfinished run with other settings unless `overwrite`: starting over would discard its work."""
+    holding an unfinished run with other settings (beyond SFT's) unless `overwrite`: starting over would discard
+    its work."""
     if work.exists() and (not work.is_dir() or (not (work / "run.json").is_file() and any(work.iterdir()))):
         raise SharpError(f"'{work}' exists and is not a sharp work folder (no run.json); move it away or choose "
                          "another --out")
     if settings is None or overwrite:
         return
-    if (changed := _changed_settings(work, run_identity(settings))) is None:
+    if (recorded := _recorded_settings(work)) is None:
         raise SharpError(f"'{work}' holds a run whose run.json cannot be read, so it cannot be resumed; add "
                          "--overwrite to discard it and start over")
-    if changed:
-        raise SharpError(f"'{work}' holds an unfinished run with other settings ({changed}); rerun with those to "
-                         "resume it, or add --overwrite to discard it")
+    changed = _changed(recorded, run_identity(settings))
+    if set(changed) - SFT_ONLY:
+        raise SharpError(f"'{work}' holds an unfinished run with other settings ({changed_text(changed)}); rerun "
+                         "with those to resume it, or add --overwrite to discard it")
 
 
-def _changed_settings(work: Path, settings: dict) -> str | None:
-    """What differs between `settings` and the run recorded in `work`: "" when they match or nothing is there,
-    None when its run.json cannot be read."""
+def _recorded_settings(work: Path) -> dict | None:
+    """The settings recorded in `work`/run.json ({} when there is none), None when it cannot be read."""
     run_file = work / "run.json"
     if not run_file.is_file():
-        return ""
+        return {}
     try:
-        recorded = run_identity(json.loads(run_file.read_text()))
+        return run_identity(json.loads(run_file.read_text()))
     except (OSError, ValueError, TypeError):  # ValueError: bad JSON, bytes that are not UTF-8
         return None
-    changed = [f"{'MODEL' if k == 'model' else as_flag(k)} {recorded.get(k)} -> {settings.get(k)}"
-               for k in sorted(recorded.keys() | settings.keys()) if recorded.get(k) != settings.get(k)]
-    return ", ".join(changed[:3]) + (f" and {len(changed) - 3} more" if len(changed) > 3 else "")
+
+
+def _changed(recorded: dict, settings: dict) -> dict[str, tuple]:
+    """{setting: (recorded value, new value)} where they differ (nothing when no run is recorded)."""
+    if not recorded:
+        return {}
+    return {k: (recorded.get(k), settings.get(k)) for k in sorted(recorded.keys() | settings.keys())
+            if recorded.get(k) != settings.get(k)}
+
+
+def changed_text(changed: dict[str, tuple]) -> str:
+    parts = [f"{'MODEL' if k == 'model' else as_flag(k)} {old} -> {new}" for k, (old, new) in changed.items()]
+    return ", ".join(parts[:3]) + (f" and {len(parts) - 3} more" if len(parts) > 3 else "")
 
 
 def prepare_work_dir(cfg: CompressConfig) -> Path:
-    """`OUT.work/`, kept from an earlier run with the same settings (to resume), else started afresh (`validate`
-    refuses to discard an unfinished run with other settings without --overwrite)."""
+    """`OUT.work/`, kept from an earlier run with the same settings (to resume); when only SFT settings changed,
+    kept up to SFT (`restart_sft`); else started afresh (`validate` refuses to discard an unfinished run with
+    other settings without --overwrite)."""
     work = cfg.work_dir
     check_work_dir(work)
     settings = run_identity(asdict(cfg))
     run_file = work / "run.json"
     if work.exists():
-        if _changed_settings(work, settings) == "" and run_file.is_file():
+        recorded = _recorded_settings(work)
+        changed = _changed(recorded, settings) if recorded else None
+        if changed is not None and not set(changed) - SFT_ONLY:
+            if changed:
+                restart_sft(work)
+                warnings.warn(f"'{work}': only SFT settings changed ({changed_text(changed)}); keeping the stages "
+                              "before SFT, SFT starts over", stacklevel=2)
+                write_text_atomic(run_file, json.dumps(settings, indent=2, sort_keys=True) + "\n")
             return work
         if run_file.is_file():
             warnings.warn(f"'{work}' holds a run with other settings; starting over", stacklevel=2)
@@ -249,6 +274,25 @@ def prepare_work_dir(cfg: CompressConfig) -> Path:
     work.mkdir(parents=True)
     write_text_atomic(run_file, json.dumps(settings, indent=2, sort_keys=True) + "\n")  # other ranks read it
     return work
+
+
+def restart_sft(work: Path) -> None:
+    """Forget a work folder's SFT: its checkpoints, its evaluation, its timing and its log lines. What came before
+    (the plan, SLW's layers, the other evaluations) stays and is resumed."""
+    shutil.rmtree(work / "sft", ignore_errors=True)
+    for name, key in (("evals.json", "sft"), ("stages.json", "sft")):
+        if (path := work / name).is_file():
+            saved = json.loads(path.read_text())
+            saved.pop(key, None)
+            write_text_atomic(path, json.dumps(saved, indent=2, sort_keys=True))
+    if (log := work / "train_log.jsonl").is_file():
+        rows = [line for line in log.read_text().splitlines() if line.strip()]
+        kept = [line for line in rows if not _is_sft_row(json.loads(line))]
+        write_text_atomic(log, "".join(line + "\n" for line in kept))
+
+
+def _is_sft_row(row: dict) -> bool:
+    return row.get("stage") == "sft" or (row.get("stage") == "eval" and row.get("model") == "sft")
 
 
 def log_event(path: Path, row: dict) -> None:
