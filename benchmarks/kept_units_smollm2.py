@@ -162,9 +162,9 @@ def write_doc(args, s: dict) -> None:
         f"of {len(rows)} targets (median {med['kept_ref']:.3f} vs {med['lora_gate']:.3f}).",
         f"- The shared reference lowers the kept units' error by {statistics.median(gain):.3f} (median; largest "
         f"{max(gain):.3f}). "
-        + ("On this model the reference's MLP carries next to nothing of the target's: what recovers a target is its "
-           "own weights, which is width pruning. That is consistent with healed width pruning leading SHARP on "
-           "DialogSum (comparison_smollm2_lr.md), and it bounds what any recovery of a shared MLP can do here."
+        + ("On this model the reference's MLP carries next to nothing of the target's: at this parameter budget a "
+           "target is recovered better by keeping part of its own MLP (width pruning) than by correcting the "
+           "reference's, consistent with healed width pruning leading SHARP on DialogSum (comparison_smollm2_lr.md)."
            if statistics.median(gain) < 0.02 else
            "The reference does contribute beside the kept units."),
         "- Not a recipe: a kept-units recovery would change the shared MLP's width, which the toolkit's per-projection "
