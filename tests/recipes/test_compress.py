@@ -161,30 +161,37 @@ def test_hidden_state_distillation_pairs_a_plans_layers_with_the_original(tmp_pa
 
 
 def test_a_rerun_that_changes_only_sft_settings_keeps_the_finished_slw(tmp_path, monkeypatch):
-    """SFT killed (here: raising) after SLW; the rerun with another --lr / --sft-steps loads SLW's layers instead
-    of capturing and training them again, and its SLW results and perplexities before SFT are the first run's."""
+    """The first run trains SLW and SFT and dies while saving; the rerun with another --lr / --sft-steps loads SLW's
+    layers instead of capturing and training them again, keeps the perplexities before SFT, and redoes SFT: the old
+    SFT's checkpoints, perplexity and log lines are gone."""
     import importlib
 
     import sharp.recovery.slw as slw
 
     recipe = importlib.import_module("sharp.recipes.compress")  # the module (sharp.recipes.compress is the function)
-    compress = recipe.compress
-
     small = dict(max_len=64, batch_size=4, slw_steps=6, sft_steps=2, eval_steps=0, save_steps=1, eval_fraction=0.15,
                  data=f"text:{C4}[:8]")
-    run_sft = recipe.run_sft
+    atomic_dir = recipe.atomic_dir
 
     def killed(*args, **kwargs):
-        raise RuntimeError("killed during SFT")
+        raise RuntimeError("killed while saving")
 
-    monkeypatch.setattr(recipe, "run_sft", killed)
+    monkeypatch.setattr(recipe, "atomic_dir", killed)
     with pytest.raises(RuntimeError, match="killed"):
-        compress(_cfg(tmp_path, **small), progress=False)
+        recipe.compress(_cfg(tmp_path, **small), progress=False)
     work = tmp_path / "o.work"
-    first = {line for line in (work / "train_log.jsonl").read_text().splitlines() if '"slw"' in line}
-    assert first and json.loads((work / "stages.json").read_text()).get("slw")
+    log = work / "train_log.jsonl"
+    rows = [json.loads(line) for line in log.read_text().splitlines()]
+    slw_rows = [r for r in rows if r["stage"] == "slw"]
+    before = json.loads((work / "evals.json").read_text())
+    assert slw_rows and "sft" in before and any(r["stage"] == "sft" for r in rows)
+    assert list((work / "sft").glob("checkpoint-*"))
+    with open(log, "a") as f:
+        f.write('{"stage": "sft", "ste')  # a line a kill cut off
 
-    monkeypatch.setattr(recipe, "run_sft", run_sft)
+    with pytest.raises(SharpError, match="other settings"):  # distilling keeps the original in memory for SLW
+        _cfg(tmp_path, **small, loss="kd").validate()
+    monkeypatch.setattr(recipe, "atomic_dir", atomic_dir)
 
     def no_capture(*args, **kwargs):
         raise AssertionError("SLW captured activations again")
@@ -193,7 +200,10 @@ def test_a_rerun_that_changes_only_sft_settings_keeps_the_finished_slw(tmp_path,
     changed = _cfg(tmp_path, **{**small, "lr": 2e-3, "sft_steps": 3})
     changed.validate()  # an SFT-only change is not refused
     with pytest.warns(UserWarning, match="only SFT settings changed.*--lr"):
-        summary = compress(changed, progress=False)
-    assert summary["sft"]["steps"] == 3 and summary["perplexity"]["sft"] > 0
-    log = (tmp_path / "o" / "train_log.jsonl").read_text().splitlines()
-    assert {line for line in log if '"slw"' in line} == first  # SLW's own log lines, once each
+        summary = recipe.compress(changed, progress=False)
+    after = summary["perplexity"]
+    assert {k: after[k] for k in ("original", "direct", "slw")} == {k: before[k] for k in ("original", "direct", "slw")}
+    assert after["sft"] != before["sft"] and summary["sft"]["steps"] == 3
+    rows = [json.loads(line) for line in (tmp_path / "o" / "train_log.jsonl").read_text().splitlines()]
+    assert [r for r in rows if r["stage"] == "slw"] == slw_rows  # once each, as the first run logged them
+    assert sum(r["stage"] == "eval" and r.get("model") == "sft" for r in rows) == 1

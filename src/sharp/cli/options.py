@@ -22,7 +22,8 @@ STRATEGY = typer.Option(..., "--strategy", "-s", help="next:A-B, group:K:A-B, ma
 RECOVERY = typer.Option("lora:32", "--recovery", "-r", help="lora:R, lora+gate:R, gate, scale or lora+scale:R "
                         "(ranked forms take ,alpha=A for PEFT's LoRA scaling A/R).")
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace a non-empty --out; discard an unfinished run with other "
-                       "settings in OUT.work (without it, that run is kept and the command refused).")
+                       "settings in OUT.work (without it, that run is kept: resumed up to SFT when only SFT "
+                       "settings changed, else the command is refused).")
 TEMPLATE = typer.Option("plain", "--template", help="plain or chat (the model's chat template).")
 SEED = typer.Option(0, "--seed", help="Seed of the split, the recovery init and the data order.")
 

@@ -203,9 +203,18 @@ SETTINGS_BEFORE_THEIR_FLAG = {"slw_sink_weight": 1.0, "plan_reach": 1, "plan_cos
 
 
 # what only SFT (and the evaluation after it) depends on: a rerun that changes only these keeps the stages before
-# SFT (the plan, SLW's layers, the evaluations so far) and starts SFT over
+# SFT (the plan, SLW's layers, the evaluations so far) and starts SFT over. `loss` only while it distills or not in
+# both runs: a distilling run keeps the original model in memory, and SLW then fits to that copy (`_only_sft`)
 SFT_ONLY = frozenset({"sft_steps", "epochs", "lr", "shared_lr", "grad_accum", "loss", "kd_temperature", "kd_hidden",
                       "train", "full_lora_rank", "eval_steps", "save_steps"})
+
+
+def _only_sft(changed: dict[str, tuple]) -> bool:
+    """Whether every change is an SFT setting (see SFT_ONLY)."""
+    if set(changed) - SFT_ONLY:
+        return False
+    old, new = changed.get("loss", ("ce", "ce"))
+    return (old != "ce") == (new != "ce")
 
 
 def check_work_dir(work: Path, settings: dict | None = None, overwrite: bool = False) -> None:
@@ -221,7 +230,7 @@ def check_work_dir(work: Path, settings: dict | None = None, overwrite: bool = F
         raise SharpError(f"'{work}' holds a run whose run.json cannot be read, so it cannot be resumed; add "
                          "--overwrite to discard it and start over")
     changed = _changed(recorded, run_identity(settings))
-    if set(changed) - SFT_ONLY:
+    if not _only_sft(changed):
         raise SharpError(f"'{work}' holds an unfinished run with other settings ({changed_text(changed)}); rerun "
                          "with those to resume it, or add --overwrite to discard it")
 
@@ -252,8 +261,8 @@ def changed_text(changed: dict[str, tuple]) -> str:
 
 def prepare_work_dir(cfg: CompressConfig) -> Path:
     """`OUT.work/`, kept from an earlier run with the same settings (to resume); when only SFT settings changed,
-    kept up to SFT (`restart_sft`); else started afresh (`validate` refuses to discard an unfinished run with
-    other settings without --overwrite)."""
+    kept up to SFT (`restart_sft`) unless --overwrite; else started afresh (`validate` refuses to discard an
+    unfinished run with other settings without --overwrite)."""
     work = cfg.work_dir
     check_work_dir(work)
     settings = run_identity(asdict(cfg))
@@ -261,7 +270,7 @@ def prepare_work_dir(cfg: CompressConfig) -> Path:
     if work.exists():
         recorded = _recorded_settings(work)
         changed = _changed(recorded, settings) if recorded else None
-        if changed is not None and not set(changed) - SFT_ONLY:
+        if changed == {} or (changed and _only_sft(changed) and not cfg.overwrite):
             if changed:
                 restart_sft(work)
                 warnings.warn(f"'{work}': only SFT settings changed ({changed_text(changed)}); keeping the stages "
@@ -286,12 +295,16 @@ def restart_sft(work: Path) -> None:
             saved.pop(key, None)
             write_text_atomic(path, json.dumps(saved, indent=2, sort_keys=True))
     if (log := work / "train_log.jsonl").is_file():
-        rows = [line for line in log.read_text().splitlines() if line.strip()]
-        kept = [line for line in rows if not _is_sft_row(json.loads(line))]
+        kept = [line for line in log.read_text().splitlines() if not _is_sft_row(line)]
         write_text_atomic(log, "".join(line + "\n" for line in kept))
 
 
-def _is_sft_row(row: dict) -> bool:
+def _is_sft_row(line: str) -> bool:
+    """An SFT log line, or one that a kill cut off (dropped too, as `sft_workdir.truncate_log` does)."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return True
     return row.get("stage") == "sft" or (row.get("stage") == "eval" and row.get("model") == "sft")
 
 
