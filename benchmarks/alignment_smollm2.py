@@ -73,6 +73,30 @@ def capture(model, tok, texts: list[str], layers: list[int]) -> tuple[dict, dict
     return {i: torch.cat(v) for i, v in xs.items()}, {i: torch.cat(v) for i, v in ys.items()}, torch.cat(pos)
 
 
+def captured(args) -> tuple:
+    """What both benchmarks measure on: (start time, git commit, the fp32 model, the odd targets, MLP inputs and
+    outputs of each target and its reference, train rows, held-out rows at positions >= 1, tokens captured)."""
+    import sharp
+    from sharp.data import load_records
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    started = datetime.datetime.now(datetime.UTC)
+    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True).stdout.strip()  # the code measured: read when the run starts
+    first, last = (int(v) for v in args.targets.split("-"))
+    targets = list(range(first, last + 1, 2))
+    model, tok = sharp.load_model(args.model, dtype=torch.float32)
+    model.eval()
+    records = load_records(f"{ALPACA}[:{args.records}]")
+    texts = ["\n".join(str(r[k]) for k in ("instruction", "input", "output") if r.get(k)) for r in records]
+    xs, ys, pos = capture(model, tok, texts, sorted(set(targets) | {t - 1 for t in targets}))
+    n = pos.shape[0]
+    order = torch.randperm(n)
+    train, held = order[: int(0.8 * n)].sort().values, order[int(0.8 * n):].sort().values
+    return started, git, model, targets, xs, ys, train, held[pos[held] >= 1], n
+
+
 def rel_err(mlp, x: torch.Tensor, y: torch.Tensor) -> float:
     with torch.no_grad():
         return float(((mlp(x) - y).pow(2).sum() / y.pow(2).sum()).sqrt())
@@ -114,27 +138,11 @@ def main() -> None:
         saved = json.loads(Path(args.rows).read_text())
         return write_doc(args, saved["rows"], datetime.datetime.fromisoformat(saved["started"]), saved["tokens"],
                          saved["held"], saved["git"])
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     import sharp
-    from sharp.data import load_records
     from sharp.recovery.closed_form import fit_mlp
 
-    started = datetime.datetime.now(datetime.UTC)
-    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True).stdout.strip()  # the code measured: read when the run starts
-    first, last = (int(v) for v in args.targets.split("-"))
-    targets = list(range(first, last + 1, 2))
-    model, tok = sharp.load_model(args.model, dtype=torch.float32)
-    model.eval()
-    records = load_records(f"{ALPACA}[:{args.records}]")
-    texts = ["\n".join(str(r[k]) for k in ("instruction", "input", "output") if r.get(k)) for r in records]
-    layers = sorted({t for t in targets} | {t - 1 for t in targets})
-    xs, ys, pos = capture(model, tok, texts, layers)
-    n = pos.shape[0]
-    order = torch.randperm(n)
-    train, held = order[: int(0.8 * n)].sort().values, order[int(0.8 * n):].sort().values
-    held = held[pos[held] >= 1]
+    started, git, model, targets, xs, ys, train, held, n = captured(args)
+    first, last = targets[0], targets[-1]
     original = copy.deepcopy(model)
     sharp.share(model, f"next:{first - 1}-{last}", args.recovery)
 

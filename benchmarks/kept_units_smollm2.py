@@ -26,7 +26,6 @@ import copy
 import datetime
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from alignment_smollm2 import capture, rel_err  # noqa: E402  (the same capture and error)
+from alignment_smollm2 import captured, rel_err  # noqa: E402  (the same capture, split and error)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,27 +75,12 @@ def main() -> None:
     if args.from_rows:
         saved = json.loads(Path(args.rows).read_text())
         return write_doc(args, saved)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     import sharp
-    from sharp.data import load_records
     from sharp.recovery.closed_form import fit_mlp
     from sharp.sharing.shared import count_parameters
 
-    started = datetime.datetime.now(datetime.UTC)
-    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True).stdout.strip()
-    first, last = (int(v) for v in args.targets.split("-"))
-    targets = list(range(first, last + 1, 2))
-    model, tok = sharp.load_model(args.model, dtype=torch.float32)
-    model.eval()
-    records = load_records(f"alpaca-demo[:{args.records}]")
-    texts = ["\n".join(str(r[k]) for k in ("instruction", "input", "output") if r.get(k)) for r in records]
-    xs, ys, pos = capture(model, tok, texts, sorted(set(targets) | {t - 1 for t in targets}))
-    n = pos.shape[0]
-    order = torch.randperm(n)
-    train, held = order[: int(0.8 * n)].sort().values, order[int(0.8 * n):].sort().values
-    held = held[pos[held] >= 1]
+    started, git, model, targets, xs, ys, train, held, n = captured(args)
+    first, last = targets[0], targets[-1]
     original = copy.deepcopy(model)
     sharp.share(model, f"next:{first - 1}-{last}", f"lora+gate:{args.rank}")
     per_target = count_parameters(model)["recovery"] // len(targets)
