@@ -186,6 +186,7 @@ def test_a_rerun_that_changes_only_sft_settings_keeps_the_finished_slw(tmp_path,
     before = json.loads((work / "evals.json").read_text())
     assert slw_rows and "sft" in before and any(r["stage"] == "sft" for r in rows)
     assert list((work / "sft").glob("checkpoint-*"))
+    discarded = next(r["seconds"] for r in rows if r["stage"] == "eval" and r["model"] == "sft")
     with open(log, "a") as f:
         f.write('{"stage": "sft", "ste')  # a line a kill cut off
 
@@ -206,4 +207,7 @@ def test_a_rerun_that_changes_only_sft_settings_keeps_the_finished_slw(tmp_path,
     assert after["sft"] != before["sft"] and summary["sft"]["steps"] == 3
     rows = [json.loads(line) for line in (tmp_path / "o" / "train_log.jsonl").read_text().splitlines()]
     assert [r for r in rows if r["stage"] == "slw"] == slw_rows  # once each, as the first run logged them
-    assert sum(r["stage"] == "eval" and r.get("model") == "sft" for r in rows) == 1
+    evals = [r for r in rows if r["stage"] == "eval"]
+    assert sum(r.get("model") == "sft" for r in evals) == 1
+    # the evaluations' time: the first run's three before SFT and the rerun's SFT one, not the discarded one
+    assert abs(summary["timing"]["eval"]["seconds"] - sum(r["seconds"] for r in evals)) < discarded / 2

@@ -153,11 +153,13 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
 
     def perplexity(name: str) -> None:
         if name not in evals:
+            start = time.perf_counter()
             with meter("eval", accumulate=True):
                 evals[name] = response_perplexity(model, held, cfg.batch_size, progress=progress)["ppl"]
+            seconds = time.perf_counter() - start
             if dist.is_main():
                 write_text_atomic(evals_path, json.dumps(evals, indent=2))
-                log_event(log_path, {"stage": "eval", "model": name, "ppl": evals[name]})
+                log_event(log_path, {"stage": "eval", "model": name, "ppl": evals[name], "seconds": seconds})
 
     perplexity("original")
 

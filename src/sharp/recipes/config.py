@@ -289,23 +289,34 @@ def restart_sft(work: Path) -> None:
     """Forget a work folder's SFT: its checkpoints, its evaluation, its timing and its log lines. What came before
     (the plan, SLW's layers, the other evaluations) stays and is resumed."""
     shutil.rmtree(work / "sft", ignore_errors=True)
+    log = work / "train_log.jsonl"
+    lines = log.read_text().splitlines() if log.is_file() else []
+    sft_eval = sum(_row(line).get("seconds", 0.0) for line in lines if _is_sft_row(line))  # its evaluation's time
     for name, key in (("evals.json", "sft"), ("stages.json", "sft")):
         if (path := work / name).is_file():
             saved = json.loads(path.read_text())
             saved.pop(key, None)
+            if name == "stages.json" and "eval" in saved:  # the evaluations' time adds up over the stages
+                saved["eval"]["seconds"] = max(0.0, saved["eval"]["seconds"] - sft_eval)
             write_text_atomic(path, json.dumps(saved, indent=2, sort_keys=True))
-    if (log := work / "train_log.jsonl").is_file():
-        kept = [line for line in log.read_text().splitlines() if not _is_sft_row(line)]
-        write_text_atomic(log, "".join(line + "\n" for line in kept))
+    if lines:
+        write_text_atomic(log, "".join(line + "\n" for line in lines if not _is_sft_row(line)))
 
 
-def _is_sft_row(line: str) -> bool:
-    """An SFT log line, or one that a kill cut off (dropped too, as `sft_workdir.truncate_log` does)."""
+def _row(line: str) -> dict:
+    """A log line's record ({} for one that a kill cut off)."""
     try:
         row = json.loads(line)
     except ValueError:
-        return True
-    return row.get("stage") == "sft" or (row.get("stage") == "eval" and row.get("model") == "sft")
+        return {}
+    return row if isinstance(row, dict) else {}
+
+
+def _is_sft_row(line: str) -> bool:
+    """An SFT log line (its training or its evaluation), or one that a kill cut off (dropped too, as
+    `sft_workdir.truncate_log` does)."""
+    row = _row(line)
+    return not row or row.get("stage") == "sft" or (row.get("stage") == "eval" and row.get("model") == "sft")
 
 
 def log_event(path: Path, row: dict) -> None:
