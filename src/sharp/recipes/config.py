@@ -291,7 +291,8 @@ def restart_sft(work: Path) -> None:
     shutil.rmtree(work / "sft", ignore_errors=True)
     log = work / "train_log.jsonl"
     lines = log.read_text().splitlines() if log.is_file() else []
-    sft_eval = sum(_row(line).get("seconds", 0.0) for line in lines if _is_sft_row(line))  # its evaluation's time
+    rows = [_row(line) for line in lines]
+    sft_eval = sum(r.get("seconds", 0.0) for r in rows if r.get("stage") == "eval" and r.get("model") == "sft")
     for name, key in (("evals.json", "sft"), ("stages.json", "sft")):
         if (path := work / name).is_file():
             saved = json.loads(path.read_text())
@@ -300,7 +301,8 @@ def restart_sft(work: Path) -> None:
                 saved["eval"]["seconds"] = max(0.0, saved["eval"]["seconds"] - sft_eval)
             write_text_atomic(path, json.dumps(saved, indent=2, sort_keys=True))
     if lines:
-        write_text_atomic(log, "".join(line + "\n" for line in lines if not _is_sft_row(line)))
+        write_text_atomic(log, "".join(line + "\n" for line, row in zip(lines, rows, strict=True)
+                                       if not _is_sft_row(row)))
 
 
 def _row(line: str) -> dict:
@@ -312,10 +314,9 @@ def _row(line: str) -> dict:
     return row if isinstance(row, dict) else {}
 
 
-def _is_sft_row(line: str) -> bool:
-    """An SFT log line (its training or its evaluation), or one that a kill cut off (dropped too, as
+def _is_sft_row(row: dict) -> bool:
+    """An SFT log record (its training or its evaluation), or an empty one: a line a kill cut off (dropped too, as
     `sft_workdir.truncate_log` does)."""
-    row = _row(line)
     return not row or row.get("stage") == "sft" or (row.get("stage") == "eval" and row.get("model") == "sft")
 
 
