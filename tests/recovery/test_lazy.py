@@ -12,6 +12,7 @@ import torch
 
 import sharp
 from sharp.arch import ADAPTERS
+from sharp.io.dtypes import cast_to
 from sharp.recovery.capture import capture_activations
 from sharp.recovery.lazy import SafetensorsWeights, frozen_sharing_copy, original_mlps
 from sharp.recovery.slw import SLWConfig, run_slw, target_mlps
@@ -45,18 +46,22 @@ def test_capture_from_disk_equals_in_memory_capture(model_type, tmp_path):
         assert torch.equal(mem.positions(t), disk.positions(t))
 
 
+@pytest.mark.parametrize("storage", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("inputs", ["original", "sequential"])
-def test_slw_from_a_folder_trains_the_same_recovery(inputs, stories_path, tmp_path):
+def test_slw_from_a_folder_trains_the_same_recovery(inputs, storage, stories_path, tmp_path):
+    """The same recovery from the folder as from the loaded original, also when the model is loaded in a dtype
+    narrower than the folder's (float32): the folder's weights are then rounded as the loaded copy's were."""
     cfg = SLWConfig(steps=20, batch_tokens=128, eval_every=10, eval_tokens=64, checkpoint_every=10, max_tokens=600,
                     dtype="float32", threads=1, inputs=inputs)
     batches = _batches(500)
     results = []
     for name, source in (("mem", None), ("disk", stories_path)):
         torch.manual_seed(0)
-        model, _ = sharp.load_model(str(stories_path), dtype=torch.float32)
+        model, _ = sharp.load_model(str(stories_path), dtype=storage)
+        cast_to(model, torch.float32)  # as compress places it on a CPU
         original = source or copy.deepcopy(model)
         sharp.share(model, "next:1-4", "lora:4")
-        out = run_slw(original, model, batches, cfg, tmp_path / name, progress=False)
+        out = run_slw(original, model, batches, cfg, tmp_path / name, progress=False, original_dtype=storage)
         results.append((out, {k: v for k, v in model.state_dict().items() if ".recovery." in k}))
     (r_mem, t_mem), (r_disk, t_disk) = results
     assert {t: r["rel_err_after"] for t, r in r_mem.items()} == {t: r["rel_err_after"] for t, r in r_disk.items()}

@@ -109,7 +109,8 @@ def _finished(cfg: CompressConfig, clean: bool = True) -> dict | None:
 
 def _original(cfg: CompressConfig, model, kd: bool, slw: bool):
     """What SLW captures from and KD's teacher: the original model. SLW alone (rank 0) takes the model's folder
-    when it is plain safetensors, read one layer at a time (no second copy in memory); KD needs it loaded."""
+    when it is plain safetensors, read one layer at a time (no second copy in memory) and rounded to the storage
+    dtype as the loaded copy is, so SLW's fit does not depend on --loss; KD needs it loaded."""
     if kd:
         return copy.deepcopy(model)
     if not (slw and dist.is_main()):
@@ -190,7 +191,7 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
                 dist.wait_until(lambda: StageMeter(work / "stages.json").done("slw"), "rank 0's SLW stage")
                 batches = []
             layers = run_slw(original, model, batches, cfg.slw_config(), work / "slw", progress=progress,
-                             layer_map=layer_map)
+                             layer_map=layer_map, original_dtype=storage)
         round_to(model, storage)  # the fit is float32; score what the checkpoint will store
         if not kd:
             original = None  # only the KD teacher needs the original model after SLW

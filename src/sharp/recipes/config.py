@@ -203,18 +203,10 @@ SETTINGS_BEFORE_THEIR_FLAG = {"slw_sink_weight": 1.0, "plan_reach": 1, "plan_cos
 
 
 # what only SFT (and the evaluation after it) depends on: a rerun that changes only these keeps the stages before
-# SFT (the plan, SLW's layers, the evaluations so far) and starts SFT over. `loss` only while it distills or not in
-# both runs: a distilling run keeps the original model in memory, and SLW then fits to that copy (`_only_sft`)
+# SFT (the plan, SLW's layers, the evaluations so far) and starts SFT over. (`loss` too: SLW fits to the same
+# original weights whether the run distills, from memory, or not, from the folder rounded alike: `compress._original`.)
 SFT_ONLY = frozenset({"sft_steps", "epochs", "lr", "shared_lr", "grad_accum", "loss", "kd_temperature", "kd_hidden",
                       "train", "full_lora_rank", "eval_steps", "save_steps"})
-
-
-def _only_sft(changed: dict[str, tuple]) -> bool:
-    """Whether every change is an SFT setting (see SFT_ONLY)."""
-    if set(changed) - SFT_ONLY:
-        return False
-    old, new = changed.get("loss", ("ce", "ce"))
-    return (old != "ce") == (new != "ce")
 
 
 def check_work_dir(work: Path, settings: dict | None = None, overwrite: bool = False) -> None:
@@ -230,7 +222,7 @@ def check_work_dir(work: Path, settings: dict | None = None, overwrite: bool = F
         raise SharpError(f"'{work}' holds a run whose run.json cannot be read, so it cannot be resumed; add "
                          "--overwrite to discard it and start over")
     changed = _changed(recorded, run_identity(settings))
-    if not _only_sft(changed):
+    if not changed.keys() <= SFT_ONLY:
         raise SharpError(f"'{work}' holds an unfinished run with other settings ({changed_text(changed)}); rerun "
                          "with those to resume it, or add --overwrite to discard it")
 
@@ -270,7 +262,7 @@ def prepare_work_dir(cfg: CompressConfig) -> Path:
     if work.exists():
         recorded = _recorded_settings(work)
         changed = _changed(recorded, settings) if recorded else None
-        if changed == {} or (changed and _only_sft(changed) and not cfg.overwrite):
+        if changed == {} or (changed and changed.keys() <= SFT_ONLY and not cfg.overwrite):
             if changed:
                 restart_sft(work)
                 warnings.warn(f"'{work}': only SFT settings changed ({changed_text(changed)}); keeping the stages "

@@ -59,6 +59,7 @@ def capture_activations(
     outputs: Mapping[int, nn.Module] | None = None,
     compute_dtype: torch.dtype = torch.float32,
     device: str | torch.device = "cpu",
+    storage_dtype: torch.dtype | None = None,
 ) -> ActivationStore:
     """One forward pass of `model` (loaded, or its folder: see the module docstring) over `batches`, storing
     each target MLP's input and output.
@@ -67,8 +68,9 @@ def capture_activations(
     ...) are ignored. Stops once `max_tokens` kept tokens are stored per layer; rows are buffered up to
     `flush_bytes` in all before they go to disk. `outputs` maps a target to the module whose output on the
     captured input is stored instead of the model's own MLP output (sequential SLW: the shared model's inputs,
-    the original MLP's outputs). A folder is computed in `compute_dtype` on `device` (a loaded model where it
-    is). Returns the finished store; if `work_dir` already holds a finished capture it is reused as is.
+    the original MLP's outputs). A folder is computed in `compute_dtype` on `device`, its weights rounded to
+    `storage_dtype` first when given, as a model loaded in that dtype would hold them (a loaded model computes
+    where and as it is). Returns the finished store; if `work_dir` already holds a finished capture it is reused as is.
     """
     root = Path(work_dir)
     if (finished := finished_capture(root, dtype, targets)) is not None:
@@ -78,7 +80,7 @@ def capture_activations(
         if outputs:
             raise SharpError("capture with replaced outputs needs the loaded model, not its folder")
         return _capture_from_folder(Path(model), batches, targets, root, max_tokens, skip_positions, dtype,
-                                    flush_bytes, progress, compute_dtype, device)
+                                    flush_bytes, progress, compute_dtype, device, storage_dtype)
     return _capture_loaded(model, batches, targets, root, max_tokens, skip_positions, dtype, flush_bytes,
                            progress, outputs or {})
 
@@ -163,7 +165,8 @@ class _Stub(nn.Module):
 
 def _capture_from_folder(model_path: Path, batches, targets: list[int], root: Path, max_tokens: int | None,
                          skip_positions: int, dtype: str, flush_bytes: int, progress: bool,
-                         compute_dtype: torch.dtype, device: str | torch.device) -> ActivationStore:
+                         compute_dtype: torch.dtype, device: str | torch.device,
+                         storage_dtype: torch.dtype | None) -> ActivationStore:
     weights = SafetensorsWeights(model_path)
     last = targets[-1]
     model = meta_model(model_path, compute_dtype, device)
@@ -173,7 +176,7 @@ def _capture_from_folder(model_path: Path, batches, targets: list[int], root: Pa
     decoder = model.get_decoder()
     embed = model.get_input_embeddings()  # the only weights read before the layers
     embed_name = next(n for n, m in model.named_modules() if m is embed)
-    weights.load_into(embed, embed_name + ".", compute_dtype, device)
+    weights.load_into(embed, embed_name + ".", compute_dtype, device, storage_dtype)
     real = list(layers)
     calls: list[dict[int, tuple]] = []
     for i in range(last + 1):
@@ -206,7 +209,7 @@ def _capture_from_folder(model_path: Path, batches, targets: list[int], root: Pa
     bar.start()
     for i in range(last + 1):
         layer = real[i]
-        weights.load_into(layer, f"{prefix}{i}.", compute_dtype, device)
+        weights.load_into(layer, f"{prefix}{i}.", compute_dtype, device, storage_dtype)
         writer = ShardWriter(root / f"layer_{i:03d}", DTYPES[dtype], flush_bytes) if i in targets else None
         for b in range(len(hidden)):
             handle = None

@@ -50,8 +50,10 @@ class SafetensorsWeights:
         markers = ("sharp_config.json", "quantization.json", "sharp_prune.json")
         return p.is_dir() and any(p.glob("*.safetensors")) and not any((p / m).exists() for m in markers)
 
-    def load_into(self, module: nn.Module, prefix: str, dtype: torch.dtype, device: str | torch.device) -> None:
-        """Give every parameter and persistent buffer of `module` its tensor `prefix + name` from disk."""
+    def load_into(self, module: nn.Module, prefix: str, dtype: torch.dtype, device: str | torch.device,
+                  storage: torch.dtype | None = None) -> None:
+        """Give every parameter and persistent buffer of `module` its tensor `prefix + name` from disk, floats in
+        `dtype`; rounded to `storage` first when given (what a model loaded in that dtype would hold)."""
         names = list(module.state_dict().keys())
         missing = [prefix + n for n in names if prefix + n not in self.files]
         if missing:
@@ -64,7 +66,9 @@ class SafetensorsWeights:
             with safe_open(f, framework="pt") as handle:
                 for n in group:
                     t = handle.get_tensor(prefix + n)
-                    state[n] = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+                    if t.is_floating_point():
+                        t = (t if storage is None else t.to(storage)).to(dtype)
+                    state[n] = t.to(device)
         module.load_state_dict(state, strict=True, assign=True)
 
 
@@ -95,19 +99,22 @@ class DiskModule:
     skeleton: nn.Module
     folder: str
     prefix: str
+    storage: torch.dtype | None = None  # weights are rounded to it when read (see `SafetensorsWeights.load_into`)
 
     def load(self, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
         module = copy.deepcopy(self.skeleton)
-        SafetensorsWeights(self.folder).load_into(module, self.prefix, dtype, device)
+        SafetensorsWeights(self.folder).load_into(module, self.prefix, dtype, device, self.storage)
         return module
 
 
-def original_mlps(model_path: str | Path, layers: Mapping[int, int]) -> dict[int, DiskModule]:
-    """{key: the MLP of decoder layer `layers[key]` of the model folder}, each read only when loaded."""
+def original_mlps(model_path: str | Path, layers: Mapping[int, int],
+                  storage: torch.dtype | None = None) -> dict[int, DiskModule]:
+    """{key: the MLP of decoder layer `layers[key]` of the model folder}, each read only when loaded (its weights
+    rounded to `storage` when given)."""
     model = meta_model(model_path)
     adapter = get_adapter(model)
-    return {k: DiskModule(adapter.mlp(model, i), str(model_path), f"{adapter.layers_path}.{i}.{adapter.mlp_attr}.")
-            for k, i in layers.items()}
+    return {k: DiskModule(adapter.mlp(model, i), str(model_path), f"{adapter.layers_path}.{i}.{adapter.mlp_attr}.",
+                          storage) for k, i in layers.items()}
 
 
 def frozen_sharing_copy(mlp: nn.Module) -> nn.Module:

@@ -57,7 +57,9 @@ float64 and solves on the CPU, and the result is cast back to the model's dtype 
 
 The original model may be given as its folder (plain safetensors): then nothing of it is loaded whole. The
 capture reads it one decoder layer at a time (`capture.capture_activations`), and each job reads its target's original
-MLP when it starts (`lazy.DiskModule`). Each job's MLP copy reuses the frozen reference weights' storage.
+MLP when it starts (`lazy.DiskModule`). Each job's MLP copy reuses the frozen reference weights' storage. With
+`original_dtype` the folder's weights are rounded to it as they are read: SLW then fits to what the original model
+loaded in that dtype computes, as it does when given that loaded model.
 """
 
 from __future__ import annotations
@@ -105,6 +107,7 @@ def run_slw(
     progress: bool = True,
     layer_map: Mapping[int, int] | None = None,
     device: torch.device | str | None = None,
+    original_dtype: torch.dtype | None = None,
 ) -> dict[int, dict]:
     """Capture the target MLPs' inputs and outputs on `batches` (where the models are), then train every target
     on `device` (resumable; see the module docstring for the default).
@@ -112,7 +115,9 @@ def run_slw(
     `original_model` is the loaded original model, or its folder (read from disk layer by layer, see the module
     docstring), or None when every target is finished already. `targets` defaults to every layer of
     `shared_model` that shares its MLP. `layer_map` maps a layer of `shared_model` to the same layer of
-    `original_model` where a plan dropped whole blocks (default: the same number). Returns `train_slw`'s results;
+    `original_model` where a plan dropped whole blocks (default: the same number). `original_dtype`: the dtype a
+    folder's weights are rounded to as they are read (the one the shared model was loaded in; None: as stored).
+    Returns `train_slw`'s results;
     `shared_model`'s recovery parameters are trained in place; `original_model` is not modified.
     """
     work_dir = Path(work_dir)
@@ -124,7 +129,7 @@ def run_slw(
     weight = next(shared_model.parameters())  # a folder is computed as the loaded model would: its dtype, device
     originals: dict = {}  # a resumed run whose layers are all done needs no original model (compress passes None)
     if isinstance(original_model, str | Path):  # a folder: each original MLP is read when its job starts
-        originals = original_mlps(original_model, source)
+        originals = original_mlps(original_model, source, original_dtype)
     elif original_model is not None:
         originals = {t: get_adapter(original_model).mlp(original_model, source[t]) for t in targets}
     elif any(not is_done(_layer_dir(work_dir, t)) for t in targets):
@@ -135,7 +140,8 @@ def run_slw(
         if pending:  # a folder is computed as the loaded model would be: in its dtype, on its device
             store = capture_activations(original_model, batches, sorted(source.values()), work_dir / ACTIVATIONS,
                                         config.max_tokens, config.skip_positions, config.dtype, progress=progress,
-                                        compute_dtype=weight.dtype, device=weight.device)
+                                        compute_dtype=weight.dtype, device=weight.device,
+                                        storage_dtype=original_dtype)
         results = train_slw(shared_model, store, config, work_dir, targets, progress, originals=originals,
                             store_layers=source, device=device)
         _remove_activations(work_dir / ACTIVATIONS, config)
