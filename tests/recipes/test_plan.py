@@ -73,6 +73,26 @@ def test_auto_strategy_is_refused_in_one_line(capsys):
     assert code != 0 and "planner" in err and "Traceback" not in err
 
 
+def test_dtype_auto_is_the_source_dtype_as_compress_keeps_it(stories_path, tmp_path):
+    """auto: a bare config.json's declared dtype (Llama-2-7B: float16), a folder's weights' (stories260K: fp32;
+    the same folder saved in bf16: bf16); compress's spellings are accepted, bytes follow the dtype."""
+    from transformers import AutoModelForCausalLM
+
+    assert _plan()["bytes"]["dtype"] == "float16"
+    assert _plan(dtype="bf16")["bytes"]["dtype"] == "bfloat16"
+    assert _plan(dtype="fp32")["bytes"]["original"] == 2 * _plan()["bytes"]["original"]
+    assert _plan(stories_path, strategy="next:1-4")["bytes"]["dtype"] == "float32"
+    AutoModelForCausalLM.from_pretrained(stories_path, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    assert _plan(tmp_path / "bf16", strategy="next:1-4")["bytes"]["dtype"] == "bfloat16"
+    with pytest.raises(sharp.SharpError, match="unknown --dtype 'int8'"):
+        _plan(dtype="int8")
+
+
+def test_slw_steps_scale_the_slw_stage():
+    flops = {n: _plan(slw_steps=n, tflops=100)["stages"]["slw"]["flops"] for n in (10, 300)}
+    assert flops[10] < flops[300]
+
+
 def test_sharded_sft_divides_weights_and_state_over_devices():
     one = _plan(dtype="bfloat16", tflops=100)["stages"]["sft"]
     ddp = _plan(dtype="bfloat16", tflops=100, devices=8)["stages"]["sft"]
@@ -111,7 +131,7 @@ def test_probe_measures_positive_throughput():
 
     cfg = tiny_config("llama")  # the probe needs a config only, no weights
     rates, source = _throughput(PlanSettings(model="x", strategy="next:1-4", recovery="lora:4", data_size=10,
-                                             probe_tokens=32), cfg)
+                                             probe_tokens=32, dtype="float32"), cfg)  # as plan() resolves it
     assert all(r > 0 for r in rates.values()) and source.startswith("probe")
 
 

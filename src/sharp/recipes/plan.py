@@ -13,12 +13,13 @@ Counts (parameters stored / removed / recovery) are exact: they come from the sa
 from __future__ import annotations
 
 import math
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 
 from sharp.errors import SharpError
+from sharp.io.dtypes import parse_dtype
 from sharp.io.models import check_max_len, refuse_sharp_checkpoint
 from sharp.recipes.config import CompressConfig
-from sharp.recipes.plan_model import ModelShape, model_shape, read_config
+from sharp.recipes.plan_model import ModelShape, model_shape, read_config, run_dtype
 from sharp.recovery.slw_config import BACKENDS
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -43,7 +44,7 @@ class PlanSettings:
     devices: int = 1  # GPUs (or CPU hosts) that SLW tasks and SFT ranks spread over
     sft_parallel: str = "ddp"  # ddp | fsdp | zero2 | zero3
     slw_backend: str = "local"
-    dtype: str = "float32"  # weights and compute during the run (sharp compress loads float32 today)
+    dtype: str = "auto"  # weights and compute during the run: auto (the source's, as compress), bf16, fp16, fp32
     slw_fraction: float = _like_compress("slw_fraction")
     slw_workers: int = _like_compress("slw_workers")
     slw_tokens: int | None = _like_compress("slw_tokens")
@@ -72,8 +73,7 @@ class PlanSettings:
             raise SharpError(f"unknown --sft-parallel '{self.sft_parallel}'; choose one of: {', '.join(SFT_PARALLEL)}")
         if self.slw_backend not in BACKENDS:
             raise SharpError(f"unknown --slw-backend '{self.slw_backend}'; choose one of: {', '.join(BACKENDS)}")
-        if self.dtype not in DTYPE_BYTES:
-            raise SharpError(f"unknown --dtype '{self.dtype}'; choose one of: {', '.join(DTYPE_BYTES)}")
+        parse_dtype(self.dtype)  # compress's spellings: auto, bf16, fp16, fp32 (or bfloat16, float16, float32)
         if self.tflops is not None and not self.tflops > 0:
             raise SharpError(f"--tflops must be positive, got {self.tflops}")
         if self.example_tokens is not None and self.example_tokens < 1:
@@ -97,11 +97,12 @@ def plan(s: PlanSettings) -> dict:
     config = read_config(s.model)
     check_max_len(config, s.max_len)
     shape = model_shape(config, s.strategy, s.recovery, s.modules, s.train, s.full_lora_rank)
-    slw = SLWConfig()
+    slw = SLWConfig(steps=s.slw_steps)  # compress's other SLW defaults
     stages = [] if s.stages.strip() == "none" else [x.strip() for x in s.stages.split(",")]
     tokens = min(s.example_tokens or s.max_len, s.max_len)
     n_eval = max(1, round(s.data_size * s.eval_fraction))
     n_train = s.data_size - n_eval
+    s = replace(s, dtype=str(run_dtype(s.dtype, s.model, config)).removeprefix("torch."))  # every stage reads it
     wb = DTYPE_BYTES[s.dtype]
     c = shape.counts
 
@@ -252,7 +253,8 @@ def _throughput(s: PlanSettings, config) -> tuple[dict[str, float | None], str]:
 def _assumptions(s: PlanSettings, tokens: int, rate_source: str) -> list[str]:
     return [
         f"every example has {tokens} tokens" + (" (--max-len: an upper bound)" if not s.example_tokens else ""),
-        f"weights and compute in {s.dtype}; SLW's per-layer copy and its recovery train in float32",
+        f"weights and compute in {s.dtype} (a GPU's; sharp compress on a CPU computes in float32: --dtype fp32 "
+        "plans that); SLW's per-layer copy and its recovery train in float32",
         "FLOPs: 2 per weight per token for every matmul (targets still run their reference's projections), "
         "attention 2·T·q_dim per token per layer; training = forward + input-gradient backward (base frozen)",
         "SFT activations: (10·hidden + 4·kv_dim + 4·intermediate) values per token per layer, plus float32 "

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from sharp.errors import SharpError
@@ -69,6 +70,19 @@ def read_config(spec: str):
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise SharpError(f"cannot read config '{spec}': {str(e).splitlines()[0] if str(e) else e}") from None
     return load_config(spec)
+
+
+def run_dtype(text: str, spec: str, config) -> torch.dtype:
+    """The dtype a compress run of `spec` holds its weights in for `--dtype text`: `auto` keeps the source's, the
+    weights' own (`io.models.source_dtype`) or, for a bare config.json, the dtype it declares."""
+    from sharp.io.dtypes import resolve_dtype
+    from sharp.io.models import resolve_model_path, source_dtype
+
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".json":
+        declared = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)).removeprefix("torch.")
+        return resolve_dtype(text, {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(declared))
+    return resolve_dtype(text, source_dtype(resolve_model_path(spec)))
 
 
 def model_shape(config, strategy: str, recovery: str, modules: str = "mlp", train: str = "recovery",
