@@ -147,6 +147,31 @@ def test_measured_costs_mean_what_they_say():
     assert costs[3].drop_mlp == pytest.approx(float((y.double() ** 2).sum() / (h.double() ** 2).sum()), rel=1e-6)
 
 
+def test_gemma3_costs_count_what_the_layer_adds_after_its_post_norm():
+    """Gemma3 adds post_feedforward_layernorm(mlp(x)) to the residual: drop-mlp costs that energy, and a share
+    costs its relative error times it (so the gate still bounds a share by drop-mlp)."""
+    model = tiny_model("gemma3_text")
+    with torch.no_grad():
+        model.model.layers[3].post_feedforward_layernorm.weight.fill_(2.0)  # not a unit norm: the two differ
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(128, (4, 20), generator=g)} for _ in range(2)]
+    costs = measure_costs(model, batches, ranks=[0, 4])
+    layer = model.model.layers[3]
+    ys, hs = [], []
+    h1 = layer.mlp.register_forward_hook(lambda m, a, o: ys.append(o))
+    h2 = layer.register_forward_hook(lambda m, a, o: hs.append(o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    for h in (h1, h2):
+        h.remove()
+    y, h = torch.cat(ys), torch.cat(hs)
+    added = float((layer.post_feedforward_layernorm(y).double() ** 2).sum() / (h.double() ** 2).sum())
+    assert costs[3].drop_mlp == pytest.approx(added, rel=1e-6)
+    assert abs(added - float((y.double() ** 2).sum() / (h.double() ** 2).sum())) > 0.1 * added
+    assert all(c.share[4] <= c.share[0] * (1 + 1e-6) <= c.drop_mlp * (1 + 1e-6) for c in costs[1:])
+
+
 def test_kl_cost_scores_each_action_end_to_end():
     model = tiny_model()
     mlps = [layer.mlp for layer in model.model.layers]

@@ -150,6 +150,7 @@ def measure_costs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
     stats = {(t, d): ProjectionStats.zeros(inter, model.config.hidden_size)
              for t in range(1, n) for d in range(1, min(reach, t) + 1)}
     mlp_e, block_e, resid_e = np.zeros(n), np.zeros(n), np.zeros(n)
+    pre_e = np.zeros(n)  # the MLP's own output energy, before a post-norm (Gemma3); mlp_e is what it adds
     keep: dict[str, torch.Tensor] = {}
     seen = {"tokens": 0}
     calib: list[tuple[torch.Tensor, torch.Tensor]] = []  # the sequences the "kl" cost scores on
@@ -168,14 +169,17 @@ def measure_costs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
             if keep.get("inner"):  # the reference's own hook, fired by the call below
                 return
             x, y = args[0][keep["mask"]], output[keep["mask"]]
-            mlp_e[t] += float((float64(y) ** 2).sum())
+            post = adapter.mlp_post_norm(layers[t])
+            energy = float((float64(y) ** 2).sum())
+            pre_e[t] += energy
+            mlp_e[t] += energy if post is None else float((float64(post(y)) ** 2).sum())
             for d in range(1, min(reach, t) + 1):
                 keep["inner"] = True
                 try:
                     h, p = _reference_features(adapter, adapter.mlp(model, t - d), x)
                 finally:
                     keep["inner"] = False
-                stats[t, d].add(h, p, _post(adapter, layers[t], y))
+                stats[t, d].add(h, p, y)  # fitted before any post-norm: the closed form is linear in it
         return hook
 
     handles = [layers[t].register_forward_hook(layer_hook(t), with_kwargs=True) for t in range(n)]
@@ -204,11 +208,13 @@ def measure_costs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
     out, fits = [], {}
     for t in range(n):
         norm = max(resid_e[t], 1e-30)
+        # a share's error in what the layer adds: its relative error times that energy (after a post-norm)
+        added = mlp_e[t] / pre_e[t] if adapter.mlp_post_norm(layers[t]) is not None and pre_e[t] > 0 else 1.0
         share = {d: {} for d in range(1, min(reach, t) + 1)}
         for d in share:
             by_rank = fit_ranks(stats[t, d], ranks, gate=True, damping=damping)
             for r, fit in by_rank.items():
-                share[d][r] = fit.rel_err**2 * float(stats[t, d].yy.sum()) / norm
+                share[d][r] = fit.rel_err**2 * float(stats[t, d].yy.sum()) * added / norm
             if cost == "kl":
                 fits[t, d] = by_rank[ranks[len(ranks) // 2]]
         out.append(LayerCosts(t, mlp_e[t] / norm, block_e[t] / norm, share.pop(1, {}),
@@ -331,11 +337,6 @@ def _shared_output(adapter, ref: nn.Module, fit):
             y = y + (h @ fit.a.T.to(**like)) @ fit.b.T.to(**like)
         return y
     return hook
-
-
-def _post(adapter, layer: nn.Module, y: torch.Tensor) -> torch.Tensor:
-    """The MLP output as the fit sees it (pre-norm: the closed form is linear in it)."""
-    return y
 
 
 def recovery_params(recovery: RecoveryConfig, rank: int, shapes: Iterable[tuple[int, int]]) -> int:
