@@ -21,6 +21,7 @@ import time
 
 import torch
 
+from sharp.bench.measure import synchronize
 from sharp.errors import SharpError
 
 PROBE_VOCAB = 512
@@ -100,19 +101,14 @@ def _has_recovery(model) -> bool:
 
 def _time(fn, device: str, repeats: int) -> float:
     fn()  # warm-up: first-call allocations, kernel selection
-    _sync(device)
+    synchronize(torch.device(device))
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
-        _sync(device)
+        synchronize(torch.device(device))
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def _sync(device: str) -> None:
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 def _check_room(cfg, dtype: str, device: str) -> None:

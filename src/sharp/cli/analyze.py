@@ -105,11 +105,11 @@ def _plan(model, tokenizer, data: str, recovery, budget: str, actions: str, min_
           cost: str, max_tokens: int, max_len: int, batch_size: int, template: str) -> dict:
     """The planner's mixed strategy for `budget`, measured on up to `max_tokens` tokens of `data`."""
     from sharp.baselines.calibration import calibration_examples
-    from sharp.data import collate_examples
+    from sharp.data import collate_examples, pad_id
     from sharp.recovery.planner import plan_strategy
 
     examples = calibration_examples(data, tokenizer, max(1, max_tokens // max_len + 1), max_len, template)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad = pad_id(tokenizer)
     batches = [collate_examples(examples[i : i + batch_size], pad) for i in range(0, len(examples), batch_size)]
     with err_console.status("planning"):
         text, chosen, _ = plan_strategy(model, batches, recovery, budget, [a.strip() for a in actions.split(",")],

@@ -6,12 +6,13 @@ from sharp.data.instruct import (
     check_chat_template,
     check_template,
     collate_examples,
+    pad_id,
     render,
     split_examples,
     tokenize_examples,
 )
 from sharp.data.spec import FORMATS, INSTRUCTION_FORMATS, DataSpec, Format, load_records, parse_data_spec
-from sharp.data.text import record_examples, text_examples, text_token_stream, text_windows
+from sharp.data.text import record_examples, split_tokenized, text_examples, text_token_stream, text_windows
 
 __all__ = [
     "FORMATS",
@@ -24,10 +25,12 @@ __all__ = [
     "check_template",
     "collate_examples",
     "load_records",
+    "pad_id",
     "parse_data_spec",
     "record_examples",
     "render",
     "split_examples",
+    "split_tokenized",
     "text_examples",
     "text_token_stream",
     "text_windows",

@@ -137,6 +137,14 @@ def split_examples(items: list, eval_fraction: float, seed: int | None = 0) -> t
     return train, evals
 
 
+def pad_id(tokenizer) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its EOS (Llama-style tokenizers have no
+    pad token), else 0. Padded positions are masked out either way."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id or 0
+
+
 def collate_examples(examples: list[dict], pad_id: int = 0) -> dict[str, torch.Tensor]:
     """Right-pad a batch: input_ids (pad_id), labels (-100), attention_mask (0 on padding)."""
     width = max(len(e["input_ids"]) for e in examples)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from sharp.data.instruct import IGNORE
+from sharp.data.instruct import IGNORE, split_examples, tokenize_examples
 from sharp.data.spec import DataSpec, load_records, parse_data_spec
 from sharp.errors import SharpError
 
@@ -58,6 +58,27 @@ def text_examples(token_ids: torch.Tensor, max_len: int = 512, stride: int | Non
         window = ids[begin:end].tolist()
         examples.append({"input_ids": window, "labels": [IGNORE] * (first - begin) + window[first - begin:]})
     return examples
+
+
+def split_tokenized(data: str, tokenizer, max_len: int, template: str, eval_fraction: float, seed: int,
+                    eval_data: str | None = None) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) examples of the data spec `data`: its records split first (`split_examples`), then
+    tokenized (plain text by `record_examples`, instruction formats by `tokenize_examples` with `template`); with
+    `eval_data` every record of that spec is held out instead. The one way compress, compare and the baselines'
+    healing build their examples, so that they train on the same ones."""
+    spec = parse_data_spec(data)
+    train, held = split_examples(load_records(spec), eval_fraction, seed)
+    held_spec = spec
+    if eval_data:
+        held_spec = parse_data_spec(eval_data)
+        held = load_records(held_spec)
+
+    def tokenized(records: list[dict], fmt: str) -> list[dict]:
+        if fmt == "text":
+            return record_examples(records, tokenizer, max_len)
+        return tokenize_examples(records, fmt, tokenizer, template, max_len) if records else []
+
+    return tokenized(train, spec.format), tokenized(held, held_spec.format)
 
 
 def record_examples(records: list[dict], tokenizer, max_len: int) -> list[dict]:

@@ -94,8 +94,8 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
     import sharp
     from sharp.baselines import prune, spread
     from sharp.baselines.heal import heal
-    from sharp.baselines.run import training_examples
     from sharp.baselines.table import Row, compressed_spread, to_json, to_markdown
+    from sharp.data import pad_id, split_tokenized
     from sharp.evaluation.perplexity import evaluate_tasks, parse_tasks
     from sharp.io.atomic import atomic_dir, write_text_atomic
     from sharp.io.device import load_on_device
@@ -141,8 +141,8 @@ def compare(cfg: CompareConfig, progress: bool = False, log: Callable[[str], Non
             + f" ({r.seconds:.0f} s)")
 
     original, tokenizer, _ = load_on_device(cfg.model, cfg.device, cfg.dtype)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    train, held = training_examples(cfg.data, tokenizer, cfg.max_len, cfg.template, cfg.eval_fraction, cfg.seed)
+    pad = pad_id(tokenizer)
+    train, held = split_tokenized(cfg.data, tokenizer, cfg.max_len, cfg.template, cfg.eval_fraction, cfg.seed)
     calib = train[: cfg.calib_samples]
     row("original", "Original", lambda: (original, {}), compressed=False)
 

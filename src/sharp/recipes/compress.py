@@ -20,14 +20,7 @@ from transformers import set_seed
 
 import sharp
 from sharp.arch import num_layers
-from sharp.data import (
-    collate_examples,
-    load_records,
-    parse_data_spec,
-    record_examples,
-    split_examples,
-    tokenize_examples,
-)
+from sharp.data import collate_examples, pad_id, split_tokenized
 from sharp.evaluation.perplexity import response_perplexity
 from sharp.io.atomic import atomic_dir, write_text_atomic
 from sharp.io.device import place, resolve_device
@@ -127,19 +120,10 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
 
     # 1. load the model and the data
     with meter("load"):
-        spec = parse_data_spec(cfg.data)
-        records = load_records(spec)  # a record missing a field fails here, before the model loads
-        train_recs, eval_recs = split_examples(records, cfg.eval_fraction, cfg.seed)
-        if cfg.eval_data:
-            eval_recs = load_records(cfg.eval_data)
         tokenizer = load_tokenizer(cfg.model)  # tokenize first: data that cannot train fails before the weights load
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-        if spec.format == "text":
-            train, held = (record_examples(r, tokenizer, cfg.max_len) for r in (train_recs, eval_recs))
-        else:
-            eval_fmt = parse_data_spec(cfg.eval_data).format if cfg.eval_data else spec.format
-            train = tokenize_examples(train_recs, spec.format, tokenizer, cfg.template, cfg.max_len)
-            held = tokenize_examples(eval_recs, eval_fmt, tokenizer, cfg.template, cfg.max_len) if eval_recs else []
+        pad = pad_id(tokenizer)
+        train, held = split_tokenized(cfg.data, tokenizer, cfg.max_len, cfg.template, cfg.eval_fraction, cfg.seed,
+                                      cfg.eval_data)
         if not held:
             raise sharp.SharpError("no held-out examples to score; raise --eval-fraction or pass --eval-data")
         # the weights in their storage dtype (bf16 for a bf16 or GGUF source), then on the device in the compute
@@ -150,7 +134,7 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
         identity = base_identity(model, cfg.model)  # hashed as stored, so an adapter-only save checks on the base
         place(model, device, storage)
 
-    collate = functools.partial(collate_examples, pad_id=pad_id)
+    collate = functools.partial(collate_examples, pad_id=pad)
 
     def perplexity(name: str) -> None:
         if name not in evals:
