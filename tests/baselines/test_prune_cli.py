@@ -66,3 +66,33 @@ def test_prune_matches_a_sharp_checkpoint(stories_path, tmp_path, capsys):
     report = json.loads((out / PRUNE_CONFIG).read_text())
     assert report["params_target"] == target
     assert 0 <= target - report["params_stored"] < 0.01 * target
+
+
+def test_a_killed_heal_resumes_and_other_settings_are_refused(stories_path, tmp_path, monkeypatch):
+    """Healing checkpoints to OUT.work: killed while saving OUT, the same call resumes from its last checkpoint
+    (nothing trained again); a call with other settings is refused in one line unless overwrite; OUT.work is
+    gone once OUT is saved."""
+    import sharp.io.pruned as pruned
+    from sharp.baselines.run import PruneOptions, prune_model
+    from sharp.errors import SharpError
+
+    out = tmp_path / "md"
+    options = lambda steps: PruneOptions(  # noqa: E731
+        method="mlp-drop", strategy="next:1-4", data=C4 + "[:20]", max_len=64, heal=True, lora_rank=2,
+        sft={"steps": steps, "save_steps": 1, "eval_steps": 0}, device="cpu")
+    save = pruned.save_pruned
+
+    def killed(*args, **kwargs):
+        raise RuntimeError("killed while saving")
+
+    monkeypatch.setattr(pruned, "save_pruned", killed)
+    with pytest.raises(RuntimeError, match="killed"):
+        prune_model(str(stories_path), out, options(3))
+    work = tmp_path / "md.work"
+    assert list((work / "heal").glob("checkpoint-3"))
+    monkeypatch.setattr(pruned, "save_pruned", save)
+    with pytest.raises(SharpError, match=r"other settings \(--steps\).*--overwrite"):
+        prune_model(str(stories_path), out, options(4))
+    report = prune_model(str(stories_path), out, options(3))
+    assert report.heal["steps"] == 3 and report.heal["resumed_from"].endswith("checkpoint-3")
+    assert (out / PRUNE_CONFIG).is_file() and not work.exists()

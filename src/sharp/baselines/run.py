@@ -1,13 +1,18 @@
 """`prune_model`: what `sharp prune` does, as one call: load → calibrate → prune → (heal) → save.
 
-The data for healing is split and tokenized exactly as `sharp compress` does it (same held-out split, template
-and `--max-len`), so a healed baseline and a SHARP model see the same training examples.
+The data for healing is split and tokenized by the function `sharp compress` uses (`sharp.data.split_tokenized`:
+the same held-out split, template and `--max-len`), so a healed baseline and a SHARP model see the same training
+examples. Healing keeps its
+checkpoints in `OUT.work/` (as compress does): the same command after a kill resumes it; the folder is removed
+once `OUT` is saved.
 """
 
 from __future__ import annotations
 
+import json
 import os
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from torch import nn
@@ -72,23 +77,10 @@ class PruneOptions:
         return budget
 
 
-def training_examples(data: str, tokenizer, max_len: int, template: str, eval_fraction: float,
-                      seed: int) -> tuple[list[dict], list[dict]]:
-    """(train, held-out) tokenized examples, built exactly as `sharp compress` builds them: records split
-    first (`split_examples`), then tokenized (`tokenize_examples`, or `record_examples` for plain text)."""
-    from sharp.data import load_records, parse_data_spec, record_examples, split_examples, tokenize_examples
-
-    spec = parse_data_spec(data)
-    parts = split_examples(load_records(spec), eval_fraction, seed)
-    if spec.format == "text":
-        return record_examples(parts[0], tokenizer, max_len), record_examples(parts[1], tokenizer, max_len)
-    tok = [tokenize_examples(p, spec.format, tokenizer, template, max_len) if p else [] for p in parts]
-    return tok[0], tok[1]
-
-
-def prune_loaded(model: nn.Module, tokenizer, options: PruneOptions, log_file: str | Path | None = None
+def prune_loaded(model: nn.Module, tokenizer, options: PruneOptions, work_dir: str | Path | None = None
                  ) -> PruneReport:
-    """Prune (and heal) an already loaded model in place."""
+    """Prune (and heal) an already loaded model in place; healing checkpoints to (and resumes from) `work_dir`
+    when given, else a temporary folder."""
     from sharp.baselines.calibration import calibration_examples
 
     budget = options.validate()
@@ -99,13 +91,16 @@ def prune_loaded(model: nn.Module, tokenizer, options: PruneOptions, log_file: s
     report = prune(model, options.method, budget, examples, options.strategy, options.allocation)
     if options.heal:
         from sharp.baselines.heal import heal
+        from sharp.data import pad_id, split_tokenized
         from sharp.recovery.sft import SFTConfig
 
-        train, held = training_examples(options.data, tokenizer, options.max_len, options.template,
-                                        options.eval_fraction, options.seed)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        train, held = split_tokenized(options.data, tokenizer, options.max_len, options.template,
+                                      options.eval_fraction, options.seed)
+        pad = pad_id(tokenizer)
+        where = {} if work_dir is None else {"work_dir": Path(work_dir) / "heal",
+                                             "log_file": Path(work_dir) / "train_log.jsonl"}
         report.heal = heal(model, train, held, SFTConfig(**options.sft), options.lora_rank, pad_id=pad,
-                           log_file=log_file, seed=options.seed)
+                           seed=options.seed, **where)
         report.healed = True
     return report
 
@@ -116,13 +111,46 @@ def prune_model(model_spec: str, out: str | os.PathLike, options: PruneOptions, 
     from sharp.io.atomic import check_output_dir
     from sharp.io.device import load_on_device
     from sharp.io.dtypes import cast_to
+    from sharp.io.lock import output_lock
     from sharp.io.pruned import save_pruned
 
     check_output_dir(out, overwrite)
     options.validate()
-    model, tokenizer, storage = load_on_device(model_spec, options.device, options.dtype)
-    if sharp_config(model) is not None:
-        raise SharpError(f"'{model_spec}' is a sharp checkpoint; prune the original model instead")
-    report = prune_loaded(model, tokenizer, options)
-    save_pruned(cast_to(model, storage), out, report, tokenizer, overwrite=overwrite)
+    work = Path(out).absolute().parent / f"{Path(out).absolute().name}.work"
+    with output_lock(work):
+        if options.heal:
+            settings = {k: v for k, v in asdict(options).items() if k not in ("sft", "device")}  # device: runtime
+            _open_work_dir(work, {"MODEL": model_spec, **settings, **options.sft}, overwrite)
+        model, tokenizer, storage = load_on_device(model_spec, options.device, options.dtype)
+        if sharp_config(model) is not None:
+            raise SharpError(f"'{model_spec}' is a sharp checkpoint; prune the original model instead")
+        report = prune_loaded(model, tokenizer, options, work if options.heal else None)
+        save_pruned(cast_to(model, storage), out, report, tokenizer, overwrite=overwrite)
+        if options.heal:
+            shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def _open_work_dir(work: Path, identity: dict, overwrite: bool) -> None:
+    """Keep `work` when it holds a heal of these settings (it resumes); refuse one with other settings unless
+    `overwrite` (then it starts afresh), and a folder sharp did not make."""
+    from sharp.io.atomic import write_text_atomic
+
+    run_file = work / "run.json"
+    if work.exists():
+        if not run_file.is_file() and (not work.is_dir() or any(work.iterdir())):
+            raise SharpError(f"'{work}' exists and is not a sharp work folder (no run.json); move it away or choose "
+                             "another --out")
+        try:
+            recorded = json.loads(run_file.read_text()) if run_file.is_file() else identity
+        except (OSError, ValueError):
+            recorded = None
+        if recorded != identity and not overwrite:
+            changed = [k if k == "MODEL" else "--" + k.replace("_", "-") for k in identity
+                       if recorded is None or recorded.get(k) != identity[k]]
+            raise SharpError(f"'{work}' holds an unfinished heal with other settings ({', '.join(changed)}); rerun "
+                             "with those to resume it, or add --overwrite to discard it")
+        if recorded != identity:
+            shutil.rmtree(work)
+    work.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(run_file, json.dumps(identity, indent=2, sort_keys=True) + "\n")

@@ -33,16 +33,19 @@ def prune(
     heal: bool = typer.Option(False, "--heal", help="Fine-tune with LoRA on the remaining layers, then merge."),
     lora_rank: int = typer.Option(8, "--lora-rank", help="Rank of the healing LoRA (compress's --train full-lora)."),
     steps: int = typer.Option(200, "--steps", help=_SFT_HELP),
-    lr: float = typer.Option(2e-4, "--lr", help=_SFT_HELP),
+    lr: float = typer.Option(1e-3, "--lr", help=_SFT_HELP),
     batch_size: int = typer.Option(4, "--batch-size", help=_SFT_HELP),
     grad_accum: int = typer.Option(1, "--grad-accum", help=_SFT_HELP),
     eval_fraction: float = typer.Option(0.1, "--eval-fraction", help="Held-out fraction of --data (healing)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the held-out split and of training."),
     device: str = opt.DEVICE,
     dtype: str = opt.DTYPE,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out; discard an unfinished "
+                                   "--heal with other settings in OUT.work (without it, that heal is resumed when "
+                                   "the settings match, else the command is refused)."),
 ) -> None:
-    """Prune a model to a stored-parameter budget with a baseline method; save a smaller HF model folder."""
+    """Prune a model to a stored-parameter budget with a baseline method; save a smaller HF model folder. --heal
+    checkpoints to OUT.work: the same command after a kill resumes it."""
     from sharp.baselines.run import PruneOptions, prune_model
     from sharp.io.atomic import check_output_dir
 
