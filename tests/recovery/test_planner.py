@@ -166,7 +166,8 @@ def test_gemma3_costs_count_what_the_layer_adds_after_its_post_norm():
     for h in (h1, h2):
         h.remove()
     y, h = torch.cat(ys), torch.cat(hs)
-    added = float((layer.post_feedforward_layernorm(y).double() ** 2).sum() / (h.double() ** 2).sum())
+    with torch.no_grad():
+        added = float((layer.post_feedforward_layernorm(y).double() ** 2).sum() / (h.double() ** 2).sum())
     assert costs[3].drop_mlp == pytest.approx(added, rel=1e-6)
     assert abs(added - float((y.double() ** 2).sum() / (h.double() ** 2).sum())) > 0.1 * added
     assert all(c.share[4] <= c.share[0] * (1 + 1e-6) <= c.drop_mlp * (1 + 1e-6) for c in costs[1:])

@@ -38,9 +38,6 @@ class ArchAdapter:
         residual is then norm(mlp(x)), and that is what fitting and ranking must look at."""
         return getattr(layer, self.mlp_post_norm_attr) if self.mlp_post_norm_attr else None
 
-    def attn(self, model: nn.Module, index: int) -> nn.Module:
-        return getattr(self.layers(model)[index], self.attn_attr)
-
     def projections(self, modules: str) -> list[tuple[str, str]]:
         """(block attribute, projection name) pairs shared under `--modules mlp|attn|all`."""
         mlp = [(self.mlp_attr, p) for p in self.mlp_projs]

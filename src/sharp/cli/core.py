@@ -72,7 +72,7 @@ def info(
 def share(
     model: str = opt.MODEL,
     strategy: str = typer.Option(..., "--strategy", "-s", help="next:A-B, group:K:A-B or map:T=R,..."),
-    recovery: str = typer.Option("lora:32", "--recovery", "-r", help="none, lora:R, scale or lora+scale:R"),
+    recovery: str = opt.RECOVERY,
     modules: str = typer.Option("mlp", "--modules", help="mlp (default), attn or all"),
     out: Path = typer.Option(..., "--out", "-o", help="Output folder (written atomically)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty --out."),

@@ -19,8 +19,8 @@ MODEL = typer.Argument(..., help="Model folder, .gguf file, alias (smollm2-135m)
 ANY_MODEL = typer.Argument(..., help="Model folder, sharp checkpoint, .gguf file, alias or hub id.")
 STRATEGY = typer.Option(..., "--strategy", "-s", help="next:A-B, group:K:A-B, map:T=R,... or auto:BUDGET (the "
                         "planner mixes sharing, MLP-drop and block-drop: auto:40% or auto:107.5M).")
-RECOVERY = typer.Option("lora:32", "--recovery", "-r", help="lora:R, lora+gate:R, gate, scale or lora+scale:R "
-                        "(ranked forms take ,alpha=A for PEFT's LoRA scaling A/R).")
+RECOVERY = typer.Option("lora:32", "--recovery", "-r", help="lora:R, lora+gate:R, gate, scale, lora+scale:R or "
+                        "none (Direct Sharing); ranked forms take ,alpha=A for PEFT's LoRA scaling A/R.")
 OVERWRITE = typer.Option(False, "--overwrite", help="Replace a non-empty --out; discard an unfinished run with other "
                        "settings in OUT.work (without it, that run is kept: resumed up to SFT when only SFT "
                        "settings changed, else the command is refused).")

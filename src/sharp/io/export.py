@@ -21,6 +21,7 @@ its rotary layout, norms in f32, tied LM head omitted.
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -73,7 +74,6 @@ def _writer(path: Path, config, name: str, outtype: str):
 def _add_vocab(w, folder: Path | None) -> bool:
     """Tokenizer metadata from the model folder (SentencePiece, Llama-style HF BPE or GPT-2 BPE); False if none
     could be read."""
-    import gguf
     from gguf.vocab import BpeVocab, LlamaHfVocab, SentencePieceVocab, SpecialVocab
 
     if folder is None:
@@ -93,7 +93,6 @@ def _add_vocab(w, folder: Path | None) -> bool:
         w.add_token_types([int(t) for t in types])
         SpecialVocab(folder, load_merges=cls is BpeVocab, n_vocab=len(tokens)).add_to_gguf(w, quiet=True)
         return True
-    del gguf
     return False
 
 
@@ -135,7 +134,9 @@ def _tensors(model: nn.Module, outtype: str):
 
 def _write_model(model: nn.Module, path: Path, folder: Path | None, outtype: str, name: str) -> None:
     w = _writer(path, model.config, name, outtype)
-    _add_vocab(w, folder)
+    if not _add_vocab(w, folder):
+        warnings.warn(f"no tokenizer found beside the model ({folder}): {path.name} has no vocabulary, which "
+                      "llama.cpp needs to run it", stacklevel=2)
     for gname, data in _tensors(model, outtype):
         w.add_tensor(gname, data)
     _finish(w)

@@ -40,7 +40,6 @@ class ModelShape:
     recovery_per_layer: dict[int, int]  # recovery parameters of each target
     head_matmul: int  # LM head weights (vocab × hidden), tied or not
     embed_params: int
-    max_positions: int | None
 
     def forward_flops(self, tokens: int, context: int, upto: int | None = None, head: bool = True,
                       shared: bool = False) -> float:
@@ -133,7 +132,6 @@ def model_shape(config, strategy: str, recovery: str, modules: str = "mlp", trai
         layer_params=layer_params,
         mlp_matmul=mlp_matmul, recovery_per_layer=recovery_per_layer,
         head_matmul=int(head.weight.shape[0] * head.weight.shape[1]), embed_params=int(embed.weight.numel()),
-        max_positions=getattr(config, "max_position_embeddings", None),
     )
 
 

@@ -181,7 +181,7 @@ def train_slw(
     `originals` maps each target to its original MLP, needed by `init="closed-form"` (the input-side projections
     are fitted towards the target's own); `store_layers` maps a target to the layer its rows were captured under
     (default: the same number). Returns {layer: result} with rel_err_before / rel_err_init /
-    rel_err_after (held-out), steps, stopped_early, seconds and the eval curve. `_stop_after` ends each layer
+    rel_err_after (held-out), step, stopped_early, seconds and the eval curve. `_stop_after` ends each layer
     after that many steps in this call, leaving its state saved as a crash would (tests use it). Each layer
     trains on `device` (default: `config.device`, else where `shared_model` is), in float32.
     """

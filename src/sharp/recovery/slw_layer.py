@@ -10,7 +10,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -247,7 +247,6 @@ class EarlyStopping:
     patience: int
     min_delta: float
     bad_evals: int = 0
-    history: list = field(default_factory=list)
 
     def update(self, score: float, state: Callable[[], dict]) -> bool:
         """Record an evaluation; True if it is the new best."""

@@ -96,12 +96,10 @@ def apply_sharing(
         for block_attr, proj in adapter.projections(modules):
             ref_proj = getattr(getattr(layers[ref], block_attr), proj)
             target_block = getattr(layers[target], block_attr)
-            old = getattr(target_block, proj)
             spec = recovery[target] if isinstance(recovery, Mapping) else recovery
             rec = spec.build(ref_proj.in_features, ref_proj.out_features)
             rec.to(device=ref_proj.weight.device, dtype=_param_dtype(ref_proj))
             setattr(target_block, proj, SharedLinear(ref_proj, rec, reference=ref))
-            del old
     return model
 
 
@@ -131,7 +129,7 @@ def relink_shared(model: nn.Module) -> None:
 
 
 def unique_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    """Parameters and persistent buffers counted once each, whatever the number of names they have."""
+    """Parameters counted once each, whatever the number of names they have."""
     seen: set[int] = set()
     out = []
     for name, t in list(model.named_parameters(remove_duplicate=False)):
