@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from sharp.arch import get_adapter
+from sharp.recovery.closed_form import float64
 from sharp.sharing.state import sharp_state
 
 
@@ -64,12 +65,7 @@ def _first_tensor(value) -> torch.Tensor:
 
 def _cos_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """Per-row cosine of (N, d) tensors, in float64."""
-    return torch.nn.functional.cosine_similarity(_wide(a), _wide(b), dim=-1, eps=1e-12)
-
-
-def _wide(t: torch.Tensor) -> torch.Tensor:
-    """`t` in float64, on its device where that has float64 (MPS has none: then on the CPU)."""
-    return t.cpu().double() if t.device.type == "mps" else t.double()
+    return torch.nn.functional.cosine_similarity(float64(a), float64(b), dim=-1, eps=1e-12)
 
 
 @torch.no_grad()
@@ -97,14 +93,14 @@ def layer_similarity(
             x = args[0] if args else next(iter(kwargs.values()))
             keep, first = state["keep"], state["first"]
             out = _first_tensor(output)
-            sums.mlp_norm[index] += float(_wide(out[keep]).norm(dim=-1).sum())
-            sums.mlp_norm_first[index] += float(_wide(out[first]).norm(dim=-1).sum())
+            sums.mlp_norm[index] += float(float64(out[keep]).norm(dim=-1).sum())
+            sums.mlp_norm_first[index] += float(float64(out[first]).norm(dim=-1).sum())
             if index == 0:
                 return
             target = out[keep]  # (N, d): what layer `index` itself writes
             shared = mlps[index - 1].forward(x[keep])  # .forward: the previous MLP, without firing its hook
-            sums.diff_sq[index - 1] += float((_wide(shared) - _wide(target)).pow(2).sum())
-            sums.target_sq[index - 1] += float(_wide(target).pow(2).sum())
+            sums.diff_sq[index - 1] += float((float64(shared) - float64(target)).pow(2).sum())
+            sums.target_sq[index - 1] += float(float64(target).pow(2).sum())
             sums.mlp_cos[index - 1] += float(_cos_rows(shared, target).sum())
         return hook
 
@@ -118,7 +114,7 @@ def layer_similarity(
     def layer_hook(index: int):
         def hook(module, args, kwargs, output):
             h = _first_tensor(output)
-            sums.resid_norm_first[index] += float(_wide(h[state["first"]]).norm(dim=-1).sum())
+            sums.resid_norm_first[index] += float(float64(h[state["first"]]).norm(dim=-1).sum())
             state["streams"].append(_unit(h[state["keep"]]))
         return hook
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from sharp.arch import get_adapter
 from sharp.errors import SharpError
+from sharp.io.formats import is_pruned, is_quantized_folder, is_sharp_checkpoint
 from sharp.sharing.shared import recoveries
 
 INDEX = "model.safetensors.index.json"
@@ -47,8 +48,8 @@ class SafetensorsWeights:
     def available(folder: str | Path) -> bool:
         """A plain model folder with safetensors weights (not a sharp checkpoint, a quantized or pruned one)."""
         p = Path(folder)
-        markers = ("sharp_config.json", "quantization.json", "sharp_prune.json")
-        return p.is_dir() and any(p.glob("*.safetensors")) and not any((p / m).exists() for m in markers)
+        return p.is_dir() and any(p.glob("*.safetensors")) and not any(
+            marked(p) for marked in (is_sharp_checkpoint, is_quantized_folder, is_pruned))
 
     def load_into(self, module: nn.Module, prefix: str, dtype: torch.dtype, device: str | torch.device,
                   storage: torch.dtype | None = None) -> None:
