@@ -129,8 +129,9 @@ class ShardWriter:
 
 
 
-def progress_bar(enabled: bool, total: int | None):
+def progress_bar(enabled: bool, unit: str):
+    """A capture's rich progress bar, counting `unit`s (tokens, layers)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("tokens"),
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
                     TimeElapsedColumn(), disable=not enabled, transient=False)

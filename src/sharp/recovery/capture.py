@@ -112,7 +112,7 @@ def _capture_loaded(model: nn.Module, batches, targets: list[int], root: Path, m
     decoder = _decoder(model)
     was_training = model.training
     model.eval()
-    bar = progress_bar(progress, max_tokens)
+    bar = progress_bar(progress, "tokens")
     try:
         with bar:
             task = bar.add_task("SLW capture", total=max_tokens)
@@ -204,7 +204,7 @@ def _capture_from_folder(model_path: Path, batches, targets: list[int], root: Pa
     # 2. layer by layer: read it, run every batch through it, store the targets' MLP rows, free it
     _fresh(root)
     counts = dict.fromkeys(targets, 0)
-    bar = progress_bar(progress, last + 1)
+    bar = progress_bar(progress, "layers")
     task = bar.add_task("SLW capture, layer by layer from disk", total=last + 1)
     bar.start()
     for i in range(last + 1):
