@@ -28,6 +28,7 @@ def parse_args(doc: str = __doc__) -> argparse.Namespace:
     p.add_argument("--keys", default="layer-drop+heal,width+heal,sharp-plan", help="rows to compare")
     p.add_argument("--doc", required=True)
     p.add_argument("--note", default="", help="a paragraph for the document (which code built which file)")
+    p.add_argument("--title", default="", help="benchmarks/lr_sweep.py: the document's title (default: the sweep's)")
     return p.parse_args()
 
 
