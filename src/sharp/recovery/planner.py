@@ -69,6 +69,7 @@ from sharp.sharing.recovery import RecoveryConfig
 ACTIONS = ("keep", "share", "drop-mlp", "drop-block")
 COSTS = ("residual", "kl")
 KL_TOKENS = 1024  # calibration tokens the "kl" cost scores each action on (one forward pass per action)
+PROTECTED = (0,)  # layers a plan never changes by default (see plan_layers)
 
 
 def check_plan_settings(actions: str, min_shared: float, reach: int, cost: str) -> None:
@@ -130,7 +131,7 @@ class Plan:
 @torch.no_grad()
 def measure_costs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]], ranks: Iterable[int],
                   damping: float = 1e-4, max_tokens: int | None = None, reach: int = 1, cost: str = "residual",
-                  kl_tokens: int = KL_TOKENS, actions: Iterable[str] = ACTIONS, protect: Iterable[int] = (0,),
+                  kl_tokens: int = KL_TOKENS, actions: Iterable[str] = ACTIONS, protect: Iterable[int] = PROTECTED,
                   progress: bool = False) -> list[LayerCosts]:
     """One pass of `model` over `batches` (on the model's device; padding excluded, position 0 included): every
     layer's costs, accumulated in float64; shares with references up to `reach` layers back. `cost` "kl" then
@@ -346,7 +347,7 @@ def recovery_params(recovery: RecoveryConfig, rank: int, shapes: Iterable[tuple[
 
 
 def plan_layers(costs: list[LayerCosts], need: int, recovery_cost: Mapping[int, int],
-                actions: Iterable[str] = ACTIONS, min_shared: float = 0.0, protect: Iterable[int] = (0,),
+                actions: Iterable[str] = ACTIONS, min_shared: float = 0.0, protect: Iterable[int] = PROTECTED,
                 unit: int = 1000) -> Plan:
     """The least-cost choice per layer removing at least `need` parameters (net); see the module docstring.
 
