@@ -96,3 +96,17 @@ def test_a_killed_heal_resumes_and_other_settings_are_refused(stories_path, tmp_
     report = prune_model(str(stories_path), out, options(3))
     assert report.heal["steps"] == 3 and report.heal["resumed_from"].endswith("checkpoint-3")
     assert (out / PRUNE_CONFIG).is_file() and not work.exists()
+
+
+def test_a_heal_that_fails_before_training_leaves_nothing_that_refuses_the_fixed_rerun(stories_path, tmp_path):
+    from sharp.baselines.run import PruneOptions, prune_model
+    from sharp.errors import SharpError
+
+    out = tmp_path / "md"
+    options = lambda fraction: PruneOptions(  # noqa: E731
+        method="mlp-drop", strategy="next:1-4", data=C4 + "[:16]", max_len=64, heal=True, lora_rank=2,
+        eval_fraction=fraction, sft={"steps": 1}, device="cpu")
+    with pytest.raises(SharpError, match="no training data"):
+        prune_model(str(stories_path), out, options(0.99))
+    assert not (tmp_path / "md.work").exists()
+    assert prune_model(str(stories_path), out, options(0.1)).heal["steps"] == 1

@@ -73,17 +73,18 @@ def test_auto_strategy_is_refused_in_one_line(capsys):
     assert code != 0 and "planner" in err and "Traceback" not in err
 
 
-def test_dtype_auto_is_the_source_dtype_as_compress_keeps_it(stories_path, tmp_path):
-    """auto: a bare config.json's declared dtype (Llama-2-7B: float16), a folder's weights' (stories260K: fp32;
-    the same folder saved in bf16: bf16); compress's spellings are accepted, bytes follow the dtype."""
+def test_dtype_fp32_by_default_and_auto_is_the_source_dtype(stories_path, tmp_path):
+    """fp32 by default; auto: a bare config.json's declared dtype (Llama-2-7B: float16), a folder's weights'
+    (stories260K: fp32; the same folder saved in bf16: bf16); compress's spellings are accepted, bytes follow."""
     from transformers import AutoModelForCausalLM
 
-    assert _plan()["bytes"]["dtype"] == "float16"
+    assert _plan()["bytes"]["dtype"] == "float32"  # the default: what compress computes in on a CPU
+    assert _plan(dtype="auto")["bytes"]["dtype"] == "float16"
     assert _plan(dtype="bf16")["bytes"]["dtype"] == "bfloat16"
-    assert _plan(dtype="fp32")["bytes"]["original"] == 2 * _plan()["bytes"]["original"]
-    assert _plan(stories_path, strategy="next:1-4")["bytes"]["dtype"] == "float32"
+    assert _plan()["bytes"]["original"] == 2 * _plan(dtype="auto")["bytes"]["original"]
+    assert _plan(stories_path, strategy="next:1-4", dtype="auto")["bytes"]["dtype"] == "float32"
     AutoModelForCausalLM.from_pretrained(stories_path, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
-    assert _plan(tmp_path / "bf16", strategy="next:1-4")["bytes"]["dtype"] == "bfloat16"
+    assert _plan(tmp_path / "bf16", strategy="next:1-4", dtype="auto")["bytes"]["dtype"] == "bfloat16"
     with pytest.raises(sharp.SharpError, match="unknown --dtype 'int8'"):
         _plan(dtype="int8")
 

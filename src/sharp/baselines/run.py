@@ -121,10 +121,15 @@ def prune_model(model_spec: str, out: str | os.PathLike, options: PruneOptions, 
         if options.heal:
             settings = {k: v for k, v in asdict(options).items() if k not in ("sft", "device")}  # device: runtime
             _open_work_dir(work, {"MODEL": model_spec, **settings, **options.sft}, overwrite)
-        model, tokenizer, storage = load_on_device(model_spec, options.device, options.dtype)
-        if sharp_config(model) is not None:
-            raise SharpError(f"'{model_spec}' is a sharp checkpoint; prune the original model instead")
-        report = prune_loaded(model, tokenizer, options, work if options.heal else None)
+        try:
+            model, tokenizer, storage = load_on_device(model_spec, options.device, options.dtype)
+            if sharp_config(model) is not None:
+                raise SharpError(f"'{model_spec}' is a sharp checkpoint; prune the original model instead")
+            report = prune_loaded(model, tokenizer, options, work if options.heal else None)
+        except BaseException:
+            if options.heal and not any((work / "heal").glob("checkpoint-*")):  # nothing to resume: a corrected
+                shutil.rmtree(work, ignore_errors=True)  # rerun must not be refused for the settings that failed
+            raise
         save_pruned(cast_to(model, storage), out, report, tokenizer, overwrite=overwrite)
         if options.heal:
             shutil.rmtree(work, ignore_errors=True)

@@ -70,10 +70,9 @@ def plan(
     devices: int = typer.Option(1, "--devices", help="Devices SLW tasks and SFT ranks spread over."),
     sft_parallel: str = typer.Option("ddp", "--sft-parallel", help="ddp, fsdp, zero2 or zero3 (SFT over devices)."),
     slw_backend: str = typer.Option("local", "--slw-backend", help="local (processes) or ray (a task per device)."),
-    dtype: str = typer.Option("auto", "--dtype", help="Weights and compute dtype of the run: auto (the source's, "
-                              "as sharp compress stores it; a bare config.json's declared dtype), bf16, fp16 or "
-                              "fp32. A GPU computes in it; sharp compress on a CPU computes in fp32: plan such a "
-                              "run with fp32."),
+    dtype: str = typer.Option("fp32", "--dtype", help="Weights and compute dtype of the run: fp32 (what sharp "
+                              "compress computes in on a CPU), bf16, fp16, or auto (the source's, as compress stores "
+                              "it and a GPU computes in it; a bare config.json's declared dtype)."),
     example_tokens: int = typer.Option(None, "--example-tokens", help="Average tokens per example (default: "
                                                                       "--max-len, an upper bound)."),
     slw_fraction: float = opt.SLW_FRACTION,

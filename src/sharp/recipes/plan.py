@@ -44,7 +44,7 @@ class PlanSettings:
     devices: int = 1  # GPUs (or CPU hosts) that SLW tasks and SFT ranks spread over
     sft_parallel: str = "ddp"  # ddp | fsdp | zero2 | zero3
     slw_backend: str = "local"
-    dtype: str = "auto"  # weights and compute during the run: auto (the source's, as compress), bf16, fp16, fp32
+    dtype: str = "fp32"  # weights and compute during the run (compress on a CPU: fp32); auto: the source's
     slw_fraction: float = _like_compress("slw_fraction")
     slw_workers: int = _like_compress("slw_workers")
     slw_tokens: int | None = _like_compress("slw_tokens")
