@@ -117,6 +117,19 @@ def test_min_shared_makes_sharing_do_most_of_the_removal():
     assert constrained.cost >= free.cost
 
 
+def _mlp_and_layer_outputs(model, layer, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `layer`'s MLP returns and what the layer outputs on `batches`, every token, computed independently."""
+    ys, hs = [], []
+    h1 = layer.mlp.register_forward_hook(lambda m, a, o: ys.append(o))
+    h2 = layer.register_forward_hook(lambda m, a, o: hs.append(o[0] if isinstance(o, tuple) else o))
+    with torch.no_grad():
+        for b in batches:
+            model(**b)
+    for h in (h1, h2):
+        h.remove()
+    return torch.cat(ys), torch.cat(hs)
+
+
 def test_measured_costs_mean_what_they_say():
     model = tiny_model()
     g = torch.Generator().manual_seed(0)
@@ -135,15 +148,7 @@ def test_measured_costs_mean_what_they_say():
         assert c.share[0] <= c.drop_mlp * (1 + 1e-6)  # the gate can always switch the reference off
     # drop-mlp cost = what the MLP writes, over the residual after the layer, computed independently
     layer = model.model.layers[3]
-    ys, hs = [], []
-    h1 = layer.mlp.register_forward_hook(lambda m, a, o: ys.append(o))
-    h2 = layer.register_forward_hook(lambda m, a, o: hs.append(o[0] if isinstance(o, tuple) else o))
-    with torch.no_grad():
-        for b in batches:
-            model(**b)
-    for h in (h1, h2):
-        h.remove()
-    y, h = torch.cat(ys), torch.cat(hs)
+    y, h = _mlp_and_layer_outputs(model, layer, batches)
     assert costs[3].drop_mlp == pytest.approx(float((y.double() ** 2).sum() / (h.double() ** 2).sum()), rel=1e-6)
 
 
@@ -157,15 +162,7 @@ def test_gemma3_costs_count_what_the_layer_adds_after_its_post_norm():
     batches = [{"input_ids": torch.randint(128, (4, 20), generator=g)} for _ in range(2)]
     costs = measure_costs(model, batches, ranks=[0, 4])
     layer = model.model.layers[3]
-    ys, hs = [], []
-    h1 = layer.mlp.register_forward_hook(lambda m, a, o: ys.append(o))
-    h2 = layer.register_forward_hook(lambda m, a, o: hs.append(o[0] if isinstance(o, tuple) else o))
-    with torch.no_grad():
-        for b in batches:
-            model(**b)
-    for h in (h1, h2):
-        h.remove()
-    y, h = torch.cat(ys), torch.cat(hs)
+    y, h = _mlp_and_layer_outputs(model, layer, batches)
     with torch.no_grad():
         added = float((layer.post_feedforward_layernorm(y).double() ** 2).sum() / (h.double() ** 2).sum())
     assert costs[3].drop_mlp == pytest.approx(added, rel=1e-6)
