@@ -238,11 +238,14 @@ def _path_and_kwargs(spec: str) -> tuple[str, dict]:
 
 def source_dtype(path: str | os.PathLike) -> torch.dtype:
     """The dtype a model's weights are stored in, read without loading them (`path` as `resolve_model_path`
-    returns it: a folder, a .gguf file or a hub id). A GGUF's quantized blocks count as bf16; anything other
+    returns it: a folder, a .gguf file or a hub id; or a bare config.json). A GGUF's quantized blocks count as bf16; anything other
     than bf16/fp16 counts as fp32."""
     p = Path(path)
     if p.suffix == ".gguf":
         return torch.bfloat16
+    if p.suffix == ".json" and p.is_file():  # a bare config.json (`sharp plan`): the dtype it declares
+        config = _json(p)
+        return _known(config.get("dtype") or config.get("torch_dtype"))
     if p.is_dir():
         if is_quantized_folder(p):  # `sharp quantize`: the dtype of what is not quantized
             return _known(_json(p / QUANT_CONFIG).get("dtype"))

@@ -102,7 +102,7 @@ def plan(s: PlanSettings) -> dict:
     tokens = min(s.example_tokens or s.max_len, s.max_len)
     n_eval = max(1, round(s.data_size * s.eval_fraction))
     n_train = s.data_size - n_eval
-    s = replace(s, dtype=str(run_dtype(s.dtype, s.model, config)).removeprefix("torch."))  # every stage reads it
+    s = replace(s, dtype=str(run_dtype(s.dtype, s.model)).removeprefix("torch."))  # every stage reads it
     wb = DTYPE_BYTES[s.dtype]
     c = shape.counts
 

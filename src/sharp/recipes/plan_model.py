@@ -71,17 +71,14 @@ def read_config(spec: str):
     return load_config(spec)
 
 
-def run_dtype(text: str, spec: str, config) -> torch.dtype:
-    """The dtype a compress run of `spec` holds its weights in for `--dtype text`: `auto` keeps the source's, the
-    weights' own (`io.models.source_dtype`) or, for a bare config.json, the dtype it declares."""
+def run_dtype(text: str, spec: str) -> torch.dtype:
+    """The dtype a compress run of `spec` holds its weights in for `--dtype text`: `auto` keeps the source's
+    (`io.models.source_dtype`; a bare config.json's declared one)."""
     from sharp.io.dtypes import resolve_dtype
     from sharp.io.models import resolve_model_path, source_dtype
 
     path = Path(spec).expanduser()
-    if path.is_file() and path.suffix == ".json":
-        declared = str(getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)).removeprefix("torch.")
-        return resolve_dtype(text, {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(declared))
-    return resolve_dtype(text, source_dtype(resolve_model_path(spec)))
+    return resolve_dtype(text, source_dtype(path if path.suffix == ".json" else resolve_model_path(spec)))
 
 
 def model_shape(config, strategy: str, recovery: str, modules: str = "mlp", train: str = "recovery",
