@@ -238,8 +238,8 @@ def _path_and_kwargs(spec: str) -> tuple[str, dict]:
 
 def source_dtype(path: str | os.PathLike) -> torch.dtype:
     """The dtype a model's weights are stored in, read without loading them (`path` as `resolve_model_path`
-    returns it: a folder, a .gguf file or a hub id; or a bare config.json). A GGUF's quantized blocks count as bf16; anything other
-    than bf16/fp16 counts as fp32."""
+    returns it: a folder, a .gguf file or a hub id; or a bare config.json). A GGUF's quantized blocks count as
+    bf16; anything other than bf16/fp16 counts as fp32."""
     p = Path(path)
     if p.suffix == ".gguf":
         return torch.bfloat16
