@@ -2,9 +2,8 @@
 
 The data for healing is split and tokenized by the function `sharp compress` uses (`sharp.data.split_tokenized`:
 the same held-out split, template and `--max-len`), so a healed baseline and a SHARP model see the same training
-examples. Healing keeps its
-checkpoints in `OUT.work/` (as compress does): the same command after a kill resumes it; the folder is removed
-once `OUT` is saved.
+examples. Healing keeps its checkpoints in `OUT.work/` (as compress does): the same command after a kill resumes
+it; the folder is removed once `OUT` is saved.
 """
 
 from __future__ import annotations
@@ -108,7 +107,7 @@ def prune_loaded(model: nn.Module, tokenizer, options: PruneOptions, work_dir: s
 def prune_model(model_spec: str, out: str | os.PathLike, options: PruneOptions, overwrite: bool = False
                 ) -> PruneReport:
     """Load `model_spec`, prune it per `options`, save a pruned model folder to `out`."""
-    from sharp.io.atomic import check_output_dir
+    from sharp.io.atomic import check_output_dir, work_dir_of
     from sharp.io.device import load_on_device
     from sharp.io.dtypes import cast_to
     from sharp.io.lock import output_lock
@@ -116,7 +115,7 @@ def prune_model(model_spec: str, out: str | os.PathLike, options: PruneOptions, 
 
     check_output_dir(out, overwrite)
     options.validate()
-    work = Path(out).absolute().parent / f"{Path(out).absolute().name}.work"
+    work = work_dir_of(out)
     with output_lock(work):
         if options.heal:
             settings = {k: v for k, v in asdict(options).items() if k not in ("sft", "device")}  # device: runtime
@@ -139,13 +138,11 @@ def prune_model(model_spec: str, out: str | os.PathLike, options: PruneOptions, 
 def _open_work_dir(work: Path, identity: dict, overwrite: bool) -> None:
     """Keep `work` when it holds a heal of these settings (it resumes); refuse one with other settings unless
     `overwrite` (then it starts afresh), and a folder sharp did not make."""
-    from sharp.io.atomic import write_text_atomic
+    from sharp.io.atomic import refuse_foreign_work_dir, write_text_atomic
 
+    refuse_foreign_work_dir(work)
     run_file = work / "run.json"
     if work.exists():
-        if not run_file.is_file() and (not work.is_dir() or any(work.iterdir())):
-            raise SharpError(f"'{work}' exists and is not a sharp work folder (no run.json); move it away or choose "
-                             "another --out")
         try:
             recorded = json.loads(run_file.read_text()) if run_file.is_file() else identity
         except (OSError, ValueError):

@@ -131,3 +131,16 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """`Path.write_text`, but all or nothing (see `replaced_file`)."""
     with replaced_file(path) as tmp:
         tmp.write_text(text)
+
+
+def work_dir_of(out: str | os.PathLike) -> Path:
+    """`OUT.work` beside `out`: where a command that trains keeps what it resumes from until `out` is written."""
+    out = Path(out).absolute()
+    return out.parent / f"{out.name}.work"
+
+
+def refuse_foreign_work_dir(work: Path) -> None:
+    """Refuse a `work` that sharp did not make: not a folder, or holding files but no run.json."""
+    if work.exists() and (not work.is_dir() or (not (work / "run.json").is_file() and any(work.iterdir()))):
+        raise SharpError(f"'{work}' exists and is not a sharp work folder (no run.json); move it away or choose "
+                         "another --out")

@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from sharp.errors import SharpError, flag_names
-from sharp.io.atomic import write_text_atomic
+from sharp.io.atomic import refuse_foreign_work_dir, work_dir_of, write_text_atomic
 
 STAGES = ("slw", "sft")
 # {SLWConfig / SFTConfig field: the setting (and flag) of compress that sets it}
@@ -86,8 +86,7 @@ class RecoverySettings:
 
     @property
     def work_dir(self) -> Path:
-        out = Path(self.out).absolute()
-        return out.parent / f"{out.name}.work"
+        return work_dir_of(self.out)
 
     def slw_config(self):
         from sharp.recovery.slw_config import SLWConfig
@@ -213,9 +212,7 @@ def check_work_dir(work: Path, settings: dict | None = None, overwrite: bool = F
     """Refuse an `OUT.work` that sharp did not make (no run.json, not empty), and, given this run's `settings`, one
     holding an unfinished run with other settings (beyond SFT's) unless `overwrite`: starting over would discard
     its work."""
-    if work.exists() and (not work.is_dir() or (not (work / "run.json").is_file() and any(work.iterdir()))):
-        raise SharpError(f"'{work}' exists and is not a sharp work folder (no run.json); move it away or choose "
-                         "another --out")
+    refuse_foreign_work_dir(work)
     if settings is None or overwrite:
         return
     if (recorded := _recorded_settings(work)) is None:
