@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import shutil
 import tempfile
@@ -131,6 +132,13 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     """`Path.write_text`, but all or nothing (see `replaced_file`)."""
     with replaced_file(path) as tmp:
         tmp.write_text(text)
+
+
+def append_json_line(path: str | os.PathLike, row: dict) -> None:
+    """Append `row` to a JSONL log as one line: a single small write in append mode stays whole even when several
+    processes append to the same file, and a kill cuts off at most the last line (the readers drop it)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(row, sort_keys=True, default=str) + "\n")
 
 
 def work_dir_of(out: str | os.PathLike) -> Path:

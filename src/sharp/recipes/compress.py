@@ -22,14 +22,14 @@ import sharp
 from sharp.arch import num_layers
 from sharp.data import collate_examples, pad_id, split_tokenized
 from sharp.evaluation.perplexity import response_perplexity
-from sharp.io.atomic import atomic_dir, write_text_atomic
+from sharp.io.atomic import append_json_line, atomic_dir, write_text_atomic
 from sharp.io.device import place, resolve_device
 from sharp.io.dtypes import cast_to, dtype_name, resolve_dtype, round_to
 from sharp.io.lock import output_lock
 from sharp.io.manifest import write_manifest
 from sharp.io.models import load_tokenizer, resolve_model_path, source_dtype
 from sharp.recipes import distributed as dist
-from sharp.recipes.config import CompressConfig, StageMeter, log_event, prepare_work_dir, run_identity
+from sharp.recipes.config import CompressConfig, StageMeter, prepare_work_dir, run_identity
 from sharp.recovery.lazy import SafetensorsWeights
 from sharp.recovery.planner import plan_strategy
 from sharp.recovery.sft import run_sft
@@ -144,7 +144,7 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
             seconds = time.perf_counter() - start
             if dist.is_main():
                 write_text_atomic(evals_path, json.dumps(evals, indent=2))
-                log_event(log_path, {"stage": "eval", "model": name, "ppl": evals[name], "seconds": seconds})
+                append_json_line(log_path, {"stage": "eval", "model": name, "ppl": evals[name], "seconds": seconds})
 
     perplexity("original")
 
@@ -181,7 +181,8 @@ def _compress(cfg: CompressConfig, work: Path, progress: bool) -> dict:
             original = None  # only the KD teacher needs the original model after SLW
         if dist.is_main() and not meter.logged("slw"):
             for layer, res in layers.items():
-                log_event(log_path, {"stage": "slw", "layer": layer, **{k: v for k, v in res.items() if k != "curve"}})
+                row = {k: v for k, v in res.items() if k != "curve"}
+                append_json_line(log_path, {"stage": "slw", "layer": layer, **row})
             meter.mark_logged("slw")
         slw_summary = {str(t): {k: r.get(k) for k in SLW_KEYS} for t, r in layers.items()}
         perplexity("slw")

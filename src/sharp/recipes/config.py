@@ -309,11 +309,6 @@ def _is_sft_row(row: dict) -> bool:
     return not row or row.get("stage") == "sft" or (row.get("stage") == "eval" and row.get("model") == "sft")
 
 
-def log_event(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row, sort_keys=True, default=str) + "\n")
-
-
 class StageMeter:
     """Wall time and peak RSS of each stage, persisted so a resumed run reports the finished stages' numbers."""
 

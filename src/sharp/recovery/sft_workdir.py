@@ -14,6 +14,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from sharp.errors import SharpError
+from sharp.io.atomic import append_json_line
 
 TRAINABLE = "trainable.safetensors"
 STATE = "trainer_state.json"
@@ -75,8 +76,7 @@ class JsonlLogCallback(TrainerCallback):
         if not logs:
             return
         row = {"stage": "sft", "step": state.global_step, **{k: _plain(v) for k, v in logs.items()}}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row, sort_keys=True) + "\n")
+        append_json_line(self.path, row)
 
 
 def _plain(v):

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from sharp.errors import SharpError
-from sharp.io.atomic import replaced_file, write_text_atomic
+from sharp.io.atomic import append_json_line, replaced_file, write_text_atomic
 from sharp.recovery.activations import ActivationStore
 from sharp.recovery.closed_form import fit_mlp, fittable
 from sharp.recovery.lazy import DiskModule
@@ -229,12 +229,6 @@ def load_result(mlp: nn.Module, layer_dir: Path) -> None:
     load_recovery_state(mlp, state)
 
 
-def log(path: str, record: dict) -> None:
-    """Append one JSON line (small single writes in append mode stay whole across worker processes)."""
-    with open(path, "a") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
 # --- training ---------------------------------------------------------------------------------------------
 
 
@@ -306,7 +300,7 @@ def train_layer(job: LayerJob, threads: int, report: Callable[..., None] | None 
         optimizer.load_state_dict(st["optimizer"])
         scheduler.load_state_dict(st["scheduler"])
         info, stopper = st["info"], st["stopper"]
-        log(job.log_path, {"event": "resume", "layer": job.layer, "step": info["step"]})
+        append_json_line(job.log_path, {"event": "resume", "layer": job.layer, "step": info["step"]})
     else:
         init = initialize(job, rows, cfg)
         before, chosen = init["before"], init["init"]
@@ -319,7 +313,7 @@ def train_layer(job: LayerJob, threads: int, report: Callable[..., None] | None 
                 "train_tokens": int(rows.x_train.shape[0]), "eval_tokens": int(rows.x_eval.shape[0]),
                 "params": sum(p.numel() for p in params)}
         stopper = EarlyStopping(chosen.objective, recovery_state(mlp), cfg.patience, cfg.min_delta)
-        log(job.log_path, {"event": "start", "layer": job.layer, "rel_err_before": before.err,
+        append_json_line(job.log_path, {"event": "start", "layer": job.layer, "rel_err_before": before.err,
                            "rel_err_init": chosen.err, "init": init["report"].get("chosen")})
     steps_this_call = 0
     running = None
@@ -353,7 +347,7 @@ def train_layer(job: LayerJob, threads: int, report: Callable[..., None] | None 
             point = {"step": step, "train_loss": running, "rel_err": score.err, "sink_rel_err": score.sink,
                      "lr": scheduler.get_last_lr()[0]}
             info["curve"].append(point)
-            log(job.log_path, {"event": "eval", "layer": job.layer, **point})
+            append_json_line(job.log_path, {"event": "eval", "layer": job.layer, **point})
             if stopper.update(score.objective, lambda: recovery_state(mlp)):
                 info.update(best_step=step, rel_err_after=score.err, sink_rel_err_after=score.sink)
             info["stopped_early"] = stopper.stop
@@ -366,7 +360,7 @@ def train_layer(job: LayerJob, threads: int, report: Callable[..., None] | None 
     load_recovery_state(mlp, stopper.best_state)  # the best held-out state, not the last
     info["seconds"] += time.perf_counter() - start
     save_result(layer_dir, stopper.best_state, info)
-    log(job.log_path, {"event": "done", "layer": job.layer, "rel_err_before": info["rel_err_before"],
+    append_json_line(job.log_path, {"event": "done", "layer": job.layer, "rel_err_before": info["rel_err_before"],
                        "rel_err_after": info["rel_err_after"], "steps": info["step"],
                        "stopped_early": info["stopped_early"], "seconds": info["seconds"]})
     if report is not None:
