@@ -162,7 +162,7 @@ def reading(rows: dict[str, list[dict]]) -> list[str]:
         "on the same bf16 weights, for no better perplexity; hence CPUs compute in fp32 (`sharp.io.device`).",
         f"- SFT with bf16 trainable tensors: {ppl[VARIANTS[3]]:.3f} after SFT, against {ppl[VARIANTS[2]]:.3f} with "
         f"float32 copies of them (and {ppl[VARIANTS[0]]:.3f} all fp32): AdamW steps below bf16's resolution are "
-        f"rounded away (this run's lr is {SETTINGS['lr']}; the default 2e-4 takes smaller steps still); hence "
+        f"rounded away (this run's lr is {SETTINGS['lr']}; the default 1e-3 takes smaller steps still); hence "
         "SFT's float32 copies.",
         "- `reloaded` scores the written checkpoint as `sharp eval --device cpu` does (fp32 math): with fp32 "
         "compute it equals `after SFT` exactly (what is scored is what is stored); after bf16 compute it differs by "

@@ -93,6 +93,11 @@ def test_a_killed_heal_resumes_and_other_settings_are_refused(stories_path, tmp_
     monkeypatch.setattr(pruned, "save_pruned", save)
     with pytest.raises(SharpError, match=r"other settings \(--steps\).*--overwrite"):
         prune_model(str(stories_path), out, options(4))
+    run_json = (work / "run.json").read_text()
+    (work / "run.json").write_text(run_json[:20])  # cut off by a full disk, say
+    with pytest.raises(SharpError, match=r"run.json' is damaged.*--overwrite"):
+        prune_model(str(stories_path), out, options(3))
+    (work / "run.json").write_text(run_json)
     report = prune_model(str(stories_path), out, options(3))
     assert report.heal["steps"] == 3 and report.heal["resumed_from"].endswith("checkpoint-3")
     assert (out / PRUNE_CONFIG).is_file() and not work.exists()
@@ -110,3 +115,28 @@ def test_a_heal_that_fails_before_training_leaves_nothing_that_refuses_the_fixed
         prune_model(str(stories_path), out, options(0.99))
     assert not (tmp_path / "md.work").exists()
     assert prune_model(str(stories_path), out, options(0.1)).heal["steps"] == 1
+
+
+def test_a_plain_prune_removes_the_folder_of_a_killed_heal(stories_path, tmp_path):
+    """Once OUT is saved, a heal of OUT can no longer resume: its leftover OUT.work must not stay behind."""
+    from sharp.baselines.run import PruneOptions, prune_model
+
+    work = tmp_path / "md.work"
+    (work / "heal" / "checkpoint-1").mkdir(parents=True)
+    (work / "run.json").write_text("{}")
+    prune_model(str(stories_path), tmp_path / "md", PruneOptions(method="mlp-drop", strategy="next:1-4",
+                                                                 device="cpu"))
+    assert (tmp_path / "md" / PRUNE_CONFIG).is_file() and not work.exists()
+
+
+def test_every_front_end_heals_and_fine_tunes_at_the_same_default_lr():
+    """The Python API (SFTConfig, used by PruneOptions and heal) once took 2e-4 where the CLI took 1e-3."""
+    import inspect
+
+    from sharp.cli.baselines import prune
+    from sharp.cli.options import LR
+    from sharp.recipes.config import CompressConfig
+    from sharp.recovery.sft import SFTConfig
+
+    prune_lr = inspect.signature(prune).parameters["lr"].default.default
+    assert SFTConfig().lr == CompressConfig.lr == LR.default == prune_lr

@@ -130,7 +130,7 @@ def prune_model(model_spec: str, out: str | os.PathLike, options: PruneOptions, 
                 shutil.rmtree(work, ignore_errors=True)  # rerun must not be refused for the settings that failed
             raise
         save_pruned(cast_to(model, storage), out, report, tokenizer, overwrite=overwrite)
-        if options.heal:
+        if options.heal or (work / "run.json").is_file():  # a killed heal's folder is stale once OUT exists
             shutil.rmtree(work, ignore_errors=True)
     return report
 
@@ -148,8 +148,11 @@ def _open_work_dir(work: Path, identity: dict, overwrite: bool) -> None:
         except (OSError, ValueError):
             recorded = None
         if recorded != identity and not overwrite:
+            if not isinstance(recorded, dict):
+                raise SharpError(f"'{run_file}' is damaged, so the unfinished heal in '{work}' cannot be matched to "
+                                 "this command; add --overwrite to discard it")
             changed = [k if k == "MODEL" else "--" + k.replace("_", "-") for k in identity
-                       if recorded is None or recorded.get(k) != identity[k]]
+                       if recorded.get(k) != identity[k]]
             raise SharpError(f"'{work}' holds an unfinished heal with other settings ({', '.join(changed)}); rerun "
                              "with those to resume it, or add --overwrite to discard it")
         if recorded != identity:

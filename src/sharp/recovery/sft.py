@@ -5,10 +5,10 @@ cosine decay, gradient accumulation, an eval loss every `eval_steps` and a check
 
 Training runs on the model's device (or `device`). The trainable tensors are float32 during training whatever the
 model's dtype, and go back to it afterwards; the frozen base weights stay as they are (bf16 on a GPU), with
-autocast in the model's 16-bit dtype on CUDA. Why float32 masters: AdamW's steps (lr 2e-4 of a LoRA entry) are
-mostly below bf16's resolution (8 bits of mantissa), so bf16 trainable tensors barely move; float32 copies cost
-nothing next to the base weights (the recovery is ~1% of them). Measured on stories260K
-(`docs/results/dtype_cpu.md`).
+autocast in the model's 16-bit dtype on CUDA. Why float32 masters: AdamW moves an entry by about the lr per step
+(1e-3 by default), often below bf16's resolution (8 bits of mantissa) for the entry's size, so bf16 trainable tensors
+lose part of their updates to rounding; float32 copies cost nothing next to the base weights (the recovery is ~1% of
+them). Measured on stories260K (`docs/results/dtype_cpu.md`).
 
 Loss (`loss`, over the response tokens): "ce" next-token cross-entropy on the data, or the distillation losses
 "kd" and "ce+kd" of `sharp.recovery.distill` (the original model as teacher), optionally with its hidden-state
@@ -72,7 +72,7 @@ class SFTConfig:
 
     steps: int = 200  # optimizer steps; 0 = train for `epochs` instead
     epochs: float = 1.0  # used only when steps == 0
-    lr: float = 2e-4  # peak learning rate (AdamW)
+    lr: float = 1e-3  # peak learning rate (AdamW); the CLI default of compress and prune --heal
     batch_size: int = 4  # examples per micro-batch
     grad_accum: int = 1  # micro-batches per optimizer step
     warmup: float = 0.05  # fraction of the steps spent warming up linearly
