@@ -41,7 +41,9 @@ def barrier() -> None:
 
 
 def wait_until(done: Callable[[], bool], what: str, poll: float = 2.0, timeout: float | None = None) -> None:
-    """Poll `done` until it is true (rank 0 writing a file the other ranks need)."""
+    """Poll `done` until it is true (rank 0 writing a file the other ranks need). No timeout by default: rank 0's
+    SLW may take hours, and if rank 0 dies the launcher (torchrun's elastic agent, which `accelerate launch` runs)
+    stops the waiting ranks with it."""
     start = time.monotonic()
     while not done():
         if timeout is not None and time.monotonic() - start > timeout:
