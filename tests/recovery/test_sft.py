@@ -187,6 +187,18 @@ def test_full_lora_trains_reference_and_target_alike_and_merges(data, tmp_path):
     assert not any("lora" in k for k in base)
 
 
+def test_full_lora_leaves_a_deleted_mlp_alone():
+    """A plan's drop-mlp leaves empty linears: a LoRA there would count as trained parameters and never move."""
+    from peft.tuners.lora import LoraLayer
+
+    model = AutoModelForCausalLM.from_pretrained(MODEL, dtype=torch.float32)
+    sharp.share(model, "map:3=2,1=drop-mlp", "lora:4")
+    add_full_lora(model, rank=2)
+    wrapped = {n for n, m in model.named_modules() if isinstance(m, LoraLayer)}
+    assert wrapped and not any(n.startswith("model.layers.1.mlp.") for n in wrapped)
+    assert any(n.startswith("model.layers.1.self_attn.") for n in wrapped)
+
+
 def _trainer(model, tmp_path):
     from transformers import TrainingArguments
 

@@ -19,46 +19,28 @@ from torch import nn
 from sharp.errors import SharpError
 
 
-def _lora_targets(model: nn.Module) -> list[str]:
-    lm_head = model.get_output_embeddings()
-    return sorted(n for n, m in model.named_modules()
-                  if isinstance(m, nn.Linear) and m is not lm_head and m.weight.numel() > 0)
-
-
 def lora_parameters_per_rank(model: nn.Module) -> int:
     """Trainable parameters one unit of healing-LoRA rank adds: sum of (in + out) over the LoRA targets."""
-    return sum(m.in_features + m.out_features for n, m in model.named_modules() if n in set(_lora_targets(model)))
+    from sharp.recovery.trainable import full_lora_targets
+
+    targets = set(full_lora_targets(model))
+    return sum(m.in_features + m.out_features for n, m in model.named_modules() if n in targets)
 
 
-def add_lora(model: nn.Module, rank: int, alpha: int | None = None) -> list[nn.Parameter]:
-    """Inject LoRA (rank, alpha = 2 * rank as `add_full_lora`) into every non-empty linear; freeze the rest."""
-    from peft import LoraConfig, inject_adapter_in_model
-    from peft.tuners.lora import LoraLayer
+def add_lora(model: nn.Module, rank: int) -> list[nn.Parameter]:
+    """Inject the LoRA of `sharp compress --train full-lora` (`add_full_lora`: every non-empty linear but the LM
+    head); freeze everything else. Returns the LoRA parameters."""
+    from sharp.recovery.trainable import add_full_lora, full_lora_targets, lora_parameters
 
-    targets = _lora_targets(model)
-    if not targets:
+    if not full_lora_targets(model):
         raise SharpError("found no linear layer to heal with LoRA")
-    inject_adapter_in_model(LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0,
-                                       target_modules=targets), model)
+    add_full_lora(model, rank)
     for p in model.parameters():
         p.requires_grad_(False)
-    params = [p for m in model.modules() if isinstance(m, LoraLayer)
-              for attr in m.adapter_layer_names for p in getattr(m, attr).parameters()]
+    params = lora_parameters(model)
     for p in params:
         p.requires_grad_(True)
     return params
-
-
-def merge_lora(model: nn.Module) -> nn.Module:
-    """Fold every LoRA into its base weight and put the plain nn.Linear back."""
-    from peft.tuners.lora import LoraLayer
-
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoraLayer):
-            module.merge()
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, module.get_base_layer())
-    return model
 
 
 def heal(
@@ -82,6 +64,7 @@ def heal(
 
     from sharp.data import collate_examples
     from sharp.recovery.sft import SFTConfig, run_sft
+    from sharp.recovery.trainable import merge_full_lora
 
     sft_config = sft_config or SFTConfig(seed=seed)
     set_seed(seed)  # as compress before add_full_lora: the LoRA A matrices start the same way
@@ -90,7 +73,7 @@ def heal(
         summary = run_sft(model, train, eval_examples, sft_config, work_dir or tmp,
                           partial(collate_examples, pad_id=pad_id), log_file=log_file, teacher=teacher,
                           teacher_layers=teacher_layers)
-    merge_lora(model)
+    merge_full_lora(model)
     for p in model.parameters():
         p.requires_grad_(False)
     model.eval()

@@ -45,7 +45,7 @@ def mark_trainable(model: nn.Module, stage: str = "recovery") -> dict[str, int]:
             for p in rec.parameters():
                 p.requires_grad_(True)
     if stage.startswith("full-lora"):
-        for p in _lora_parameters(model):
+        for p in lora_parameters(model):
             p.requires_grad_(True)
     if stage.endswith("+shared"):
         for p in shared_reference_parameters(model):
@@ -80,16 +80,21 @@ def trainable_counts(model: nn.Module) -> dict[str, int]:
     }
 
 
-def add_full_lora(model: nn.Module, rank: int = 8, alpha: int | None = None) -> nn.Module:
-    """Inject PEFT LoRA (rank `rank`) on every decoder linear outside the shared projections, in place."""
-    from peft import LoraConfig, inject_adapter_in_model
-
+def full_lora_targets(model: nn.Module) -> list[str]:
+    """The linears full-lora puts a LoRA on: every one but the LM head, the shared projections' insides and the
+    empty ones a deleted MLP leaves (a LoRA there would count as trained parameters and never change)."""
     inside_shared = {f"{n}.{sub}" for n, s in shared_linears(model) for sub, _ in s.named_modules() if sub}
     lm_head = model.get_output_embeddings()
-    targets = sorted(
-        n for n, m in model.named_modules()
-        if isinstance(m, nn.Linear) and n not in inside_shared and m is not lm_head
-    )
+    return sorted(n for n, m in model.named_modules()
+                  if isinstance(m, nn.Linear) and n not in inside_shared and m is not lm_head
+                  and m.weight.numel() > 0)
+
+
+def add_full_lora(model: nn.Module, rank: int = 8, alpha: int | None = None) -> nn.Module:
+    """Inject PEFT LoRA (rank `rank`, alpha 2 * rank) on each of `full_lora_targets`, in place."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    targets = full_lora_targets(model)
     if not targets:
         raise SharpError("found no linear layer to put LoRA on; use --train recovery")
     config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0, target_modules=targets)
@@ -115,7 +120,7 @@ def _inside_shared(model: nn.Module, name: str) -> bool:
     return any(name.startswith(n + ".") for n, _ in shared_linears(model))
 
 
-def _lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     from peft.tuners.lora import LoraLayer
 
     params = []
