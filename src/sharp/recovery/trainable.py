@@ -90,14 +90,14 @@ def full_lora_targets(model: nn.Module) -> list[str]:
                   and m.weight.numel() > 0)
 
 
-def add_full_lora(model: nn.Module, rank: int = 8, alpha: int | None = None) -> nn.Module:
+def add_full_lora(model: nn.Module, rank: int = 8) -> nn.Module:
     """Inject PEFT LoRA (rank `rank`, alpha 2 * rank) on each of `full_lora_targets`, in place."""
     from peft import LoraConfig, inject_adapter_in_model
 
     targets = full_lora_targets(model)
     if not targets:
         raise SharpError("found no linear layer to put LoRA on; use --train recovery")
-    config = LoraConfig(r=rank, lora_alpha=alpha or 2 * rank, lora_dropout=0.0, target_modules=targets)
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=targets)
     inject_adapter_in_model(config, model)
     relink_shared(model)  # targets now reuse the LoRA-wrapped reference, as the reference itself does
     return model
