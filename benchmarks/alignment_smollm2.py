@@ -25,12 +25,12 @@ import copy
 import datetime
 import json
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from provenance import git_rev
 
 ROOT = Path(__file__).resolve().parents[1]
 ALPACA = "alpaca-demo"
@@ -82,8 +82,7 @@ def captured(args) -> tuple:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     started = datetime.datetime.now(datetime.UTC)
-    git = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
-                         text=True).stdout.strip()  # the code measured: read when the run starts
+    git = git_rev()  # the code measured: read when the run starts
     first, last = (int(v) for v in args.targets.split("-"))
     targets = list(range(first, last + 1, 2))
     model, tok = sharp.load_model(args.model, dtype=torch.float32)

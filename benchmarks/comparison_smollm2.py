@@ -21,12 +21,12 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import torch
+from provenance import git_rev
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets"
@@ -137,13 +137,6 @@ def slw_diagnostics(work: Path) -> list[str]:
           f"{r['rel_err_after']:.2f} |" for r in sorted(rows, key=lambda r: r["layer"])),
         "",
     ]
-
-
-def git_rev() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:

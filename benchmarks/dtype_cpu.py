@@ -20,11 +20,11 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import tempfile
 from pathlib import Path
 
 import torch
+from provenance import git_rev
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets"
@@ -91,7 +91,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "dtype_cpu.md")
     args = parser.parse_args()
     torch.set_num_threads(2)
-    meta = {"commit": _commit(), "load_average_start": os.getloadavg()[0]}
+    meta = {"commit": git_rev(), "load_average_start": os.getloadavg()[0]}
     rows: dict[str, list[dict]] = {v: [] for v in VARIANTS}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -103,14 +103,6 @@ def main() -> None:
                 print(v, json.dumps(rows[v][-1]), flush=True)
     meta["load_average_end"] = os.getloadavg()[0]
     write(rows, meta, args)
-
-
-def _commit() -> str:
-    """HEAD, marked dirty when src/ differs from it (the code this run imported)."""
-    git = ["git", "-C", str(ROOT)]
-    head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    dirty = subprocess.run([*git, "status", "--porcelain", "src"], capture_output=True, text=True).stdout.strip()
-    return head + ("-dirty" if dirty else "")
 
 
 def _median(runs: list[dict], stage: str) -> float:

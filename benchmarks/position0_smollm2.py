@@ -14,12 +14,12 @@ import argparse
 import copy
 import platform
 import shutil
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from provenance import git_rev
 
 import sharp
 from sharp.data import collate_examples, load_records, tokenize_examples
@@ -62,7 +62,7 @@ def main() -> None:
         rows.append((name, response_perplexity(shared, held, 8, progress=False)["ppl"], errs, seconds))
         print(rows[-1], flush=True)
 
-    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    git = git_rev()
     lines = [
         "# SLW and the attention sink at position 0 (SmolLM2-135M)",
         "",

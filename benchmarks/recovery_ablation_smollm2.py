@@ -35,10 +35,11 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from provenance import git_rev
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT.parent / "shared" / "assets"
@@ -152,13 +153,6 @@ def same_settings(cached: dict, settings: dict) -> bool:
     from sharp.recipes.config import SETTINGS_BEFORE_THEIR_FLAG
 
     return {**SETTINGS_BEFORE_THEIR_FLAG, **cached} == {**SETTINGS_BEFORE_THEIR_FLAG, **settings}
-
-
-def git_rev() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:

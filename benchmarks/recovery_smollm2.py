@@ -15,11 +15,11 @@ import argparse
 import copy
 import json
 import platform
-import subprocess
 import time
 from pathlib import Path
 
 import torch
+from provenance import git_rev
 
 import sharp
 from sharp.data import collate_examples, load_records, parse_data_spec, split_examples, tokenize_examples
@@ -123,7 +123,7 @@ def write(a, evals, counts, layers, meter, train, held, n, sft_cfg, wall) -> Non
         "train_examples": len(train), "eval_examples": len(held), "sft_tokens_per_run": _tokens(train, sft_cfg),
         "slw_capture_examples": n, "this_call_seconds": time.perf_counter() - wall,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}",
-        "git": _git(),
+        "git": git_rev(),
     }
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.with_suffix(".json").write_text(json.dumps(result, indent=2, sort_keys=True, default=str) + "\n")
@@ -145,14 +145,6 @@ def _tokens(train: list[dict], cfg: SFTConfig) -> int:
     """Upper bound of the tokens one SFT run sees (steps x examples per step x mean example length)."""
     mean = sum(len(e["input_ids"]) for e in train) / len(train)
     return round(cfg.steps * cfg.batch_size * cfg.grad_accum * mean)
-
-
-def _git() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=ROOT).stdout.strip()
-    except OSError:
-        return "unknown"
 
 
 def render(r: dict) -> str:
