@@ -75,3 +75,9 @@ def get_adapter(model_or_config) -> ArchAdapter:
 
 def num_layers(config) -> int:
     return int(config.num_hidden_layers)
+
+
+def layer_hidden(output):
+    """The hidden state a decoder layer returns: Llama layers in transformers 5 return the tensor itself, other
+    layers (and older versions) a tuple whose first item it is."""
+    return output[0] if isinstance(output, tuple | list) else output

@@ -24,7 +24,7 @@ import math
 import torch
 from torch import nn
 
-from sharp.arch import get_adapter
+from sharp.arch import get_adapter, layer_hidden
 from sharp.errors import SharpError
 from sharp.sharing.surgery import is_fused, mlp_projections, mlp_width
 
@@ -51,10 +51,6 @@ def _forward(model: nn.Module, example: dict) -> torch.Tensor:
     return model(input_ids=ids, labels=labels, use_cache=False).loss
 
 
-def _hidden(out) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
 @torch.no_grad()
 def residual_streams(model: nn.Module, examples: list[dict]) -> list[torch.Tensor]:
     """Per example, the residual stream at every layer boundary: (L + 1, T - 1, H), position 0 left out.
@@ -67,7 +63,7 @@ def residual_streams(model: nn.Module, examples: list[dict]) -> list[torch.Tenso
         captured.append(hs[0, 1:].float().cpu())  # (T - 1, H)
 
     def post_hook(_module, _args, out):
-        captured.append(_hidden(out)[0, 1:].float().cpu())
+        captured.append(layer_hidden(out)[0, 1:].float().cpu())
 
     handles = [layer.register_forward_pre_hook(pre_hook, with_kwargs=True) for layer in layers]
     handles.append(layers[-1].register_forward_hook(post_hook))
@@ -114,12 +110,12 @@ def mlp_distances(model: nn.Module, examples: list[dict]) -> list[float]:
 
     def mlp_hook(index):
         def hook(_module, _args, out):
-            mlp_out[index] = _hidden(out)[0, 1:].float()
+            mlp_out[index] = layer_hidden(out)[0, 1:].float()
         return hook
 
     def layer_hook(index):
         def hook(_module, _args, out):
-            after = _hidden(out)[0, 1:].float()
+            after = layer_hidden(out)[0, 1:].float()
             before = after - mlp_out[index]  # pre-norm blocks: out = h_mid + mlp(norm(h_mid))
             sums[index] += float(_angular(before, after).sum())
         return hook

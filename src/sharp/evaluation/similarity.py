@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sharp.arch import get_adapter
+from sharp.arch import get_adapter, layer_hidden
 from sharp.recovery.closed_form import float64
 from sharp.sharing.state import sharp_state
 
@@ -56,11 +56,6 @@ class _Sums:
         self.diff_sq, self.target_sq, self.mlp_cos = [0.0] * (n - 1), [0.0] * (n - 1), [0.0] * (n - 1)
         self.mlp_norm, self.mlp_norm_first, self.resid_norm_first = [0.0] * n, [0.0] * n, [0.0] * n
         self.resid_cos = torch.zeros(n + 1, n + 1, dtype=torch.float64)
-
-
-def _first_tensor(value) -> torch.Tensor:
-    """Decoder layers return a tensor (Llama in transformers 5) or a tuple whose first item is the hidden state."""
-    return value[0] if isinstance(value, (tuple, list)) else value
 
 
 def _cos_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -92,7 +87,7 @@ def layer_similarity(
         def hook(module, args, kwargs, output):
             x = args[0] if args else next(iter(kwargs.values()))
             keep, first = state["keep"], state["first"]
-            out = _first_tensor(output)
+            out = layer_hidden(output)
             sums.mlp_norm[index] += float(float64(out[keep]).norm(dim=-1).sum())
             sums.mlp_norm_first[index] += float(float64(out[first]).norm(dim=-1).sum())
             if index == 0:
@@ -113,7 +108,7 @@ def layer_similarity(
 
     def layer_hook(index: int):
         def hook(module, args, kwargs, output):
-            h = _first_tensor(output)
+            h = layer_hidden(output)
             sums.resid_norm_first[index] += float(float64(h[state["first"]]).norm(dim=-1).sum())
             state["streams"].append(_unit(h[state["keep"]]))
         return hook

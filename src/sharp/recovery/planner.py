@@ -60,7 +60,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from sharp.arch import get_adapter
+from sharp.arch import get_adapter, layer_hidden
 from sharp.errors import SharpError
 from sharp.recovery.closed_form import ProjectionStats, fit_ranks, float64
 from sharp.recovery.distill import distillation_loss
@@ -159,7 +159,7 @@ def measure_costs(model: nn.Module, batches: Iterable[Mapping[str, torch.Tensor]
     def layer_hook(t: int):
         def hook(module, args, kwargs, output):
             h_in = float64((args[0] if args else kwargs["hidden_states"])[keep["mask"]])
-            out = output[0] if isinstance(output, tuple) else output
+            out = layer_hidden(output)
             h_out = float64(out[keep["mask"]])
             block_e[t] += float(((h_out - h_in) ** 2).sum())
             resid_e[t] += float((h_out**2).sum())
